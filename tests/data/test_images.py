@@ -1,0 +1,75 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vppo_megatron.data.images import ImageError, make_decoder, read_source, smart_resize
+
+
+def _encode(h, w, fmt="PNG", seed=0):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "h, w, expected",
+    [
+        (112, 112, (112, 112)),  # already multiples of 28 inside the bounds: unchanged
+        (100, 150, (112, 140)),  # rounded to the nearest multiple of 28: 100/28=3.6 -> 4, 150/28=5.4 -> 5
+        (20, 20, (56, 56)),  # 28x28=784 < 3136: scaled by sqrt(3136/400)=2.8 -> ceil(56/28)*28 = 56
+        (1000, 1000, (224, 224)),  # 1008^2 > 50176: beta = sqrt(1e6/50176)=4.46 -> floor(224.2/28)*28 = 224
+    ],
+)
+def test_smart_resize_matches_qwen_rule(h, w, expected):
+    assert smart_resize(h, w, 28, 3136, 50176) == expected
+
+
+def test_smart_resize_rejects_extreme_aspect_ratio():
+    with pytest.raises(ValueError, match="aspect ratio"):
+        smart_resize(10, 2100, 28, 3136, 50176)
+
+
+def test_read_source_accepts_bytes_paths_and_structs(tmp_path):
+    data = _encode(28, 28)
+    path = tmp_path / "a.png"
+    path.write_bytes(data)
+    assert read_source(data) == read_source(str(path)) == read_source({"bytes": None, "path": str(path)}) == data
+    assert read_source({"bytes": data, "path": None}) == data
+    with pytest.raises(ValueError, match="neither bytes nor path"):
+        read_source({"bytes": None, "path": None})
+
+
+@pytest.mark.parametrize("backend", ["pillow", "dali"])
+def test_decoders_resize_and_isolate_corrupt_images(backend):
+    decoder = make_decoder(backend, 28, 3136, 50176)
+    good = [_encode(112, 112), _encode(100, 150, "JPEG"), _encode(300, 500)]
+    truncated = good[0][:200]  # header intact, pixel data cut
+    out = decoder.decode([good[0], truncated, b"not an image", good[1], good[2]])
+    assert [o.shape if isinstance(o, np.ndarray) else "error" for o in out] == [
+        (112, 112, 3),
+        "error",
+        "error",
+        (112, 140, 3),
+        (168, 280, 3),
+    ]
+    assert all(o.dtype == np.uint8 for o in out if isinstance(o, np.ndarray))
+    assert out[1].reason == "corrupt image data" and "truncated" in out[1].detail
+    assert isinstance(out[2], ImageError) and "header" in out[2].reason
+
+
+def test_dali_equals_pillow_without_resize_and_is_close_with_it():
+    dali, pillow = make_decoder("dali", 28, 3136, 50176), make_decoder("pillow", 28, 3136, 50176)
+    same = [_encode(112, 112, seed=s) for s in range(3)]
+    for a, b in zip(dali.decode(same), pillow.decode(same)):
+        np.testing.assert_array_equal(a, b)  # lossless PNG at the target size: bit-identical decode
+    resized = [_encode(300, 500, "JPEG")]
+    a, b = dali.decode(resized)[0], pillow.decode(resized)[0]
+    # Both bicubic, different kernels/antialiasing: a small mean difference on 0..255 noise.
+    assert np.abs(a.astype(int) - b.astype(int)).mean() < 2.0
+
+
+def test_unknown_backend_falls_back_only_on_auto():
+    assert make_decoder("pillow", 28, 3136, 50176).name == "pillow"
+    assert make_decoder("auto", 28, 3136, 50176).name in ("dali", "pillow")

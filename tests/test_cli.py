@@ -1,0 +1,50 @@
+import subprocess
+import sys
+from pathlib import Path
+
+VPPO = [str(Path(sys.executable).parent / "vppo")]
+
+
+def _run(*args, check=True):
+    proc = subprocess.run(VPPO + list(args), capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def test_help_lists_the_subcommands():
+    out = _run("--help").stdout
+    for command in ("tiny-model", "make-data", "config", "preview-data", "demo"):
+        assert command in out
+
+
+def test_tiny_model_make_data_and_preview_offline(tmp_path):
+    _run("tiny-model", "--out", str(tmp_path / "m"))
+    _run("make-data", "--out", str(tmp_path / "d"), "--num-train", "12", "--num-val", "4", "--task", "count_color")
+    assert (tmp_path / "d" / "train.parquet").exists() and (tmp_path / "d" / "validation.parquet").exists()
+    out = _run(
+        "preview-data",
+        "--config",
+        "examples/configs/tiny_cpu.yaml",
+        "--batch-size",
+        "4",
+        f"model.path={tmp_path / 'm'}",
+        f"data.train_files=[{tmp_path / 'd' / 'train.parquet'}]",
+    ).stdout
+    assert "12 usable rows" in out and "batch of 4" in out and "no rows skipped" in out
+
+
+def test_errors_are_one_clear_line_not_a_traceback(tmp_path):
+    proc = _run("config", "algorithm.token_fraction=2", check=False)
+    assert proc.returncode == 2
+    assert "algorithm.token_fraction=2.0: must be in (0, 1]" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "x").write_text("keep me")
+    proc = _run("tiny-model", "--out", str(tmp_path / "m"), check=False)
+    assert proc.returncode == 2 and "not empty" in proc.stderr
+    assert (tmp_path / "m" / "x").read_text() == "keep me"
+
+
+def test_config_reference_table():
+    out = _run("config").stdout
+    assert "algorithm.token_fraction = 0.4" in out and "parallel.tp = 1" in out

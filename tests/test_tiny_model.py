@@ -1,0 +1,123 @@
+import hashlib
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vppo_megatron.tiny_model import TINY_MARKER, TinySpec, build_tiny_model
+
+
+def _image(seed=0, size=112):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8))
+
+
+def _prompt(processor):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many red shapes?"}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def test_layout_respects_cpu_and_tp_constraints(tiny_model_dir):
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    text, vision = cfg["text_config"], cfg["vision_config"]
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    assert head_dim >= 32  # CPU attention kernels need head_dim >= 32
+    assert sum(text["rope_parameters"]["mrope_section"]) == head_dim // 2
+    assert text["num_attention_heads"] % 2 == 0 and text["num_key_value_heads"] % 2 == 0  # TP=2 splits both
+    assert text["vocab_size"] % 128 == 0
+    assert vision["hidden_size"] // vision["num_heads"] >= 32 and vision["out_hidden_size"] == text["hidden_size"]
+    assert json.loads((tiny_model_dir / TINY_MARKER).read_text())["seed"] == 0
+
+
+def test_build_is_deterministic_and_atomic(tiny_model_dir, tmp_path):
+    again = build_tiny_model(tmp_path / "again")
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        digest = [hashlib.sha256((d / name).read_bytes()).hexdigest() for d in (tiny_model_dir, again)]
+        assert digest[0] == digest[1], name
+    assert [p.name for p in tmp_path.iterdir()] == ["again"]  # no temporary directory left behind
+    with pytest.raises(FileExistsError, match="overwrite"):
+        build_tiny_model(again)
+    other = tmp_path / "precious"
+    other.mkdir()
+    (other / "weights.bin").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="other than a tiny model"):
+        build_tiny_model(other, overwrite=True)
+    build_tiny_model(again, TinySpec(seed=1), overwrite=True)
+    assert json.loads((again / TINY_MARKER).read_text())["seed"] == 1
+
+
+def test_tokenizer_has_qwen_special_tokens_and_template(tiny_processor):
+    tok = tiny_processor.tokenizer
+    for token in ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"):
+        assert len(tok.encode(token, add_special_tokens=False)) == 1, token
+    assert tok.eos_token == "<|im_end|>"
+    text = _prompt(tiny_processor)
+    assert "<|vision_start|><|image_pad|><|vision_end|>How many red shapes?" in text
+    assert text.endswith("<|im_start|>assistant\n")
+    sample = "<think> I count 3 shapes. </think> \\boxed{3}"
+    assert tok.decode(tok.encode(sample, add_special_tokens=False)) == sample
+
+
+def test_hf_loads_offline_and_the_image_changes_the_logits(tiny_model_dir, tiny_processor):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+    text = _prompt(tiny_processor)
+    logits = []
+    for seed in (0, 1):
+        inputs = tiny_processor(text=[text], images=[_image(seed)], return_tensors="pt")
+        # 112 x 112 image -> 8 x 8 patches of 14 px -> 16 tokens after the 2 x 2 merge
+        assert (inputs["input_ids"] == model.config.image_token_id).sum() == 16
+        with torch.no_grad():
+            logits.append(model(**inputs).logits)
+    assert torch.isfinite(logits[0]).all()
+    assert (logits[0][0, -1] - logits[1][0, -1]).abs().max() > 1e-4  # the vision tower reaches the output
+
+
+VLLM_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    import numpy as np
+    from PIL import Image
+
+    def main():
+        from vllm import LLM, SamplingParams
+        model, prompt = sys.argv[1], sys.argv[2]
+        image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (112, 112, 3), dtype=np.uint8))
+        llm = LLM(model=model, dtype="float32", max_model_len=1024, seed=0, enforce_eager=True,
+                  limit_mm_per_prompt={"image": 1, "video": 0})
+        params = SamplingParams(temperature=0.0, max_tokens=8, min_tokens=8, logprobs=0)
+        out = llm.generate([{"prompt": prompt, "multi_modal_data": {"image": image}}], params, use_tqdm=False)[0]
+        print("RESULT " + json.dumps({"prompt_ids": list(out.prompt_token_ids), "ids": list(out.outputs[0].token_ids)}))
+
+    if __name__ == "__main__":
+        main()
+    """
+)
+
+
+@pytest.mark.slow
+def test_vllm_cpu_serves_it_and_matches_hf_greedy(tiny_model_dir, tiny_processor, tmp_path):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    script = tmp_path / "serve.py"
+    script.write_text(VLLM_SCRIPT)
+    text = _prompt(tiny_processor)
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tiny_model_dir), text], capture_output=True, text=True, timeout=300, env=env
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    result = json.loads(lines[0][len("RESULT ") :])
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+    inputs = tiny_processor(text=[text], images=[_image(0)], return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == result["prompt_ids"]
+    with torch.no_grad():
+        generated = model.generate(**inputs, do_sample=False, max_new_tokens=8, min_new_tokens=8)
+    assert generated[0, inputs["input_ids"].shape[1] :].tolist() == result["ids"]

@@ -1,0 +1,151 @@
+"""The `vppo` command line: one subcommand per thing a user does, each a thin layer over a package function."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from vppo_megatron.data.synthetic import TASKS as DEFAULT_TASKS
+
+# Runs are offline by design: never let a library reach for a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> None:
+    from vppo_megatron.tiny_model import TinySpec, build_tiny_model
+
+    spec = TinySpec(num_layers=args.layers, hidden_size=args.hidden, seed=args.seed)
+    out = build_tiny_model(args.out, spec, overwrite=args.overwrite)
+    print(f"tiny Qwen2.5-VL written to {out}")
+
+
+def cmd_make_data(args: argparse.Namespace) -> None:
+    from vppo_megatron.data.synthetic import write_dataset
+
+    paths = write_dataset(args.out, args.task, args.num_train, args.num_val, args.seed, image_size=args.image_size)
+    for split, path in paths.items():
+        print(f"{split}: {path}")
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    from vppo_megatron import config as config_lib
+
+    if args.config is None and not args.overrides:
+        for name, default, doc in config_lib.describe():
+            print(f"{name} = {default!r}\n    {doc}")
+        return
+    cfg = config_lib.load(args.config, args.overrides).validate(args.world_size, check_host=not args.target)
+    import yaml
+
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+
+
+def cmd_preview_data(args: argparse.Namespace) -> None:
+    """Loads one batch through the data pipeline and prints what the rollout stage would receive."""
+    from transformers import AutoProcessor
+
+    from vppo_megatron import config as config_lib
+    from vppo_megatron.data.dataset import PromptDataset, PromptLoader
+
+    cfg = config_lib.load(args.config, args.overrides).validate()
+    processor = AutoProcessor.from_pretrained(cfg.model.path)
+    ip = processor.image_processor
+    start = time.perf_counter()
+    dataset = PromptDataset(cfg.data.train_files, cfg.data, processor.tokenizer, ip.patch_size, ip.merge_size)
+    loader = PromptLoader(dataset, args.batch_size, cfg.trainer.seed, cfg.data.shuffle)
+    batch = loader.next_batch()
+    elapsed = time.perf_counter() - start
+    print(f"{len(dataset)} usable rows; decoder {dataset.decoder.name}; batch of {len(batch)} in {elapsed:.2f}s")
+    for sample in batch[: args.show]:
+        shapes = ", ".join(f"{im.shape[0]}x{im.shape[1]}" for im in sample.images)
+        print(f"- {sample.uid} answer={sample.answer!r} images=[{shapes}]\n  {sample.prompt_text!r}")
+    print(dataset.report.summary())
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """The main job on CPU. Until the trainer lands it builds the model and data and loads a batch."""
+    out = Path(args.out)
+    model_dir, data_dir = out / "tiny-qwen2_5_vl", out / "data"
+    if not (model_dir / "config.json").exists():
+        cmd_tiny_model(argparse.Namespace(out=model_dir, layers=2, hidden=128, seed=0, overwrite=False))
+    if not (data_dir / "train.parquet").exists():
+        cmd_make_data(
+            argparse.Namespace(
+                out=data_dir, task=list(DEFAULT_TASKS), num_train=2000, num_val=200, seed=0, image_size=112
+            )
+        )
+    overrides = [
+        f"model.path={model_dir}",
+        f"data.train_files=[{data_dir / 'train.parquet'}]",
+        f"data.val_files=[{data_dir / 'validation.parquet'}]",
+    ]
+    cmd_preview_data(
+        argparse.Namespace(config="examples/configs/tiny_cpu.yaml", overrides=overrides, batch_size=8, show=2)
+    )
+    print("\nThe VPPO training loop arrives with the trainer (issue 8); model and data are ready in", out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vppo", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("tiny-model", help="build a tiny random Qwen2.5-VL HF checkpoint offline")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing tiny model at --out")
+    p.set_defaults(func=cmd_tiny_model)
+
+    p = sub.add_parser("make-data", help="write the synthetic perception dataset (parquet, ViRL39K schema)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--task", action="append", help=f"task name, repeatable (default: {' '.join(DEFAULT_TASKS)})")
+    p.add_argument("--num-train", type=int, default=2000)
+    p.add_argument("--num-val", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=112)
+    p.set_defaults(func=cmd_make_data)
+
+    p = sub.add_parser("config", help="print every config field with its doc, or the resolved config")
+    p.add_argument("--config", help="YAML file")
+    p.add_argument("--world-size", type=int, default=None, help="validate the parallel layout for this size")
+    p.add_argument("--target", action="store_true", help="validate for the target cluster, not this host")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algorithm.token_fraction=0.4")
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("preview-data", help="load one batch through the data pipeline and print it")
+    p.add_argument("--config", required=True)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--show", type=int, default=2)
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_preview_data)
+
+    p = sub.add_parser("demo", help="the main job on CPU (tiny model, synthetic data)")
+    p.add_argument("--out", default="runs/demo")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vppo_megatron.config import ConfigError
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    if getattr(args, "task", 1) is None:
+        args.task = list(DEFAULT_TASKS)
+    try:
+        args.func(args)
+    except (ConfigError, ValueError, FileExistsError, FileNotFoundError) as exc:
+        print(f"vppo {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
