@@ -10,6 +10,7 @@ PACKAGE = Path(__file__).parents[1] / "vppo_megatron"
 LAYERS = {
     "config": 0,
     "types": 0,
+    "testing": 0,
     "algo": 1,
     "reward": 1,
     "data": 1,
