@@ -7,6 +7,7 @@ rank's traceback is re-raised in the caller; a hung run is killed after `timeout
 
 from __future__ import annotations
 
+import io
 import os
 import queue
 import socket
@@ -32,7 +33,10 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
     torch.set_num_threads(1)  # N ranks share 2 cores: oversubscribed intra-op threads only slow gloo down
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        results.put((rank, "ok", fn(rank, world_size, *args)))
+        # bytes, not tensors: torch's queue would share tensor storage with a process that is about to exit
+        buffer = io.BytesIO()
+        torch.save(fn(rank, world_size, *args), buffer)
+        results.put((rank, "ok", buffer.getvalue()))
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -53,7 +57,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float 
             rank, status, value = results.get(timeout=timeout_s)
             if status == "error":
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
-            out[rank] = value
+            out[rank] = torch.load(io.BytesIO(value), weights_only=False)
     except queue.Empty:
         raise TimeoutError(f"distributed run did not finish in {timeout_s}s") from None
     finally:

@@ -23,3 +23,17 @@ class PromptSample:
     """The original problem text (with its <image> placeholders), for logs and evaluation."""
     extra: dict[str, str] = field(default_factory=dict)
     """Other scalar string columns of the row (task, split, ...), carried into metrics."""
+
+
+@dataclass
+class ActorSample:
+    """One rollout as the Megatron actor sees it (the rollout stage's output, tokenised)."""
+
+    uid: str
+    """Rollout id (prompt uid + sample index): seeds this rollout's image perturbation."""
+    prompt_ids: list[int]
+    """Prompt token ids with each image's <|image_pad|> expanded to its merged-patch count (processor/vLLM)."""
+    response_ids: list[int]
+    """Sampled response token ids (T_i of them)."""
+    images: list[np.ndarray]
+    """The prompt's decoded images, uint8 [H, W, 3], as the data stage produced them."""

@@ -1,0 +1,86 @@
+"""A rank of the parallel-parity runs: the same rollouts, advantages and masks through one actor layout.
+
+Importable by spawned ranks (tests/actor is on sys.path while pytest runs), kept apart from the test module so
+that ranks do not import pytest fixtures.
+"""
+
+import numpy as np
+import torch
+
+SEED = 7
+NUM_SAMPLES = 4
+
+
+def make_samples(model_dir):
+    from transformers import AutoProcessor
+
+    from vppo_megatron.types import ActorSample
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    rng = np.random.default_rng(SEED)
+    samples = []
+    for i in range(NUM_SAMPLES):
+        height, width = [(112, 112), (56, 84), (84, 112), (112, 56)][i]
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Question {i}?"}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompt_ids = processor(text=[text], images=[image], return_tensors="pt")["input_ids"][0].tolist()
+        # response tokens include <|image_pad|> (id 5) once: a sampled special token must stay text
+        response = rng.integers(8, 700, 3 + 2 * i).tolist() + ([5] if i == 1 else [])
+        samples.append(ActorSample(f"s{i}", prompt_ids, response, [image]))
+    return samples
+
+
+def fixed_training_inputs(num_samples, num_positions):
+    generator = torch.Generator().manual_seed(SEED)
+    advantage = torch.randn(num_samples, generator=generator)
+    gradient_mask = (torch.rand(num_samples, num_positions, generator=generator) > 0.4).float()
+    return advantage, gradient_mask
+
+
+def run_layout(rank, world_size, model_dir, layout, overrides):
+    from vppo_megatron.actor.engine import MegatronActor
+    from vppo_megatron.config import load
+    from vppo_megatron.parallel.layout import ParallelLayout, destroy, initialize
+
+    cfg = load(
+        None,
+        [
+            "model.dtype=float32",
+            "model.transformer_impl=local",
+            "trainer.micro_batch_size=2",
+            "optimizer.lr=0.1",
+            "optimizer.adam_eps=1.0",
+            "optimizer.weight_decay=0.0",
+            "algorithm.entropy_coef=0.06",
+            *overrides,
+        ],
+    )
+    groups = initialize(ParallelLayout(**layout), seed=1)
+    actor = MegatronActor(cfg, groups, model_dir)
+    samples = make_samples(model_dir)
+    num_positions = max(len(s.response_ids) for s in samples)
+    advantage, gradient_mask = fixed_training_inputs(len(samples), num_positions)
+    dp = layout.get("dp", 1)
+    shard = slice(groups.dp_rank * len(samples) // dp, (groups.dp_rank + 1) * len(samples) // dp)
+    experience = actor.experience(samples[shard], step=3)
+    width = experience.old_logp_BT.shape[1]
+    metrics = actor.update(
+        samples[shard], experience.old_logp_BT, advantage[shard], gradient_mask[shard, :width], experience.dependency_BT
+    )
+    params = {}
+    for name, tensor in actor.hf_tensors():  # collective over TP: every rank iterates
+        if groups.tp_rank == 0 and groups.cp_rank == 0 and groups.dp_rank == 0:
+            params[name] = tensor.clone()
+    destroy()
+    result = {
+        name: getattr(experience, name)
+        for name in ("old_logp_BT", "aug_logp_BT", "dependency_BT", "entropy_BT", "response_mask_BT")
+    }
+    return {
+        "dp_rank": groups.dp_rank,
+        "experience": result,
+        "metrics": metrics,
+        "params": params,
+        "shard": (shard.start, shard.stop),
+    }

@@ -1,0 +1,140 @@
+"""ActorSamples -> padded micro-batch tensors for the Megatron actor, and per-token results back.
+
+Sequences are [prompt | response | padding] (right padding): with causal attention, valid tokens never see
+padding, so no padding mask is needed. Per-token values live at *label positions*: position t predicts token
+t + 1, so response token j of a rollout with P prompt tokens sits at label position P - 1 + j.
+
+With context parallelism the padded length is a multiple of 2 * cp (the zigzag split); with sequence
+parallelism also of tp.
+
+Legend: B rollouts in the micro-batch, S padded sequence length, T response positions, N image patches.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vppo_megatron.types import ActorSample
+
+
+@dataclass
+class MicroBatch:
+    input_ids_BS: torch.Tensor
+    position_ids_3BS: torch.Tensor
+    labels_BS: torch.Tensor
+    response_mask_BS: torch.Tensor
+    """1 at the label positions of response tokens."""
+    image_mask_BS: torch.Tensor
+    """True at the prompt's image-pad tokens (where the vision tower's embeddings go)."""
+    pixel_values_NC: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+    prompt_lengths: list[int]
+    response_lengths: list[int]
+    extras_BS: dict[str, torch.Tensor]
+    """Per-token training inputs at label positions (old_logp, gradient_mask, ...) and per-rollout ones."""
+
+
+def encode_images(image_processor, images: list[np.ndarray]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """pixel_values [N, C * temporal_patch * patch^2] and image_grid_thw [num_images, 3] (HF processor layout)."""
+    if not images:
+        return None, None
+    out = image_processor(images=images, return_tensors="pt")
+    return out["pixel_values"], out["image_grid_thw"]
+
+
+def _rope_owner(hf_config):
+    """An object HF's Qwen2_5_VLModel.get_rope_index can run on: only `config` and one helper are used."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+
+    owner = types.SimpleNamespace(config=hf_config)
+    owner.get_vision_position_ids = functools.partial(Qwen2_5_VLModel.get_vision_position_ids, owner)
+    return owner
+
+
+def image_token_mask(hf_config, input_ids_S: torch.Tensor, prompt_length: int) -> torch.Tensor:
+    """Image tokens are the prompt's <|image_pad|> tokens; a sampled response token never counts as one."""
+    mask = input_ids_S == hf_config.image_token_id
+    mask[prompt_length:] = False
+    return mask
+
+
+def mrope_positions(
+    hf_config, input_ids_S: torch.Tensor, image_grid_thw: torch.Tensor | None, prompt_length: int
+) -> torch.Tensor:
+    """M-RoPE position ids [3, S] of one unpadded sequence, computed by HF's own get_rope_index."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+
+    token_type = image_token_mask(hf_config, input_ids_S, prompt_length).to(torch.int32)
+    positions, _ = Qwen2_5_VLModel.get_rope_index(
+        _rope_owner(hf_config), input_ids_S[None], token_type[None], image_grid_thw=image_grid_thw
+    )
+    return positions[:, 0]
+
+
+def padded_length(length: int, multiple: int) -> int:
+    return -(-length // multiple) * multiple
+
+
+def collate(
+    hf_config,
+    samples: list[ActorSample],
+    pixel_values: list[torch.Tensor | None],
+    image_grid_thw: list[torch.Tensor | None],
+    pad_id: int,
+    length_multiple: int = 1,
+) -> MicroBatch:
+    """Pads a list of rollouts into one micro-batch; pixel values are given per rollout (original or perturbed)."""
+    sequences = [torch.tensor(s.prompt_ids + s.response_ids, dtype=torch.long) for s in samples]
+    seq_len = padded_length(max(len(s) for s in sequences), length_multiple)
+    batch = len(samples)
+    input_ids = torch.full((batch, seq_len), pad_id, dtype=torch.long)
+    positions = torch.zeros((3, batch, seq_len), dtype=torch.long)
+    labels = torch.full((batch, seq_len), pad_id, dtype=torch.long)
+    response_mask = torch.zeros((batch, seq_len), dtype=torch.float32)
+    image_mask = torch.zeros((batch, seq_len), dtype=torch.bool)
+    for b, (sample, seq, grid) in enumerate(zip(samples, sequences, image_grid_thw)):
+        length, prompt_len = len(seq), len(sample.prompt_ids)
+        input_ids[b, :length] = seq
+        positions[:, b, :length] = mrope_positions(hf_config, seq, grid, prompt_len)
+        image_mask[b, :length] = image_token_mask(hf_config, seq, prompt_len)
+        # padding continues the text positions so every position id stays in range
+        positions[:, b, length:] = positions[:, b, length - 1 : length].amax() + 1
+        labels[b, : length - 1] = seq[1:]
+        response_mask[b, prompt_len - 1 : length - 1] = 1.0
+    present_pixels = [p for p in pixel_values if p is not None]
+    present_grids = [g for g in image_grid_thw if g is not None]
+    return MicroBatch(
+        input_ids_BS=input_ids,
+        position_ids_3BS=positions,
+        labels_BS=labels,
+        response_mask_BS=response_mask,
+        image_mask_BS=image_mask,
+        pixel_values_NC=torch.cat(present_pixels) if present_pixels else None,
+        image_grid_thw=torch.cat(present_grids) if present_grids else None,
+        prompt_lengths=[len(s.prompt_ids) for s in samples],
+        response_lengths=[len(s.response_ids) for s in samples],
+        extras_BS={},
+    )
+
+
+def to_response_aligned(values_BS: torch.Tensor, prompt_lengths: list[int], num_positions: int) -> torch.Tensor:
+    """[B, S] label-position values -> [B, T] response-aligned (zero past each response)."""
+    out = torch.zeros((values_BS.shape[0], num_positions), dtype=values_BS.dtype)
+    for b, prompt_len in enumerate(prompt_lengths):
+        width = min(num_positions, values_BS.shape[1] - (prompt_len - 1))
+        out[b, :width] = values_BS[b, prompt_len - 1 : prompt_len - 1 + width]
+    return out
+
+
+def to_label_positions(values_BT: torch.Tensor, prompt_lengths: list[int], seq_len: int) -> torch.Tensor:
+    """[B, T] response-aligned -> [B, S] label positions (inverse of `to_response_aligned`)."""
+    out = torch.zeros((values_BT.shape[0], seq_len), dtype=values_BT.dtype)
+    for b, prompt_len in enumerate(prompt_lengths):
+        width = min(values_BT.shape[1], seq_len - (prompt_len - 1))
+        out[b, prompt_len - 1 : prompt_len - 1 + width] = values_BT[b, :width]
+    return out

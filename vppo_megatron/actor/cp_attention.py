@@ -1,0 +1,96 @@
+"""Context-parallel core attention for hosts without Transformer Engine (CPU tests of the CP path).
+
+megatron-core's local DotProductAttention refuses context parallelism; TE's attention implements it with ring
+(p2p) communication on GPU. This module is a drop-in `core_attention` for the local layer spec that makes the
+whole CP path real on CPU: each rank holds the zigzag chunks (r, 2cp-1-r) of every sequence; K and V are
+all-gathered over the CP group (autograd-aware: the backward all-reduces the gradient and keeps the local
+slice), put back into global order, and the local queries attend causally by *global* position.
+It is used only where Transformer Engine is absent; on GPU the TE spec's attention does CP.
+
+Legend: S_l local sequence length (S / cp), S global length, b batch, n query heads, g KV groups, d head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.transformer.module import MegatronModule
+
+
+class _AllGatherSeq(torch.autograd.Function):
+    """all_gather along dim 0 over `group`; backward: all_reduce(SUM) then this rank's slice (gloo has no
+    reduce_scatter)."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, group) -> torch.Tensor:
+        ctx.group, ctx.rank, ctx.length = group, dist.get_rank(group), local.shape[0]
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, local.contiguous(), group=group)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank * ctx.length : (ctx.rank + 1) * ctx.length], None
+
+
+def zigzag_positions(seq_len: int, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """Global positions held by `cp_rank`: chunks r and 2cp-1-r of 2cp equal chunks (load-balanced causal work)."""
+    chunk = seq_len // (2 * cp_size)
+    first = torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk)
+    second = torch.arange((2 * cp_size - 1 - cp_rank) * chunk, (2 * cp_size - cp_rank) * chunk)
+    return torch.cat([first, second])
+
+
+class ContextParallelAttention(MegatronModule):
+    """Causal softmax attention over the CP-gathered sequence (local spec only; no dropout, no packing)."""
+
+    def __init__(
+        self,
+        config,
+        layer_number,
+        attn_mask_type,
+        attention_type,
+        attention_dropout=None,
+        softmax_scale=None,
+        cp_comm_type=None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+        self.cp_group = cp_group or parallel_state.get_context_parallel_group()
+        self.cp_size = dist.get_world_size(self.cp_group)
+        self.cp_rank = dist.get_rank(self.cp_group)
+        self.head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(self.head_dim)
+
+    def forward(
+        self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ):
+        assert packed_seq_params is None and attention_bias is None, "packing/bias need Transformer Engine"
+        local_len = query.shape[0]
+        seq_len = local_len * self.cp_size
+        if self.cp_size > 1:
+            key_all = _AllGatherSeq.apply(key, self.cp_group)  # [S, b, g, d], rank-major chunk order
+            value_all = _AllGatherSeq.apply(value, self.cp_group)
+            held = torch.cat([zigzag_positions(seq_len, self.cp_size, r) for r in range(self.cp_size)])
+            order = torch.argsort(held)  # rank-major -> global position order
+            key_all, value_all = key_all[order], value_all[order]
+            query_positions = zigzag_positions(seq_len, self.cp_size, self.cp_rank)
+        else:
+            key_all, value_all = key, value
+            query_positions = torch.arange(seq_len)
+        repeat = query.shape[2] // key_all.shape[2]  # GQA: each KV group serves `repeat` query heads
+        key_all = key_all.repeat_interleave(repeat, dim=2)
+        value_all = value_all.repeat_interleave(repeat, dim=2)
+        # [b, n, S_l, S]
+        scores = torch.einsum("qbnd,kbnd->bnqk", query.float(), key_all.float()) * self.softmax_scale
+        future = torch.arange(seq_len)[None, :] > query_positions[:, None]  # [S_l, S]
+        scores = scores.masked_fill(future, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(query.dtype)
+        context = torch.einsum("bnqk,kbnd->qbnd", probs, value_all)  # [S_l, b, n, d]
+        return context.reshape(local_len, query.shape[1], -1)

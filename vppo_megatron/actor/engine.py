@@ -1,0 +1,348 @@
+"""The Megatron actor: builds the Qwen2.5-VL model for this rank's (TP, PP, CP, DP) coordinates, runs the
+experience pass (stage 3) and the policy update (stage 6).
+
+Experience pass: ONE forward-only pipeline schedule over paired micro-batches. Each micro-batch holds its B
+rollouts twice, first with the original images, then with the perturbed ones (same ids, same M-RoPE positions;
+only pixels differ), so the last stage sees both views' logits together and returns per response token the old
+log-prob, the perturbed log-prob, the dependency (algo/ estimators, vocab-parallel) and the entropy. Full
+[tokens, vocab] logits are never gathered.
+
+Update: one forward/backward schedule (1F1B under PP) over the micro-batches of a mini-batch. The loss function
+returns (sum over local tokens, local token count); with `calculate_per_token_loss` megatron-core sums the counts
+over micro-batches, PP and DP x CP and divides the gradients by that global token count: the token-mean of
+VPPO_SPEC.md, layout-independent. Megatron DDP, the (distributed) optimizer and grad-norm clipping follow.
+
+Legend: B rollouts, S padded sequence length, S_l its CP-local part, T response positions, V_tp vocab shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from vppo_megatron.actor import batching, weights
+from vppo_megatron.actor.cp_attention import zigzag_positions
+from vppo_megatron.actor.model import Qwen25VLModel, layer_spec, layer_spec_name, transformer_config
+from vppo_megatron.algo import loss as algo_loss
+from vppo_megatron.algo import perception, perturb, vocab_parallel
+from vppo_megatron.config import Config
+from vppo_megatron.parallel.layout import ParallelGroups
+from vppo_megatron.types import ActorSample
+
+
+@dataclass
+class Experience:
+    """Per response token results of the experience pass, response-aligned [B, T] (zero past each response)."""
+
+    old_logp_BT: torch.Tensor
+    aug_logp_BT: torch.Tensor
+    dependency_BT: torch.Tensor
+    entropy_BT: torch.Tensor
+    response_mask_BT: torch.Tensor
+
+
+class MegatronActor:
+    def __init__(self, cfg: Config, groups: ParallelGroups, model_dir: str, training: bool = True):
+        from megatron.core import parallel_state
+        from transformers import AutoConfig, AutoProcessor
+
+        self.cfg, self.groups = cfg, groups
+        self.hf_config = AutoConfig.from_pretrained(model_dir)
+        processor = AutoProcessor.from_pretrained(model_dir)
+        self.image_processor = processor.image_processor
+        self.pad_id = processor.tokenizer.pad_token_id
+        self.spec_name = layer_spec_name(cfg)
+        self.config = transformer_config(self.hf_config, cfg, groups.layout)
+        spec = layer_spec(cfg, self.config)
+        vpp = groups.layout.vpp
+        self.chunks = []
+        for vp_stage in range(vpp) if vpp > 1 else [None]:
+            first = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+            last = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+            self.chunks.append(Qwen25VLModel(self.hf_config, self.config, spec, first, last, vp_stage))
+        self.rules = weights.family_rules(self.hf_config, self.spec_name)
+        self.dims = weights.attention_dims(self.hf_config)
+        reader = weights.SafetensorsReader(model_dir)
+        for chunk in self.chunks:
+            weights.load_hf_weights(chunk, reader, self.rules, self.dims, groups.tp_rank, groups.layout.tp)
+        self.model = self.chunks
+        self.optimizer = None
+        if training:
+            self._build_training()
+
+    # ------------------------------------------------------------------------------------------ setup
+
+    def _build_training(self) -> None:
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.transformer.module import Float16Module
+
+        o = self.cfg.optimizer
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=o.distributed_optimizer
+        )
+        wrapped = []
+        for i, chunk in enumerate(self.chunks):
+            module = Float16Module(self.config, chunk) if self.config.bf16 else chunk
+            wrapped.append(DistributedDataParallel(self.config, ddp_config, module, disable_bucketing=i > 0))
+        self.model = wrapped
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=o.lr,
+                weight_decay=o.weight_decay,
+                adam_beta1=o.adam_beta1,
+                adam_beta2=o.adam_beta2,
+                adam_eps=o.adam_eps,
+                clip_grad=o.grad_clip,
+                bf16=self.config.bf16,
+                params_dtype=self.config.params_dtype,
+                use_distributed_optimizer=o.distributed_optimizer,
+            ),
+            wrapped,
+        )
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.no_sync_func = [m.no_sync for m in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+        self.updates = 0
+
+    # ----------------------------------------------------------------------------------- micro-batches
+
+    def _micro_batches(self, samples: list[ActorSample], step: int, paired: bool) -> list[batching.MicroBatch]:
+        a, size = self.cfg.algorithm, self.cfg.trainer.micro_batch_size
+        multiple = 2 * self.groups.layout.cp if self.groups.layout.cp > 1 else 1
+        if self.config.sequence_parallel:
+            multiple *= self.groups.layout.tp
+        cell = a.perturb_cell_size or self.hf_config.vision_config.patch_size
+        out = []
+        for start in range(0, len(samples), size):
+            chunk = samples[start : start + size]
+            encoded = [batching.encode_images(self.image_processor, s.images) for s in chunk]
+            pixels, grids = [e[0] for e in encoded], [e[1] for e in encoded]
+            if paired:
+                views = [
+                    [
+                        perturb.perturb_image(
+                            torch.from_numpy(im),
+                            a.perturbation,
+                            perturb.perturbation_seed(self.cfg.trainer.seed, step, s.uid, k),
+                            cell_size=cell,
+                            probability=a.perturb_probability,
+                            noise_sigma=a.noise_sigma,
+                            blur_radius=a.blur_radius,
+                            grey_value=a.grey_value,
+                        ).numpy()
+                        for k, im in enumerate(s.images)
+                    ]
+                    for s in chunk
+                ]
+                aug = [batching.encode_images(self.image_processor, v) for v in views]
+                chunk, pixels, grids = chunk + chunk, pixels + [e[0] for e in aug], grids + [e[1] for e in aug]
+            out.append(batching.collate(self.hf_config, chunk, pixels, grids, self.pad_id, multiple))
+        return out
+
+    def _local(self, values_BS: torch.Tensor) -> torch.Tensor:
+        """This CP rank's zigzag part of a full-sequence [B, S] tensor."""
+        layout = self.groups.layout
+        if layout.cp == 1:
+            return values_BS
+        return values_BS[:, zigzag_positions(values_BS.shape[1], layout.cp, self.groups.cp_rank)]
+
+    def _gather_cp(self, local_BS: torch.Tensor) -> torch.Tensor:
+        """Full-sequence [B, S] from every CP rank's zigzag part (forward-only results)."""
+        layout = self.groups.layout
+        if layout.cp == 1:
+            return local_BS
+        parts = [torch.empty_like(local_BS) for _ in range(layout.cp)]
+        dist.all_gather(parts, local_BS.contiguous(), group=self.groups.cp)
+        seq_len = local_BS.shape[1] * layout.cp
+        held = torch.cat([zigzag_positions(seq_len, layout.cp, r) for r in range(layout.cp)])
+        return torch.cat(parts, dim=1)[:, torch.argsort(held)]
+
+    def _forward(self, model, mb: batching.MicroBatch):
+        attention_mask = None
+        if self.groups.layout.cp == 1 and self.spec_name == "local":
+            seq_len = mb.input_ids_BS.shape[1]
+            attention_mask = torch.triu(torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool), diagonal=1)
+        return model(
+            mb.input_ids_BS,
+            mb.position_ids_3BS,
+            attention_mask,
+            mb.pixel_values_NC,
+            mb.image_grid_thw,
+            mb.image_mask_BS,
+        )
+
+    def _schedule(self, step_func, micro_batches: list[batching.MicroBatch], forward_only: bool):
+        iterators = [iter(micro_batches) for _ in self.model] if len(self.model) > 1 else iter(micro_batches)
+        return get_forward_backward_func()(
+            forward_step_func=step_func,
+            data_iterator=iterators,
+            model=self.model,
+            num_microbatches=len(micro_batches),
+            seq_length=max(mb.input_ids_BS.shape[1] for mb in micro_batches),
+            micro_batch_size=micro_batches[0].input_ids_BS.shape[0],
+            forward_only=forward_only,
+        )
+
+    # ------------------------------------------------------------------------------- experience pass
+
+    def _token_log_probs(self, logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+        vocab_tp = logits_BSV.shape[-1]
+        flat = logits_BSV.reshape(-1, vocab_tp)
+        return vocab_parallel.token_log_prob(
+            flat, labels_BS.reshape(-1), self.groups.tp_rank * vocab_tp, self.groups.tp
+        ).view(labels_BS.shape)
+
+    def _experience_outputs(self, mb: batching.MicroBatch, logits_BSV: torch.Tensor):
+        """Last stage: both views' logits [2B, S_l, V_tp] -> per-token results [B, S] (no grad)."""
+        with torch.no_grad():
+            batch = logits_BSV.shape[0] // 2
+            logits = logits_BSV.float() / self.cfg.rollout.temperature
+            logp_BS = self._token_log_probs(logits, self._local(mb.labels_BS))
+            old_BS, aug_BS = logp_BS[:batch], logp_BS[batch:]
+            vocab_tp = logits.shape[-1]
+            original_NV, perturbed_NV = logits[:batch].reshape(-1, vocab_tp), logits[batch:].reshape(-1, vocab_tp)
+            entropy_BS = vocab_parallel.entropy(original_NV, self.groups.tp).view(old_BS.shape)
+            estimator = self.cfg.algorithm.estimator
+            if estimator in perception.SAMPLED_TOKEN_ESTIMATORS:
+                dependency_BS = perception.token_dependency(estimator, old_logp_N=old_BS, aug_logp_N=aug_BS)
+            else:
+                dependency_BS = perception.token_dependency(
+                    estimator, logits_NV_tp=original_NV, aug_logits_NV_tp=perturbed_NV, tp_group=self.groups.tp
+                ).view(old_BS.shape)
+            results = {"old_logp": old_BS, "aug_logp": aug_BS, "dependency": dependency_BS, "entropy": entropy_BS}
+            results = {k: self._gather_cp(v) for k, v in results.items()}
+        return torch.zeros(()), torch.tensor(1, dtype=torch.int), results
+
+    def _experience_step(self, data_iterator, model):
+        mb = next(data_iterator)
+        return self._forward(model, mb), partial(self._experience_outputs, mb)
+
+    def experience(self, samples: list[ActorSample], step: int) -> Experience:
+        """Old and perturbed log-probs, dependency and entropy for this DP rank's rollouts, on every rank."""
+        micro_batches = self._micro_batches(samples, step, paired=True)
+        for chunk in self.model:
+            chunk.eval()
+        with torch.no_grad():
+            outputs = self._schedule(self._experience_step, micro_batches, forward_only=True)
+        num_positions = max(len(s.response_ids) for s in samples)
+        names = ("old_logp", "aug_logp", "dependency", "entropy")
+        if self.groups.is_last_stage:
+            per_name = []
+            for name in names:
+                per_mb = [
+                    batching.to_response_aligned(
+                        out[name], mb.prompt_lengths[: len(mb.prompt_lengths) // 2], num_positions
+                    )
+                    for out, mb in zip(outputs, micro_batches)
+                ]
+                per_name.append(torch.cat(per_mb))
+            stacked = torch.stack(per_name)
+        else:
+            stacked = torch.empty((len(names), len(samples), num_positions), dtype=torch.float32)
+        if self.groups.layout.pp > 1:
+            dist.broadcast(stacked, src=self.groups.pp_last_rank, group=self.groups.pp)
+        mask = torch.zeros((len(samples), num_positions))
+        for b, s in enumerate(samples):
+            mask[b, : len(s.response_ids)] = 1.0
+        return Experience(*(stacked[i] * mask for i in range(len(names))), response_mask_BT=mask)
+
+    # ------------------------------------------------------------------------------------------ update
+
+    def _policy_loss(self, mb: batching.MicroBatch, logits_BSV: torch.Tensor):
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        a = self.cfg.algorithm
+        logits = logits_BSV.float() / self.cfg.rollout.temperature
+        # vocab_parallel_cross_entropy works in place on fp32 input: keep the graph's logits intact
+        logp_BS = -vocab_parallel_cross_entropy(logits.clone(), self._local(mb.labels_BS))
+        e = {k: self._local(v) for k, v in mb.extras_BS.items() if v.dim() == 2}
+        response_mask = self._local(mb.response_mask_BS)
+        out = algo_loss.policy_loss(
+            logp_BS,
+            e["old_logp"],
+            mb.extras_BS["advantage"],
+            response_mask,
+            e["gradient_mask"],
+            num_global_tokens=1,  # a sum: megatron-core divides by the global token count
+            clip_low=a.clip_ratio_low,
+            clip_high=a.clip_ratio_high,
+            clip_dual=a.clip_ratio_dual,
+            entropy_coef=a.entropy_coef,
+            dependency_BT=e.get("dependency"),
+        )
+        num_tokens = response_mask.sum().to(torch.int)
+        sums = dict(out.metric_sums, **{"actor/loss": (out.loss.detach().double(), num_tokens.double())})
+        return out.loss, num_tokens, {"metric_sums": sums}
+
+    def _train_step(self, data_iterator, model):
+        mb = next(data_iterator)
+        return self._forward(model, mb), partial(self._policy_loss, mb)
+
+    def update(
+        self,
+        samples: list[ActorSample],
+        old_logp_BT: torch.Tensor,
+        advantage_B: torch.Tensor,
+        gradient_mask_BT: torch.Tensor,
+        dependency_BT: torch.Tensor | None = None,
+    ) -> dict[str, float]:
+        """One optimizer step on this DP rank's share of a mini-batch; returns metrics reduced over DP x CP."""
+        micro_batches = self._micro_batches(samples, step=0, paired=False)
+        size = self.cfg.trainer.micro_batch_size
+        for i, mb in enumerate(micro_batches):
+            rows = slice(i * size, i * size + mb.input_ids_BS.shape[0])
+            seq_len = mb.input_ids_BS.shape[1]
+            mb.extras_BS = {
+                "old_logp": batching.to_label_positions(old_logp_BT[rows], mb.prompt_lengths, seq_len),
+                "gradient_mask": batching.to_label_positions(gradient_mask_BT[rows], mb.prompt_lengths, seq_len),
+                "advantage": advantage_B[rows].float(),
+            }
+            if dependency_BT is not None:
+                mb.extras_BS["dependency"] = batching.to_label_positions(
+                    dependency_BT[rows], mb.prompt_lengths, seq_len
+                )
+        for chunk in self.model:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        warmup = self.cfg.optimizer.warmup_steps
+        for group in self.optimizer.param_groups:
+            group["lr"] = (
+                self.cfg.optimizer.lr * min(1.0, (self.updates + 1) / warmup) if warmup else self.cfg.optimizer.lr
+            )
+        outputs = self._schedule(self._train_step, micro_batches, forward_only=False)
+        update_ok, grad_norm, _ = self.optimizer.step()
+        self.updates += 1
+        metrics = None
+        if self.groups.is_last_stage:
+            metrics = algo_loss.reduce_metrics([o["metric_sums"] for o in outputs], group=self.groups.dp_cp)
+            metrics.update(
+                {
+                    "actor/grad_norm": float(grad_norm or 0.0),
+                    "actor/update_ok": float(bool(update_ok)),
+                    "actor/lr": self.optimizer.param_groups[0]["lr"],
+                }
+            )
+        box = [metrics]
+        if self.groups.layout.pp > 1:
+            dist.broadcast_object_list(box, src=self.groups.pp_last_rank, group=self.groups.pp)
+        return box[0]
+
+    # ------------------------------------------------------------------------------------------ weights
+
+    def unwrapped(self) -> list[torch.nn.Module]:
+        return self.chunks
+
+    def hf_tensors(self):
+        """(HF name, full tensor) of this pipeline stage's parameters, gathered over TP (collective over TP)."""
+        for chunk in self.chunks:
+            yield from weights.stage_hf_tensors(chunk, self.rules, self.dims, self.groups.tp)

@@ -1,0 +1,203 @@
+"""Qwen2.5-VL as a Megatron model: HF's vision tower + merger on the first pipeline stage, megatron-core's
+GPTModel (M-RoPE, GQA, QKV bias, RMSNorm, SwiGLU, vocab-parallel embedding and output layer) for the language.
+
+The vision tower is HF's own module (Megatron-Bridge's design), replicated over TP ranks; its gradients are
+identical across TP (every TP rank sees the same hidden-state gradient) and are averaged over TP by
+megatron-core's finalize step (`average_gradients_across_tp_domain`), so they stay consistent in any case.
+A TP-sharded Megatron ViT is a later optimisation.
+
+Layer specs: Transformer Engine on GPU (FP8 through TransformerConfig.fp8 / fp8_recipe; the vision tower,
+embedding and output layer stay in bf16), the local spec on CPU, with `ContextParallelAttention` as the core
+attention when CP > 1 (megatron-core's local attention refuses CP).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.enums import ModelType
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.tensor_parallel.mappings import scatter_to_sequence_parallel_region
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from vppo_megatron.actor.cp_attention import ContextParallelAttention, zigzag_positions
+from vppo_megatron.config import Config, ConfigError, transformer_engine_available
+from vppo_megatron.parallel.layout import ParallelLayout
+
+
+def layer_spec_name(cfg: Config) -> str:
+    """local | transformer_engine, from model.transformer_impl and the host."""
+    impl = cfg.model.transformer_impl
+    if impl == "auto":
+        return "transformer_engine" if transformer_engine_available() else "local"
+    if impl == "transformer_engine" and not transformer_engine_available():
+        raise ConfigError("model.transformer_impl=transformer_engine needs Transformer Engine on a CUDA host")
+    return impl
+
+
+def transformer_config(hf_config, cfg: Config, layout: ParallelLayout) -> TransformerConfig:
+    """megatron-core's TransformerConfig for the language model of an HF Qwen2.5-VL config."""
+    text = hf_config.text_config
+    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    te = layer_spec_name(cfg) == "transformer_engine"
+    fp8 = {} if cfg.model.fp8 == "none" else {"fp8": cfg.model.fp8, "fp8_recipe": cfg.model.fp8_recipe}
+    recompute = {}
+    if cfg.model.recompute != "none":
+        recompute = (
+            {"recompute_granularity": cfg.model.recompute, "recompute_method": "uniform", "recompute_num_layers": 1}
+            if cfg.model.recompute == "full"
+            else {"recompute_granularity": "selective"}
+        )
+    return TransformerConfig(
+        num_layers=text.num_hidden_layers,
+        hidden_size=text.hidden_size,
+        ffn_hidden_size=text.intermediate_size,
+        num_attention_heads=text.num_attention_heads,
+        num_query_groups=text.num_key_value_heads,
+        kv_channels=text.hidden_size // text.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=text.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=True,
+        mrope_section=list(text.rope_parameters["mrope_section"]),
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        context_parallel_size=layout.cp,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        pipeline_dtype=dtype,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        variable_seq_lengths=True,  # prompt + response lengths change every micro-batch
+        moe_token_dispatcher_type="alltoall",  # a dense model; the default "allgather" refuses variable lengths
+        calculate_per_token_loss=True,  # loss = sum / global token count (finalize_model_grads divides)
+        attention_softmax_in_fp32=True,
+        cp_comm_type="p2p" if te and layout.cp > 1 else None,
+        **fp8,
+        **recompute,
+    )
+
+
+def layer_spec(cfg: Config, config: TransformerConfig):
+    if layer_spec_name(cfg) == "transformer_engine":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=False)
+    if config.context_parallel_size > 1:
+        spec.submodules.self_attention.submodules.core_attention = ContextParallelAttention
+    return spec
+
+
+class Qwen25VLModel(MegatronModule):
+    """One pipeline stage (or virtual stage) of the Qwen2.5-VL actor."""
+
+    def __init__(
+        self,
+        hf_config,
+        config: TransformerConfig,
+        spec,
+        pre_process: bool,
+        post_process: bool,
+        vp_stage: int | None = None,
+    ):
+        super().__init__(config=config)
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+        self.pre_process, self.post_process = pre_process, post_process
+        self.model_type = ModelType.encoder_or_decoder  # read by the pipeline schedules
+        self.image_token_id = hf_config.image_token_id
+        self.vision = None
+        if pre_process:
+            vision_config = hf_config.vision_config
+            vision_config._attn_implementation = "sdpa"
+            self.vision = Qwen2_5_VisionTransformerPretrainedModel._from_config(vision_config)
+            self.vision.to(config.params_dtype)
+            for param in self.vision.parameters():
+                param.average_gradients_across_tp_domain = True
+        text = hf_config.text_config
+        self.language_model = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=text.vocab_size,
+            max_sequence_length=text.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=True,
+            share_embeddings_and_output_weights=hf_config.tie_word_embeddings,
+            position_embedding_type="mrope",
+            rotary_base=text.rope_parameters["rope_theta"],
+            scatter_embedding_sequence_parallel=False,  # image embeddings are merged first, then scattered
+            vp_stage=vp_stage,
+        )
+
+    # megatron-core's finalize_model_grads reads these off each model chunk (tied-embedding all-reduce over PP)
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.language_model.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
+    def set_input_tensor(self, input_tensor) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    def embed(
+        self,
+        input_ids_BS: torch.Tensor,
+        image_mask_BS: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        image_grid_thw: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Token embeddings with the vision tower's output placed at the image tokens, [S, B, H]."""
+        embeds_BSH = self.language_model.embedding(input_ids=input_ids_BS, position_ids=None).transpose(0, 1)
+        if pixel_values is not None:
+            image_embeds = self.vision(pixel_values.to(self.config.params_dtype), grid_thw=image_grid_thw)
+            image_embeds = image_embeds.pooler_output.to(embeds_BSH.dtype)
+            is_image_BS = image_mask_BS if image_mask_BS is not None else input_ids_BS == self.image_token_id
+            if int(is_image_BS.sum()) != image_embeds.shape[0]:
+                raise ValueError(
+                    f"{int(is_image_BS.sum())} image tokens but the vision tower produced "
+                    f"{image_embeds.shape[0]} embeddings: image_grid_thw does not match the prompt"
+                )
+            # scatter in [B, S] order: image embeddings are batch-major
+            embeds_BSH = embeds_BSH.masked_scatter(is_image_BS.unsqueeze(-1).expand_as(embeds_BSH), image_embeds)
+        return embeds_BSH.transpose(0, 1).contiguous()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+    ):
+        """input_ids [B, S] and position_ids [3, B, S] are full sequences; with CP each rank keeps its zigzag
+        chunks. Returns logits [B, S_local, V / tp] on the last stage, hidden states otherwise."""
+        decoder_input = None
+        if self.pre_process:
+            decoder_input = self.embed(input_ids, image_mask, pixel_values, image_grid_thw)
+            cp = self.config.context_parallel_size
+            if cp > 1:
+                from megatron.core import parallel_state
+
+                local = zigzag_positions(decoder_input.shape[0], cp, parallel_state.get_context_parallel_rank())
+                decoder_input = decoder_input[local]
+            if self.config.sequence_parallel:
+                decoder_input = scatter_to_sequence_parallel_region(decoder_input)
+        return self.language_model(
+            input_ids=None, position_ids=position_ids, attention_mask=attention_mask, decoder_input=decoder_input
+        )

@@ -1,0 +1,118 @@
+"""Moving weights between HF checkpoints and the (TP/PP-sharded) Megatron actor, through convert/'s one mapping.
+
+Local parameter names use stage-local layer indices; `global_names` translates them to the global indices the
+mapping tables use (from each layer's 1-based `layer_number`). Loading reads one HF tensor at a time from the
+safetensors files, so host memory is bounded by the largest tensor, not the model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+
+from vppo_megatron.convert import mapping, qwen2_5_vl
+
+_LAYER = re.compile(r"^language_model\.decoder\.layers\.(\d+)\.")
+
+
+def attention_dims(hf_config) -> mapping.AttentionDims:
+    text = hf_config.text_config
+    return mapping.AttentionDims(
+        text.num_attention_heads, text.num_key_value_heads, text.hidden_size // text.num_attention_heads
+    )
+
+
+def family_rules(hf_config, spec: str) -> list[mapping.ExpandedRule]:
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    with torch.device("meta"):
+        vision_names = list(Qwen2_5_VisionTransformerPretrainedModel._from_config(hf_config.vision_config).state_dict())
+    rules = qwen2_5_vl.rules(spec, vision_names, hf_config.tie_word_embeddings)
+    return mapping.expand_rules(rules, hf_config.text_config.num_hidden_layers)
+
+
+def global_names(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Global-layer-indexed name -> parameter of this stage's (unwrapped) model."""
+    offsets = {}
+    if getattr(model.language_model, "decoder", None) is not None:
+        offsets = {i: layer.layer_number - 1 for i, layer in enumerate(model.language_model.decoder.layers)}
+    out = {}
+    for name, param in model.named_parameters():
+        match = _LAYER.match(name)
+        if match:
+            name = f"language_model.decoder.layers.{offsets[int(match.group(1))]}." + name[match.end() :]
+        out[name] = param
+    return out
+
+
+class SafetensorsReader:
+    """Lazy access to the tensors of an HF checkpoint directory (single file or sharded with an index)."""
+
+    def __init__(self, model_dir: str | Path):
+        model_dir = Path(model_dir)
+        index = model_dir / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (model_dir / "model.safetensors").exists():
+            with safe_open(model_dir / "model.safetensors", "pt") as f:
+                weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+        else:
+            raise FileNotFoundError(f"{model_dir} has no model.safetensors or model.safetensors.index.json")
+        self.model_dir, self.weight_map = model_dir, weight_map
+
+    def keys(self) -> set[str]:
+        return set(self.weight_map)
+
+    def get(self, name: str) -> torch.Tensor:
+        with safe_open(self.model_dir / self.weight_map[name], "pt") as f:
+            return f.get_tensor(name)
+
+
+def load_hf_weights(model: torch.nn.Module, reader: SafetensorsReader, rules, dims, tp_rank: int, tp_size: int):
+    """Copies this stage's TP shard of every mapped tensor into `model`; raises on any gap in either direction."""
+    params = global_names(model)
+    needed_hf = {name for r in rules for name in r.hf}
+    problems = [f"checkpoint lacks {name}" for name in sorted(needed_hf - reader.keys())]
+    problems += [f"no rule maps checkpoint tensor {name}" for name in sorted(reader.keys() - needed_hf)]
+    by_name = {r.megatron: r for r in rules}
+    problems += [f"no rule maps model parameter {name}" for name in sorted(set(params) - set(by_name))]
+    if problems:
+        raise KeyError(
+            f"{reader.model_dir} does not match the Qwen2.5-VL mapping: "
+            + "; ".join(problems[:10])
+            + (f" ... ({len(problems)} problems)" if len(problems) > 10 else "")
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            rule = by_name[name]
+            full = mapping.fuse(rule.rule, [reader.get(h) for h in rule.hf], dims)
+            local = mapping.shard(rule.rule, full, tp_rank, tp_size)
+            if local.shape != param.shape:
+                raise ValueError(
+                    f"{name}: checkpoint gives shape {tuple(local.shape)} for TP rank {tp_rank}, "
+                    f"the model has {tuple(param.shape)}"
+                )
+            param.copy_(local.to(param.dtype))
+
+
+def stage_hf_tensors(model: torch.nn.Module, rules, dims, tp_group) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full tensor) for every parameter of this pipeline stage, gathered over TP (a collective: every
+    TP rank of the stage must iterate it to the end)."""
+    by_name = {r.megatron: r for r in rules}
+    tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
+    for name, param in global_names(model).items():
+        rule = by_name[name]
+        local = param.detach()
+        if rule.rule.tp_dim is not None and tp_size > 1:
+            shards = [torch.empty_like(local) for _ in range(tp_size)]
+            dist.all_gather(shards, local.contiguous(), group=tp_group)
+            full = mapping.unshard(rule.rule, shards)
+        else:
+            full = local
+        yield from zip(rule.hf, mapping.split(rule.rule, full, dims))
