@@ -84,3 +84,62 @@ def run_layout(rank, world_size, model_dir, layout, overrides):
         "params": params,
         "shard": (shard.start, shard.stop),
     }
+
+
+def hf_logit_gap(rank, world_size, model_dir):
+    """Max |Megatron logits - HF logits| on text + image inputs, weights through the mapping (serial)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from vppo_megatron.actor import batching
+    from vppo_megatron.actor.engine import MegatronActor
+    from vppo_megatron.config import load
+    from vppo_megatron.parallel.layout import ParallelLayout, destroy, initialize
+
+    cfg = load(None, ["model.dtype=float32", "model.transformer_impl=local"])
+    actor = MegatronActor(cfg, initialize(ParallelLayout(), seed=1), model_dir, training=False)
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir).eval()
+    samples = [s for s in make_samples(model_dir) if 5 not in s.response_ids]  # HF counts any id 5 as image
+    gaps = []
+    for sample in samples:
+        pixels, grid = batching.encode_images(actor.image_processor, sample.images)
+        mb = batching.collate(actor.hf_config, [sample], [pixels], [grid], actor.pad_id)
+        ids = torch.tensor([sample.prompt_ids + sample.response_ids])
+        with torch.no_grad():
+            ours = actor._forward(actor.model[0], mb)[:, : ids.shape[1]]
+            # transformers needs mm_token_type_ids, or it silently falls back to 1-D positions
+            reference = hf(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                pixel_values=pixels,
+                image_grid_thw=grid,
+                mm_token_type_ids=mb.image_mask_BS[:, : ids.shape[1]].long(),
+            ).logits
+        gaps.append((ours - reference).abs().max().item())
+    destroy()
+    return gaps
+
+
+def schedule_calls(rank, world_size, model_dir):
+    """Runs one experience pass with a counting wrapper around megatron-core's schedule factory."""
+    from vppo_megatron.actor import engine
+    from vppo_megatron.config import load
+    from vppo_megatron.parallel.layout import ParallelLayout, destroy, initialize
+
+    calls = []
+    real = engine.get_forward_backward_func
+
+    def counting():
+        schedule = real()
+
+        def run(**kwargs):
+            calls.append({k: kwargs[k] for k in ("num_microbatches", "micro_batch_size", "forward_only")})
+            return schedule(**kwargs)
+
+        return run
+
+    engine.get_forward_backward_func = counting
+    cfg = load(None, ["model.dtype=float32", "model.transformer_impl=local", "trainer.micro_batch_size=2"])
+    actor = engine.MegatronActor(cfg, initialize(ParallelLayout(), seed=1), model_dir, training=False)
+    experience = actor.experience(make_samples(model_dir), step=0)
+    destroy()
+    return calls, experience.dependency_BT.shape

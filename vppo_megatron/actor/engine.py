@@ -201,53 +201,60 @@ class MegatronActor:
             flat, labels_BS.reshape(-1), self.groups.tp_rank * vocab_tp, self.groups.tp
         ).view(labels_BS.shape)
 
-    def _experience_outputs(self, mb: batching.MicroBatch, logits_BSV: torch.Tensor):
-        """Last stage: both views' logits [2B, S_l, V_tp] -> per-token results [B, S] (no grad)."""
+    def _experience_outputs(self, mb: batching.MicroBatch, paired: bool, logits_BSV: torch.Tensor):
+        """Last stage: logits [2B, S_l, V_tp] of both views (or [B, ...] of one) -> per-token results [B, S]."""
         with torch.no_grad():
-            batch = logits_BSV.shape[0] // 2
             logits = logits_BSV.float() / self.cfg.rollout.temperature
-            logp_BS = self._token_log_probs(logits, self._local(mb.labels_BS))
-            old_BS, aug_BS = logp_BS[:batch], logp_BS[batch:]
+            batch = logits.shape[0] // 2 if paired else logits.shape[0]
             vocab_tp = logits.shape[-1]
-            original_NV, perturbed_NV = logits[:batch].reshape(-1, vocab_tp), logits[batch:].reshape(-1, vocab_tp)
-            entropy_BS = vocab_parallel.entropy(original_NV, self.groups.tp).view(old_BS.shape)
-            estimator = self.cfg.algorithm.estimator
-            if estimator in perception.SAMPLED_TOKEN_ESTIMATORS:
-                dependency_BS = perception.token_dependency(estimator, old_logp_N=old_BS, aug_logp_N=aug_BS)
-            else:
-                dependency_BS = perception.token_dependency(
-                    estimator, logits_NV_tp=original_NV, aug_logits_NV_tp=perturbed_NV, tp_group=self.groups.tp
-                ).view(old_BS.shape)
-            results = {"old_logp": old_BS, "aug_logp": aug_BS, "dependency": dependency_BS, "entropy": entropy_BS}
+            logp_BS = self._token_log_probs(logits, self._local(mb.labels_BS))
+            original_NV = logits[:batch].reshape(-1, vocab_tp)
+            results = {
+                "old_logp": logp_BS[:batch],
+                "entropy": vocab_parallel.entropy(original_NV, self.groups.tp).view(batch, -1),
+            }
+            if paired:
+                results["aug_logp"] = logp_BS[batch:]
+                results["dependency"] = self._dependency(results, original_NV, logits[batch:].reshape(-1, vocab_tp))
             results = {k: self._gather_cp(v) for k, v in results.items()}
         return torch.zeros(()), torch.tensor(1, dtype=torch.int), results
 
-    def _experience_step(self, data_iterator, model):
-        mb = next(data_iterator)
-        return self._forward(model, mb), partial(self._experience_outputs, mb)
+    def _dependency(self, results, original_NV: torch.Tensor, perturbed_NV: torch.Tensor) -> torch.Tensor:
+        estimator, old_BS = self.cfg.algorithm.estimator, results["old_logp"]
+        if estimator in perception.SAMPLED_TOKEN_ESTIMATORS:
+            return perception.token_dependency(estimator, old_logp_N=old_BS, aug_logp_N=results["aug_logp"])
+        return perception.token_dependency(
+            estimator, logits_NV_tp=original_NV, aug_logits_NV_tp=perturbed_NV, tp_group=self.groups.tp
+        ).view(old_BS.shape)
 
-    def experience(self, samples: list[ActorSample], step: int) -> Experience:
-        """Old and perturbed log-probs, dependency and entropy for this DP rank's rollouts, on every rank."""
-        micro_batches = self._micro_batches(samples, step, paired=True)
+    def experience(self, samples: list[ActorSample], step: int, with_perception: bool = True) -> Experience:
+        """Per response token results for this DP rank's rollouts, on every rank of its pipeline.
+
+        with_perception=True: the dual pass (old and perturbed log-probs, dependency, entropy) in ONE schedule;
+        with_perception=False: a plain log-prob pass (DAPO/GRPO baselines): aug_logp and dependency are zero.
+        """
+        micro_batches = self._micro_batches(samples, step, paired=with_perception)
         for chunk in self.model:
             chunk.eval()
+
+        def step_func(data_iterator, model):
+            mb = next(data_iterator)
+            return self._forward(model, mb), partial(self._experience_outputs, mb, with_perception)
+
         with torch.no_grad():
-            outputs = self._schedule(self._experience_step, micro_batches, forward_only=True)
+            outputs = self._schedule(step_func, micro_batches, forward_only=True)
         num_positions = max(len(s.response_ids) for s in samples)
         names = ("old_logp", "aug_logp", "dependency", "entropy")
+        stacked = torch.zeros((len(names), len(samples), num_positions), dtype=torch.float32)
         if self.groups.is_last_stage:
-            per_name = []
-            for name in names:
-                per_mb = [
-                    batching.to_response_aligned(
-                        out[name], mb.prompt_lengths[: len(mb.prompt_lengths) // 2], num_positions
-                    )
-                    for out, mb in zip(outputs, micro_batches)
-                ]
-                per_name.append(torch.cat(per_mb))
-            stacked = torch.stack(per_name)
-        else:
-            stacked = torch.empty((len(names), len(samples), num_positions), dtype=torch.float32)
+            row = 0
+            for out, mb in zip(outputs, micro_batches):
+                prompt_lengths = mb.prompt_lengths[: len(out["old_logp"])]
+                for i, name in enumerate(names):
+                    if name in out:
+                        values = batching.to_response_aligned(out[name], prompt_lengths, num_positions)
+                        stacked[i, row : row + len(prompt_lengths)] = values
+                row += len(prompt_lengths)
         if self.groups.layout.pp > 1:
             dist.broadcast(stacked, src=self.groups.pp_last_rank, group=self.groups.pp)
         mask = torch.zeros((len(samples), num_positions))
