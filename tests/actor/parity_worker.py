@@ -143,3 +143,59 @@ def schedule_calls(rank, world_size, model_dir):
     experience = actor.experience(make_samples(model_dir), step=0)
     destroy()
     return calls, experience.dependency_BT.shape
+
+
+def bf16_update(rank, world_size, model_dir):
+    """One experience pass + update in bf16 (Float16Module + fp32 main grads): finite, and the weights move."""
+    from vppo_megatron.actor.engine import MegatronActor
+    from vppo_megatron.config import load
+    from vppo_megatron.parallel.layout import ParallelLayout, destroy, initialize
+
+    cfg = load(
+        None,
+        ["model.dtype=bfloat16", "model.transformer_impl=local", "trainer.micro_batch_size=2", "optimizer.lr=1e-2"],
+    )
+    actor = MegatronActor(cfg, initialize(ParallelLayout(), seed=1), model_dir)
+    samples = make_samples(model_dir)
+    before = {n: t.float().clone() for n, t in actor.hf_tensors()}
+    experience = actor.experience(samples, step=0)
+    advantage, gradient_mask = fixed_training_inputs(len(samples), experience.old_logp_BT.shape[1])
+    metrics = actor.update(samples, experience.old_logp_BT, advantage, gradient_mask)
+    moved = max((t.float() - before[n]).abs().max().item() for n, t in actor.hf_tensors())
+    dtypes = {t.dtype for _, t in actor.hf_tensors()}
+    destroy()
+    return experience.old_logp_BT, metrics, moved, dtypes
+
+
+def te_vs_local(rank, world_size, model_dir, fp8):
+    """GPU only: logits of the Transformer Engine actor (optionally FP8) against the local-spec actor."""
+    import torch.distributed as dist
+
+    from vppo_megatron.actor import batching
+    from vppo_megatron.actor.engine import MegatronActor
+    from vppo_megatron.config import load
+    from vppo_megatron.parallel.layout import ParallelLayout, destroy, initialize
+
+    sample = make_samples(model_dir)[0]
+    logits = {}
+    for impl in ("local", "transformer_engine"):
+        cfg = load(
+            None,
+            [
+                "model.dtype=bfloat16",
+                f"model.transformer_impl={impl}",
+                f"model.fp8={fp8 if impl == 'transformer_engine' else 'none'}",
+            ],
+        )
+        actor = MegatronActor(cfg, initialize(ParallelLayout(), seed=1), model_dir, training=False)
+        for chunk in actor.chunks:
+            chunk.cuda()
+        pixels, grid = batching.encode_images(actor.image_processor, sample.images)
+        mb = batching.collate(actor.hf_config, [sample], [pixels], [grid], actor.pad_id, length_multiple=16)
+        mb.input_ids_BS, mb.position_ids_3BS = mb.input_ids_BS.cuda(), mb.position_ids_3BS.cuda()
+        mb.pixel_values_NC, mb.image_grid_thw, mb.image_mask_BS = pixels.cuda(), grid.cuda(), mb.image_mask_BS.cuda()
+        with torch.no_grad():
+            logits[impl] = actor._forward(actor.model[0], mb).float().cpu()
+        destroy()
+    dist.barrier()
+    return (logits["local"] - logits["transformer_engine"]).abs().max().item(), logits["local"].abs().max().item()

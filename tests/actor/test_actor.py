@@ -1,6 +1,6 @@
 import pytest
 import torch
-from parity_worker import hf_logit_gap, schedule_calls
+from parity_worker import bf16_update, hf_logit_gap, schedule_calls, te_vs_local
 
 from vppo_megatron.config import ConfigError, load, transformer_engine_available
 from vppo_megatron.testing import run_distributed
@@ -56,3 +56,19 @@ def test_transformer_config_carries_fp8_settings(tiny_model_dir, monkeypatch):
     assert config.mrope_section == [4, 6, 6] and config.num_query_groups == 2 and config.add_qkv_bias
     assert config.calculate_per_token_loss and config.variable_seq_lengths
     assert torch.equal(torch.tensor(config.kv_channels), torch.tensor(32))
+
+
+def test_bf16_update_runs_with_fp32_main_grads(tiny_model_dir):
+    ((old_logp, metrics, moved, dtypes),) = run_distributed(bf16_update, 1, str(tiny_model_dir))
+    assert dtypes == {torch.bfloat16}
+    assert torch.isfinite(old_logp).all() and (old_logp <= 0).all()
+    assert metrics["actor/update_ok"] == 1.0 and moved > 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not transformer_engine_available(), reason="needs Transformer Engine on a CUDA host")
+@pytest.mark.parametrize("fp8", ["none", "hybrid"])
+def test_transformer_engine_actor_matches_local_spec_on_gpu(tiny_model_dir, fp8):
+    ((gap, norm),) = run_distributed(te_vs_local, 1, str(tiny_model_dir), fp8)
+    # bf16 TE vs bf16 local spec: rounding-level; FP8 linear layers: a few percent of the logit scale
+    assert gap <= (0.05 if fp8 == "none" else 0.25) * max(1.0, norm)

@@ -29,7 +29,7 @@ from vppo_megatron.actor.cp_attention import zigzag_positions
 from vppo_megatron.actor.model import Qwen25VLModel, layer_spec, layer_spec_name, transformer_config
 from vppo_megatron.algo import loss as algo_loss
 from vppo_megatron.algo import perception, perturb, vocab_parallel
-from vppo_megatron.config import Config
+from vppo_megatron.config import Config, ConfigError
 from vppo_megatron.parallel.layout import ParallelGroups
 from vppo_megatron.types import ActorSample
 
@@ -51,6 +51,13 @@ class MegatronActor:
         from transformers import AutoConfig, AutoProcessor
 
         self.cfg, self.groups = cfg, groups
+        if groups.layout.vpp > 1:
+            # The model builds per virtual stage, but the interleaved 1F1B schedule deadlocked on gloo in our
+            # parity run (PP2 x VPP2); until it is proven equal to serial it is refused rather than trusted.
+            raise ConfigError(
+                f"parallel.vpp={groups.layout.vpp}: the interleaved pipeline schedule is not "
+                "supported by the actor yet; use parallel.vpp=1"
+            )
         self.hf_config = AutoConfig.from_pretrained(model_dir)
         processor = AutoProcessor.from_pretrained(model_dir)
         self.image_processor = processor.image_processor
