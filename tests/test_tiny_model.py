@@ -1,13 +1,11 @@
 import hashlib
 import json
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from vllm_greedy import vllm_greedy
 
 from vppo_megatron.tiny_model import TINY_MARKER, TinySpec, build_tiny_model
 
@@ -78,42 +76,12 @@ def test_hf_loads_offline_and_the_image_changes_the_logits(tiny_model_dir, tiny_
     assert (logits[0][0, -1] - logits[1][0, -1]).abs().max() > 1e-4  # the vision tower reaches the output
 
 
-VLLM_SCRIPT = textwrap.dedent(
-    """
-    import json, os, sys
-    import numpy as np
-    from PIL import Image
-
-    def main():
-        from vllm import LLM, SamplingParams
-        model, prompt = sys.argv[1], sys.argv[2]
-        image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (112, 112, 3), dtype=np.uint8))
-        llm = LLM(model=model, dtype="float32", max_model_len=1024, seed=0, enforce_eager=True,
-                  limit_mm_per_prompt={"image": 1, "video": 0})
-        params = SamplingParams(temperature=0.0, max_tokens=8, min_tokens=8, logprobs=0)
-        out = llm.generate([{"prompt": prompt, "multi_modal_data": {"image": image}}], params, use_tqdm=False)[0]
-        print("RESULT " + json.dumps({"prompt_ids": list(out.prompt_token_ids), "ids": list(out.outputs[0].token_ids)}))
-
-    if __name__ == "__main__":
-        main()
-    """
-)
-
-
 @pytest.mark.slow
 def test_vllm_cpu_serves_it_and_matches_hf_greedy(tiny_model_dir, tiny_processor, tmp_path):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    script = tmp_path / "serve.py"
-    script.write_text(VLLM_SCRIPT)
     text = _prompt(tiny_processor)
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tiny_model_dir), text], capture_output=True, text=True, timeout=300, env=env
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    result = json.loads(lines[0][len("RESULT ") :])
+    result = vllm_greedy(tiny_model_dir, text, tmp_path)
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
     inputs = tiny_processor(text=[text], images=[_image(0)], return_tensors="pt")

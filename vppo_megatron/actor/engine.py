@@ -46,7 +46,10 @@ class Experience:
 
 
 class MegatronActor:
-    def __init__(self, cfg: Config, groups: ParallelGroups, model_dir: str, training: bool = True):
+    def __init__(
+        self, cfg: Config, groups: ParallelGroups, model_dir: str, training: bool = True, load_weights: bool = True
+    ):
+        """`model_dir` holds the HF config and processor files (and, with load_weights, the weights)."""
         from megatron.core import parallel_state
         from transformers import AutoConfig, AutoProcessor
 
@@ -73,9 +76,10 @@ class MegatronActor:
             self.chunks.append(Qwen25VLModel(self.hf_config, self.config, spec, first, last, vp_stage))
         self.rules = weights.family_rules(self.hf_config, self.spec_name)
         self.dims = weights.attention_dims(self.hf_config)
-        reader = weights.SafetensorsReader(model_dir)
-        for chunk in self.chunks:
-            weights.load_hf_weights(chunk, reader, self.rules, self.dims, groups.tp_rank, groups.layout.tp)
+        if load_weights:
+            reader = weights.SafetensorsReader(model_dir)
+            for chunk in self.chunks:
+                weights.load_hf_weights(chunk, reader, self.rules, self.dims, groups.tp_rank, groups.layout.tp)
         self.model = self.chunks
         self.optimizer = None
         if training:

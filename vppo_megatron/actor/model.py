@@ -80,6 +80,7 @@ def transformer_config(hf_config, cfg: Config, layout: ParallelLayout) -> Transf
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         use_cpu_initialization=not torch.cuda.is_available(),
+        perform_initialization=False,  # the actor always loads weights (HF or checkpoint): random init is waste
         variable_seq_lengths=True,  # prompt + response lengths change every micro-batch
         moe_token_dispatcher_type="alltoall",  # a dense model; the default "allgather" refuses variable lengths
         calculate_per_token_loss=True,  # loss = sum / global token count (finalize_model_grads divides)

@@ -1,0 +1,136 @@
+"""What both conversion directions share: launching the ranks, the parallel setup, and --verify's checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+SUPPORTED_FAMILIES = {"qwen2_5_vl": "qwen2_5_vl"}
+TENSOR_TOLERANCE = 0.0  # conversion copies bits: any difference is a bug
+PROBE_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
+
+
+def relaunch_under_torchrun(world_size: int, module: str) -> None:
+    """Re-executes this command under torchrun with `world_size` local ranks unless already distributed."""
+    if world_size > 1 and "WORLD_SIZE" not in os.environ:
+        os.execvp(
+            sys.executable,
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc-per-node={world_size}",
+                "-m",
+                module,
+                *sys.argv[1:],
+            ],
+        )
+
+
+def hf_family(hf_dir: str | Path) -> tuple[str, dict]:
+    """The model family of an HF directory; a clear error for anything else."""
+    path = Path(hf_dir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{hf_dir} has no config.json: not a Hugging Face model directory")
+    config = json.loads(path.read_text())
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_FAMILIES:
+        raise ValueError(
+            f"{hf_dir}: model_type {model_type!r} is not a supported family ({', '.join(SUPPORTED_FAMILIES)})"
+        )
+    return SUPPORTED_FAMILIES[model_type], config
+
+
+def dtype_of(hf_config: dict) -> str:
+    dtype = (
+        hf_config.get("dtype")
+        or hf_config.get("torch_dtype")
+        or hf_config.get("text_config", {}).get("dtype")
+        or "float32"
+    )
+    return "bfloat16" if dtype == "bfloat16" else "float32"
+
+
+def setup(tp: int, pp: int, hf_config: dict, dtype: str):
+    """torch.distributed + Megatron groups for a conversion at TP x PP (DP fills the rest); validates the layout
+    against the model first so an impossible split fails before any work."""
+    import torch.distributed as dist
+
+    from vppo_megatron.config import load
+    from vppo_megatron.parallel.layout import ParallelLayout, init_distributed, initialize
+
+    text = hf_config["text_config"]
+    init_distributed()
+    world = dist.get_world_size()
+    if world % (tp * pp):
+        raise ValueError(f"--tp {tp} x --pp {pp} does not divide the {world} launched ranks")
+    layout = ParallelLayout(tp=tp, pp=pp, dp=world // (tp * pp))
+    layout.validate(
+        world, text["num_hidden_layers"], text["num_attention_heads"], text["num_key_value_heads"], text["vocab_size"]
+    )
+    cfg = load(None, [f"model.dtype={dtype}"])
+    return cfg, initialize(layout, seed=0)
+
+
+def probe_sample(model_dir: str | Path):
+    """A fixed text + image sequence whose log-probs --verify compares."""
+    import numpy as np
+    from transformers import AutoProcessor
+
+    from vppo_megatron.types import ActorSample
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    image = np.random.default_rng(0).integers(0, 256, (56, 84, 3), dtype=np.uint8)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt_ids = processor(text=[text], images=[image], return_tensors="pt")["input_ids"][0].tolist()
+    tokenizer = processor.tokenizer
+    response = tokenizer.encode("I see two red squares.", add_special_tokens=False) + [tokenizer.eos_token_id]
+    return ActorSample("probe", prompt_ids, response, [image])
+
+
+def hf_probe_log_probs(hf_dir: str | Path, sample, dtype: str):
+    """The probe's response log-probs under HF transformers (the reference side of --verify)."""
+    import torch
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(hf_dir)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=getattr(torch, dtype)).eval()
+    pixels = processor.image_processor(images=sample.images, return_tensors="pt")
+    ids = torch.tensor([sample.prompt_ids + sample.response_ids])
+    image_tokens = (ids == model.config.image_token_id).long()
+    image_tokens[:, len(sample.prompt_ids) :] = 0
+    with torch.no_grad():
+        logits = model(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            mm_token_type_ids=image_tokens,
+            pixel_values=pixels["pixel_values"],
+            image_grid_thw=pixels["image_grid_thw"],
+        ).logits[0]
+    logp = torch.log_softmax(logits.float(), -1)[:-1].gather(-1, ids[0, 1:, None])[:, 0]
+    return logp[len(sample.prompt_ids) - 1 :]
+
+
+def report(rows: list[tuple[str, float]], probe_gap: float, dtype: str) -> bool:
+    """Prints the per-tensor table and the probe result; returns whether everything matched."""
+    worst = max((d for _, d in rows), default=0.0)
+    width = max((len(n) for n, _ in rows), default=10)
+    print(f"{'tensor':{width}s}  max |difference|")
+    for name, diff in rows:
+        flag = "" if diff <= TENSOR_TOLERANCE else "   MISMATCH"
+        print(f"{name:{width}s}  {diff:.3e}{flag}")
+    ok = worst <= TENSOR_TOLERANCE and probe_gap <= PROBE_TOLERANCE[dtype]
+    print(
+        f"{len(rows)} tensors, worst difference {worst:.3e}; probe log-prob gap {probe_gap:.3e} "
+        f"(tolerance {PROBE_TOLERANCE[dtype]:g}, {dtype}): {'OK' if ok else 'MISMATCH'}"
+    )
+    return ok
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2

@@ -1,0 +1,129 @@
+"""Hugging Face Qwen2.5-VL -> Megatron distributed checkpoint (torch_dist), loadable at any TP/PP layout.
+
+  python -m checkpoints_convert.hf_to_megatron --hf DIR --out DIR --tp N --pp M [--verify]
+
+Runs on tp * pp ranks: under torchrun as launched (multi-node: your torchrun line), or re-launched locally
+under torchrun when started as a plain command. Each rank reads only the HF tensors of its own shard, one at a
+time. The checkpoint appears at --out only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+MODULE = "checkpoints_convert.hf_to_megatron"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {MODULE}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--hf", required=True, help="HF model directory (config, safetensors, processor)")
+    parser.add_argument("--out", required=True, help="new (or empty) directory for the Megatron checkpoint")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--vpp", type=int, default=1, help="virtual pipeline stages (not supported yet: 1)")
+    parser.add_argument("--verify", action="store_true", help="reload and compare every tensor and probe log-probs")
+    return parser.parse_args(argv)
+
+
+def precheck(args) -> tuple[str, dict]:
+    """Everything that can be checked before starting ranks, so a bad input fails once, clearly."""
+    from checkpoints_convert.common import hf_family
+    from vppo_megatron.actor.checkpoint import check_output_dir
+    from vppo_megatron.parallel.layout import ParallelLayout
+
+    family, hf_config = hf_family(args.hf)
+    check_output_dir(args.out)
+    text = hf_config["text_config"]
+    ParallelLayout(tp=args.tp, pp=args.pp, vpp=args.vpp).validate(
+        args.tp * args.pp,
+        text["num_hidden_layers"],
+        text["num_attention_heads"],
+        text["num_key_value_heads"],
+        text["vocab_size"],
+    )
+    if args.vpp > 1:
+        raise ValueError("--vpp > 1 is not supported yet (the actor refuses interleaved pipelines)")
+    return family, hf_config
+
+
+def convert(args, hf_config: dict) -> int:
+    import torch.distributed as dist
+
+    from checkpoints_convert import common
+    from vppo_megatron.actor import checkpoint
+    from vppo_megatron.actor.engine import MegatronActor
+
+    dtype = common.dtype_of(hf_config)
+    cfg, groups = common.setup(args.tp, args.pp, hf_config, dtype)
+    start = time.perf_counter()
+    actor = MegatronActor(cfg, groups, args.hf, training=False)
+    layout = {"tp": args.tp, "pp": args.pp}
+    checkpoint.save(
+        actor.chunks,
+        args.out,
+        args.hf,
+        {"family": "qwen2_5_vl", "written_at": layout, "dtype": dtype, "optimizer": False, "step": 0},
+    )
+    if dist.get_rank() == 0:
+        print(f"wrote {args.out} at TP{args.tp} PP{args.pp} ({dtype}) in {time.perf_counter() - start:.1f}s")
+    ok = verify(args, cfg, groups, dtype) if args.verify else True
+    return 0 if ok else 1
+
+
+def verify(args, cfg, groups, dtype: str) -> bool:
+    """Reloads the written checkpoint into a fresh model; compares every tensor with the HF source and the
+    probe's log-probs with HF transformers."""
+    import torch
+    import torch.distributed as dist
+
+    from checkpoints_convert import common
+    from vppo_megatron.actor import checkpoint, weights
+    from vppo_megatron.actor.engine import MegatronActor
+
+    actor = MegatronActor(cfg, groups, args.hf, training=False, load_weights=False)
+    checkpoint.load(actor.chunks, args.out)
+    reader = weights.SafetensorsReader(args.hf)
+    rows = [
+        (name, (tensor.float() - reader.get(name).float()).abs().max().item()) for name, tensor in actor.hf_tensors()
+    ]
+    sample = common.probe_sample(args.hf)
+    ours = actor.experience([sample], step=0, with_perception=False).old_logp_BT[0]
+    everything = [None] * dist.get_world_size()
+    dist.all_gather_object(everything, rows)
+    if dist.get_rank() == 0:
+        reference = common.hf_probe_log_probs(args.hf, sample, dtype)
+        gap = (ours - reference).abs().max().item()
+        merged = dict(row for part in everything for row in part)
+        ok = common.report(sorted(merged.items()), gap, dtype)
+    else:
+        ok = True
+    flag = torch.tensor([int(ok)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def main(argv=None) -> int:
+    from checkpoints_convert.common import fail, relaunch_under_torchrun
+    from vppo_megatron.config import ConfigError
+
+    args = parse_args(argv)
+    try:
+        _, hf_config = precheck(args)
+    except (ConfigError, ValueError, FileExistsError, FileNotFoundError) as exc:
+        return fail(str(exc))
+    relaunch_under_torchrun(args.tp * args.pp, MODULE)
+    try:
+        return convert(args, hf_config)
+    except (KeyError, ValueError) as exc:
+        return fail(str(exc))
+
+
+if __name__ == "__main__":  # dist_checkpointing starts an mp.Manager: the guard is required
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""HF -> Megatron (TP2 PP2) -> HF round trip, loads at other layouts, and every bad input's error."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from vllm_greedy import vllm_greedy
+
+from vppo_megatron.actor.weights import SafetensorsReader
+from vppo_megatron.testing import run_distributed
+
+
+def _cli(module, *args, check=True):
+    proc = subprocess.run(
+        [sys.executable, "-m", f"checkpoints_convert.{module}", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tp2pp2_checkpoint(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "tp2pp2"
+    proc = _cli("hf_to_megatron", "--hf", tiny_model_dir, "--out", out, "--tp", 2, "--pp", 2, "--verify")
+    assert "worst difference 0.000e+00" in proc.stdout and ": OK" in proc.stdout
+    return out
+
+
+def test_checkpoint_is_complete_and_layout_independent(tp2pp2_checkpoint):
+    meta = json.loads((tp2pp2_checkpoint / "vppo_checkpoint.json").read_text())
+    assert meta["written_at"] == {"tp": 2, "pp": 2} and meta["optimizer"] is False
+    assert (tp2pp2_checkpoint / "hf" / "config.json").exists()
+    assert not list(tp2pp2_checkpoint.parent.glob(".*tmp-*"))  # the temporary directory was renamed
+
+
+@pytest.mark.slow
+def test_round_trip_is_bit_exact_and_serves_in_transformers_and_vllm(
+    tiny_model_dir, tp2pp2_checkpoint, tmp_path, tiny_processor
+):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    out = tmp_path / "hf"
+    proc = _cli("megatron_to_hf", "--megatron", tp2pp2_checkpoint, "--out", out, "--tp", 2, "--pp", 2, "--verify")
+    assert ": OK" in proc.stdout
+    original, exported = SafetensorsReader(tiny_model_dir), SafetensorsReader(out)
+    assert original.keys() == exported.keys()
+    for name in original.keys():
+        a, b = original.get(name), exported.get(name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name  # bit-exact
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many shapes?"}]}]
+    text = tiny_processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    import numpy as np
+    from PIL import Image
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (112, 112, 3), dtype=np.uint8))
+    inputs = tiny_processor(text=[text], images=[image], return_tensors="pt")
+    logits = []
+    for model_dir in (tiny_model_dir, out):
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir).eval()
+        with torch.no_grad():
+            logits.append(model(**inputs).logits)
+            greedy = model.generate(**inputs, do_sample=False, max_new_tokens=8, min_new_tokens=8)
+    assert torch.equal(logits[0], logits[1])
+    served = vllm_greedy(out, text, tmp_path)
+    assert served["ids"] == greedy[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def _probe_at_layout(rank, world_size, ckpt, layout):
+    from checkpoints_convert.common import probe_sample
+    from vppo_megatron.actor import checkpoint
+    from vppo_megatron.actor.engine import MegatronActor
+    from vppo_megatron.config import load
+    from vppo_megatron.parallel.layout import ParallelLayout, destroy, initialize
+
+    cfg = load(None, ["model.dtype=float32"])
+    actor = MegatronActor(
+        cfg, initialize(ParallelLayout(**layout), seed=0), f"{ckpt}/hf", training=False, load_weights=False
+    )
+    checkpoint.load(actor.chunks, ckpt)
+    log_probs = actor.experience([probe_sample(f"{ckpt}/hf")], step=0, with_perception=False).old_logp_BT
+    destroy()
+    return log_probs
+
+
+@pytest.mark.slow
+def test_tp2pp2_checkpoint_loads_at_tp1pp1_and_tp1pp2(tp2pp2_checkpoint):
+    (serial,) = run_distributed(_probe_at_layout, 1, str(tp2pp2_checkpoint), {})
+    pipelined = run_distributed(_probe_at_layout, 2, str(tp2pp2_checkpoint), {"pp": 2})
+    assert torch.equal(pipelined[0], serial) and torch.equal(pipelined[1], serial)  # the same ops, split by layer
+    assert (serial < 0).all()
+
+
+def _broken_copy(tiny_model_dir, tmp_path, mutate):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    tensors = load_file(broken / "model.safetensors")
+    mutate(tensors)
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    return broken
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), "checkpoint lacks model.layers.1.mlp.up_proj.weight"),
+        (
+            lambda t: t.update({"model.layers.0.extra.weight": torch.zeros(2)}),
+            "no rule maps checkpoint tensor model.layers.0.extra.weight",
+        ),
+    ],
+)
+def test_missing_and_unmapped_tensors_are_listed(tiny_model_dir, tmp_path, mutate, message):
+    broken = _broken_copy(tiny_model_dir, tmp_path, mutate)
+    proc = _cli("hf_to_megatron", "--hf", broken, "--out", tmp_path / "out", check=False)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_bad_inputs_get_clear_errors(tiny_model_dir, tp2pp2_checkpoint, tmp_path):
+    llama = tmp_path / "llama"
+    shutil.copytree(tiny_model_dir, llama)
+    config = json.loads((llama / "config.json").read_text())
+    (llama / "config.json").write_text(json.dumps(dict(config, model_type="llama")))
+    cases = [
+        (("hf_to_megatron", "--hf", llama, "--out", tmp_path / "a"), "model_type 'llama' is not a supported family"),
+        (
+            ("hf_to_megatron", "--hf", tiny_model_dir, "--out", tmp_path / "b", "--tp", 3),
+            "parallel.tp = 3 does not divide the model's num_attention_heads = 4",
+        ),
+        (
+            ("hf_to_megatron", "--hf", tiny_model_dir, "--out", tmp_path / "c", "--pp", 3),
+            "does not divide the model's num_hidden_layers = 2",
+        ),
+        (("hf_to_megatron", "--hf", tmp_path / "nothing", "--out", tmp_path / "d"), "has no config.json"),
+        (("hf_to_megatron", "--hf", tiny_model_dir, "--out", tp2pp2_checkpoint), "is not empty"),
+        (
+            ("megatron_to_hf", "--megatron", tiny_model_dir, "--out", tmp_path / "e"),
+            "is not a complete vppo-megatron checkpoint",
+        ),
+    ]
+    for args, message in cases:
+        proc = _cli(*args, check=False)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr[-2000:])
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(tp2pp2_checkpoint, incomplete)
+    (incomplete / "metadata.json").unlink()  # megatron's own metadata: an interrupted or truncated copy
+    proc = _cli("megatron_to_hf", "--megatron", incomplete, "--out", tmp_path / "f", check=False)
+    assert proc.returncode == 2 and "is incomplete" in proc.stderr
