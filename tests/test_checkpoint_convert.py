@@ -52,7 +52,7 @@ def test_round_trip_is_bit_exact_and_serves_in_transformers_and_vllm(
     assert ": OK" in proc.stdout
     original, exported = SafetensorsReader(tiny_model_dir), SafetensorsReader(out)
     assert original.keys() == exported.keys()
-    for name in original.keys():
+    for name in sorted(original.keys()):
         a, b = original.get(name), exported.get(name)
         assert a.dtype == b.dtype and torch.equal(a, b), name  # bit-exact
 
