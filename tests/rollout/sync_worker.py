@@ -1,0 +1,112 @@
+"""Trainer ranks of the weight-sync test: a TP=2 Megatron actor whose weights change, synced to a live engine."""
+
+import numpy as np
+import torch
+
+
+def probe_samples(model_dir):
+    from transformers import AutoProcessor
+
+    from vppo_megatron.types import ActorSample
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    rng = np.random.default_rng(3)
+    samples, texts = [], []
+    for i in range(3):
+        image = rng.integers(0, 256, (56 + 28 * i, 84, 3), dtype=np.uint8)
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"What is {i}?"}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompt_ids = processor(text=[text], images=[image], return_tensors="pt")["input_ids"][0].tolist()
+        samples.append(ActorSample(f"p{i}", prompt_ids, rng.integers(10, 700, 6 + i).tolist(), [image]))
+        texts.append(text)
+    return samples, texts
+
+
+def sync_rank(rank, world_size, model_dir, ray_address, overrides):
+    import zlib
+
+    from vppo_megatron.actor.engine import MegatronActor
+    from vppo_megatron.config import load
+    from vppo_megatron.parallel.layout import ParallelLayout, destroy, initialize
+    from vppo_megatron.sync.weight_sync import WeightSync
+
+    cfg = load(None, ["model.dtype=float32", "rollout.sync_bucket_mb=1", *overrides])
+    groups = initialize(ParallelLayout(tp=2), seed=1)
+    actor = MegatronActor(cfg, groups, model_dir, training=False)
+    fleet = None
+    if rank == 0:
+        from vppo_megatron.rollout.fleet import RolloutFleet, connect
+
+        connect(ray_address)
+        fleet = RolloutFleet(cfg, model_dir, start=False)
+    sync = WeightSync(cfg, actor, fleet)
+    samples, texts = probe_samples(model_dir)
+    before = (
+        fleet.sequence_log_probs(
+            [{"prompt": t, "images": s.images, "response_ids": s.response_ids} for s, t in zip(samples, texts)]
+        )
+        if fleet
+        else None
+    )
+    with torch.no_grad():  # "training": a deterministic change, identical on both TP ranks for replicated tensors
+        for name, param in actor.chunks[0].named_parameters():
+            # TP-sharded tensors: each rank changes its own slice; replicated ones change identically on both
+            shard = groups.tp_rank if getattr(param, "tensor_model_parallel", False) else "replicated"
+            generator = torch.Generator().manual_seed(zlib.crc32(f"{name}/{shard}".encode()))
+            param.add_(0.2 * torch.randn(param.shape, generator=generator) * param.abs().mean().clamp_min(1e-3))
+    metrics = sync.push()
+    probe = sync.probe(samples, texts)
+    versions = fleet.versions() if fleet else None
+    after = (
+        fleet.sequence_log_probs(
+            [{"prompt": t, "images": s.images, "response_ids": s.response_ids} for s, t in zip(samples, texts)]
+        )
+        if fleet
+        else None
+    )
+    sync.close()
+    destroy()
+    return {"metrics": metrics, "probe": probe, "versions": versions, "before": before, "after": after}
+
+
+def failing_sync_rank(rank, world_size, model_dir, ray_address):
+    """A good sync (version 1), then a sync whose bucket the engine rejects: engines must stay on version 1."""
+    from vppo_megatron.actor.engine import MegatronActor
+    from vppo_megatron.config import load
+    from vppo_megatron.parallel.layout import ParallelLayout, destroy, initialize
+    from vppo_megatron.sync.weight_sync import SyncError, WeightSync
+
+    cfg = load(None, ["model.dtype=float32", "rollout.sync_bucket_mb=1"])
+    groups = initialize(ParallelLayout(tp=2), seed=1)
+    actor = MegatronActor(cfg, groups, model_dir, training=False)
+    fleet = None
+    if rank == 0:
+        from vppo_megatron.rollout.fleet import RolloutFleet, connect
+
+        connect(ray_address)
+        fleet = RolloutFleet(cfg, model_dir, start=False)
+    sync = WeightSync(cfg, actor, fleet)
+    samples, texts = probe_samples(model_dir)
+    sequences = [{"prompt": t, "images": s.images, "response_ids": s.response_ids} for s, t in zip(samples, texts)]
+    sync.push()
+    good = fleet.sequence_log_probs(sequences) if fleet else None
+    with torch.no_grad():
+        for param in actor.chunks[0].parameters():
+            param.mul_(1.5)
+    real = actor.hf_tensors
+
+    def with_bogus_tensor():
+        yield from real()
+        yield "model.layers.0.self_attn.bogus.weight", torch.zeros(2)
+
+    actor.hf_tensors = with_bogus_tensor
+    message = None
+    try:
+        sync.push()
+    except SyncError as exc:
+        message = str(exc)
+    after = fleet.sequence_log_probs(sequences) if fleet else None
+    versions = fleet.versions() if fleet else None
+    sync.close()
+    destroy()
+    return {"message": message, "versions": versions, "good": good, "after": after}

