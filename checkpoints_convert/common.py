@@ -134,3 +134,45 @@ def report(rows: list[tuple[str, float]], probe_gap: float, dtype: str) -> bool:
 def fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
+
+
+def verify(actor, hf_dir: str | Path, dtype: str) -> bool:
+    """Every tensor of the (loaded) actor against the HF directory's safetensors, and the probe's log-probs
+    against HF transformers on that directory; prints the report on rank 0; the verdict on every rank."""
+    import torch
+    import torch.distributed as dist
+
+    from vppo_megatron.actor import weights
+
+    reader = weights.SafetensorsReader(hf_dir)
+    rows = [
+        (name, (tensor.float() - reader.get(name).float()).abs().max().item()) for name, tensor in actor.hf_tensors()
+    ]
+    sample = probe_sample(hf_dir)
+    ours = actor.experience([sample], step=0, with_perception=False).old_logp_BT[0]
+    everything = [None] * dist.get_world_size()
+    dist.all_gather_object(everything, rows)
+    ok = True
+    if dist.get_rank() == 0:
+        gap = (ours - hf_probe_log_probs(hf_dir, sample, dtype)).abs().max().item()
+        merged = dict(row for part in everything for row in part)
+        ok = report(sorted(merged.items()), gap, dtype) and set(merged) == reader.keys()
+    flag = torch.tensor([int(ok)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def run_cli(module: str, args, precheck, work) -> int:
+    """Checks inputs once, re-launches under torchrun if needed, runs `work(args, *prechecked)`; errors are one
+    clear line and exit code 2."""
+    from vppo_megatron.config import ConfigError
+
+    try:
+        prechecked = precheck(args)
+    except (ConfigError, ValueError, FileExistsError, FileNotFoundError) as exc:
+        return fail(str(exc))
+    relaunch_under_torchrun(args.tp * args.pp, module)
+    try:
+        return work(args, *prechecked)
+    except (KeyError, ValueError) as exc:
+        return fail(str(exc))

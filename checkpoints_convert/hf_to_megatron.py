@@ -78,51 +78,20 @@ def convert(args, hf_config: dict) -> int:
 
 
 def verify(args, cfg, groups, dtype: str) -> bool:
-    """Reloads the written checkpoint into a fresh model; compares every tensor with the HF source and the
-    probe's log-probs with HF transformers."""
-    import torch
-    import torch.distributed as dist
-
+    """Reloads the written checkpoint into a fresh model and compares it with the HF source."""
     from checkpoints_convert import common
-    from vppo_megatron.actor import checkpoint, weights
+    from vppo_megatron.actor import checkpoint
     from vppo_megatron.actor.engine import MegatronActor
 
     actor = MegatronActor(cfg, groups, args.hf, training=False, load_weights=False)
     checkpoint.load(actor.chunks, args.out)
-    reader = weights.SafetensorsReader(args.hf)
-    rows = [
-        (name, (tensor.float() - reader.get(name).float()).abs().max().item()) for name, tensor in actor.hf_tensors()
-    ]
-    sample = common.probe_sample(args.hf)
-    ours = actor.experience([sample], step=0, with_perception=False).old_logp_BT[0]
-    everything = [None] * dist.get_world_size()
-    dist.all_gather_object(everything, rows)
-    if dist.get_rank() == 0:
-        reference = common.hf_probe_log_probs(args.hf, sample, dtype)
-        gap = (ours - reference).abs().max().item()
-        merged = dict(row for part in everything for row in part)
-        ok = common.report(sorted(merged.items()), gap, dtype)
-    else:
-        ok = True
-    flag = torch.tensor([int(ok)])
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    return common.verify(actor, args.hf, dtype)
 
 
 def main(argv=None) -> int:
-    from checkpoints_convert.common import fail, relaunch_under_torchrun
-    from vppo_megatron.config import ConfigError
+    from checkpoints_convert.common import run_cli
 
-    args = parse_args(argv)
-    try:
-        _, hf_config = precheck(args)
-    except (ConfigError, ValueError, FileExistsError, FileNotFoundError) as exc:
-        return fail(str(exc))
-    relaunch_under_torchrun(args.tp * args.pp, MODULE)
-    try:
-        return convert(args, hf_config)
-    except (KeyError, ValueError) as exc:
-        return fail(str(exc))
+    return run_cli(MODULE, parse_args(argv), precheck, lambda args, family, hf_config: convert(args, hf_config))
 
 
 if __name__ == "__main__":  # dist_checkpointing starts an mp.Manager: the guard is required

@@ -117,48 +117,13 @@ def export(args, meta: dict, hf_files: Path, hf_config: dict) -> int:
         elapsed = time.perf_counter() - start
         print(f"wrote {len(merged)} tensors ({total / 2**20:.1f} MiB) to {args.out} in {elapsed:.1f}s")
     checkpoint.publish(tmp, args.out)
-    return 0 if not args.verify or verify(args, actor, groups, dtype) else 1
-
-
-def verify(args, actor, groups, dtype: str) -> bool:
-    import torch
-    import torch.distributed as dist
-
-    from checkpoints_convert import common
-    from vppo_megatron.actor import weights
-
-    reader = weights.SafetensorsReader(args.out)
-    rows = [
-        (name, (tensor.float() - reader.get(name).float()).abs().max().item()) for name, tensor in actor.hf_tensors()
-    ]
-    sample = common.probe_sample(args.out)
-    ours = actor.experience([sample], step=0, with_perception=False).old_logp_BT[0]
-    everything = [None] * dist.get_world_size()
-    dist.all_gather_object(everything, rows)
-    ok = True
-    if dist.get_rank() == 0:
-        gap = (ours - common.hf_probe_log_probs(args.out, sample, dtype)).abs().max().item()
-        merged = dict(row for part in everything for row in part)
-        ok = common.report(sorted(merged.items()), gap, dtype) and set(merged) == reader.keys()
-    flag = torch.tensor([int(ok)])
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    return 0 if not args.verify or common.verify(actor, args.out, dtype) else 1
 
 
 def main(argv=None) -> int:
-    from checkpoints_convert.common import fail, relaunch_under_torchrun
-    from vppo_megatron.config import ConfigError
+    from checkpoints_convert.common import run_cli
 
-    args = parse_args(argv)
-    try:
-        meta, hf_files, hf_config = precheck(args)
-    except (ConfigError, ValueError, FileExistsError, FileNotFoundError) as exc:
-        return fail(str(exc))
-    relaunch_under_torchrun(args.tp * args.pp, MODULE)
-    try:
-        return export(args, meta, hf_files, hf_config)
-    except (KeyError, ValueError) as exc:
-        return fail(str(exc))
+    return run_cli(MODULE, parse_args(argv), precheck, export)
 
 
 if __name__ == "__main__":  # dist_checkpointing may start an mp.Manager: the guard is required

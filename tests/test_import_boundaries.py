@@ -20,6 +20,8 @@ LAYERS = {
     "actor": 3,
     "rollout": 3,
     "sync": 4,
+    "batch": 4,
+    "metrics": 0,
     "train": 5,
     "cli": 5,
 }

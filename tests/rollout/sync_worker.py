@@ -22,12 +22,11 @@ def probe_samples(model_dir):
     return samples, texts
 
 
-def sync_rank(rank, world_size, model_dir, ray_address, overrides):
-    import zlib
-
+def _trainer(rank, model_dir, ray_address, overrides=()):
+    """A TP=2 actor on every rank; the fleet (attached to the running engine) on rank 0; the weight sync."""
     from vppo_megatron.actor.engine import MegatronActor
     from vppo_megatron.config import load
-    from vppo_megatron.parallel.layout import ParallelLayout, destroy, initialize
+    from vppo_megatron.parallel.layout import ParallelLayout, initialize
     from vppo_megatron.sync.weight_sync import WeightSync
 
     cfg = load(None, ["model.dtype=float32", "rollout.sync_bucket_mb=1", *overrides])
@@ -39,7 +38,15 @@ def sync_rank(rank, world_size, model_dir, ray_address, overrides):
 
         connect(ray_address)
         fleet = RolloutFleet(cfg, model_dir, start=False)
-    sync = WeightSync(cfg, actor, fleet)
+    return actor, groups, fleet, WeightSync(cfg, actor, fleet)
+
+
+def sync_rank(rank, world_size, model_dir, ray_address, overrides):
+    import zlib
+
+    from vppo_megatron.parallel.layout import destroy
+
+    actor, groups, fleet, sync = _trainer(rank, model_dir, ray_address, overrides)
     samples, texts = probe_samples(model_dir)
     before = (
         fleet.sequence_log_probs(
@@ -71,21 +78,10 @@ def sync_rank(rank, world_size, model_dir, ray_address, overrides):
 
 def failing_sync_rank(rank, world_size, model_dir, ray_address):
     """A good sync (version 1), then a sync whose bucket the engine rejects: engines must stay on version 1."""
-    from vppo_megatron.actor.engine import MegatronActor
-    from vppo_megatron.config import load
-    from vppo_megatron.parallel.layout import ParallelLayout, destroy, initialize
-    from vppo_megatron.sync.weight_sync import SyncError, WeightSync
+    from vppo_megatron.parallel.layout import destroy
+    from vppo_megatron.sync.weight_sync import SyncError
 
-    cfg = load(None, ["model.dtype=float32", "rollout.sync_bucket_mb=1"])
-    groups = initialize(ParallelLayout(tp=2), seed=1)
-    actor = MegatronActor(cfg, groups, model_dir, training=False)
-    fleet = None
-    if rank == 0:
-        from vppo_megatron.rollout.fleet import RolloutFleet, connect
-
-        connect(ray_address)
-        fleet = RolloutFleet(cfg, model_dir, start=False)
-    sync = WeightSync(cfg, actor, fleet)
+    actor, _, fleet, sync = _trainer(rank, model_dir, ray_address)
     samples, texts = probe_samples(model_dir)
     sequences = [{"prompt": t, "images": s.images, "response_ids": s.response_ids} for s, t in zip(samples, texts)]
     sync.push()

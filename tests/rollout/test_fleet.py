@@ -81,6 +81,70 @@ def test_failed_sync_leaves_engines_on_the_old_version_and_says_so(fleet, tiny_m
     assert gap <= 1e-5, "the engine must answer with version 1's weights, not a half-loaded version 2"
 
 
+def test_two_vppo_steps_end_to_end_with_torchrun_tp2(fleet, tiny_model_dir, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import ray
+
+    from vppo_megatron.data.synthetic import write_dataset
+
+    write_dataset(tmp_path / "data", ["count_shapes"], num_train=16, num_val=4, seed=0)
+    out = tmp_path / "run"
+    overrides = [
+        f"model.path={tiny_model_dir}",
+        f"data.train_files=[{tmp_path / 'data' / 'train.parquet'}]",
+        f"data.val_files=[{tmp_path / 'data' / 'validation.parquet'}]",
+        "trainer.total_steps=2",
+        "trainer.prompts_per_step=2",
+        "trainer.prompts_per_update=1",
+        "trainer.micro_batch_size=4",
+        "rollout.num_samples_per_prompt=4",
+        "rollout.max_response_length=12",
+        "rollout.val_num_samples=1",
+        "trainer.val_every=0",
+        "trainer.val_prompts=4",
+        f"trainer.output_dir={out}",
+        # a random model solves nothing: keep every group, and let the entropy term move the weights
+        "algorithm.dynamic_sampling=false",
+        "algorithm.entropy_coef=0.06",
+        "logging.tensorboard=true",
+    ]
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "vppo_megatron.train",
+            "--config",
+            "examples/configs/tiny_cpu.yaml",
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "actor/grad_norm" in r]
+    assert [r["step"] for r in steps] == [0, 1]
+    for r in steps:
+        assert r["actor/grad_norm"] > 0 and r["actor/update_ok"] == 1.0  # the weights changed
+        assert 0 < r["vppo/selected_fraction"] < 1  # TGF kept ~40% of the tokens
+        assert r["time/perception_fraction"] > 0
+    # one initial sync, then one per step: the engine serves version 3
+    assert [r["sync/version"] for r in steps] == [2.0, 3.0] and fleet.versions() == [3]
+    assert "val/accuracy" in rows[-1] and (out / "accuracy.png").exists()
+    assert list((out / "tensorboard").iterdir())
+
+
 def test_killed_engine_is_restarted_and_results_are_complete(fleet, tiny_processor):
     import ray
 

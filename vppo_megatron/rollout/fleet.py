@@ -79,6 +79,15 @@ class RolloutFleet:
             self._start(i)
         ray.get([e.ready.remote() for e in self.engines], timeout=STARTUP_TIMEOUT_S)
 
+    @classmethod
+    def create_or_attach(cls, cfg: Config, model_dir: str, **kwargs) -> RolloutFleet:
+        """Attaches to running engines of this name (a long-lived fleet, tests) or starts them."""
+        try:
+            ray.get_actor(f"{kwargs.get('name', 'vppo-engine')}-0")
+        except ValueError:
+            return cls(cfg, model_dir, **kwargs)
+        return cls(cfg, model_dir, start=False, **kwargs)
+
     # ------------------------------------------------------------------------------------ lifecycle
 
     def _bundles(self) -> list[dict]:
@@ -101,7 +110,9 @@ class RolloutFleet:
                 num_cpus=1,
                 num_gpus=num_gpus,
                 max_restarts=0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True
+                ),
             )
             .remote(self.model_dir, **kwargs)
         )
@@ -131,6 +142,16 @@ class RolloutFleet:
         """Calls `method` on every engine concurrently; raises (never hangs) if any call fails or times out."""
         futures = [getattr(e, method).remote(*args) for e in self.engines]
         return ray.get(futures, timeout=timeout_s or self.timeout_s)
+
+    def call_one(self, i: int, method: str, *args):
+        return ray.get(getattr(self.engines[i], method).remote(*args), timeout=self.timeout_s)
+
+    def submit_each(self, method: str, args_per_engine: list[tuple]) -> list:
+        """Starts `method` on every engine with its own arguments; `wait` collects the results."""
+        return [getattr(e, method).remote(*args) for e, args in zip(self.engines, args_per_engine)]
+
+    def wait(self, futures: list) -> list:
+        return ray.get(futures, timeout=self.timeout_s)
 
     def versions(self) -> list[int]:
         return self.call_all("policy_version")

@@ -156,14 +156,11 @@ class WeightSync:
 
     def _resync_engine(self, i: int) -> None:
         """Loads the last good version (the snapshot) into engine i (after a restart or a failed sync)."""
-        import ray
-
-        engine = self.fleet.engines[i]
         if not self.snapshot:  # version 0 is the checkpoint the engines were started from
-            ray.get(engine.reload_from_disk.remote(), timeout=self.fleet.timeout_s)
+            self.fleet.call_one(i, "reload_from_disk")
         for bucket in self.snapshot:
-            ray.get(engine.load_shared.remote(bucket.path, bucket.manifest), timeout=self.fleet.timeout_s)
-        ray.get(engine.finish_sync.remote(self.version), timeout=self.fleet.timeout_s)
+            self.fleet.call_one(i, "load_shared", bucket.path, bucket.manifest)
+        self.fleet.call_one(i, "finish_sync", self.version)
 
     def _delete(self, bucket_list: list[SharedBucket]) -> None:
         for bucket in bucket_list:
@@ -287,8 +284,6 @@ class WeightSync:
     def _send_gpu_bucket(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
         if self.fleet is None:
             return
-        import ray
-
         if self.transport == "cuda_ipc":
             from torch.multiprocessing.reductions import reduce_tensor
 
@@ -297,23 +292,20 @@ class WeightSync:
             torch.cuda.ipc_collect()
             return
         manifest = [(name, str(t.dtype).removeprefix("torch."), list(t.shape)) for name, t in bucket]
-        futures = [engine.load_nccl.remote(manifest) for engine in self.fleet.engines]
+        futures = self.fleet.submit_each("load_nccl", [(manifest,)] * len(self.fleet.engines))
         for _, tensor in bucket:
             self._nccl.broadcast(tensor.contiguous(), src=0, stream=torch.cuda.current_stream())
-        ray.get(futures, timeout=self.fleet.timeout_s)
+        self.fleet.wait(futures)
 
     def _init_nccl(self) -> None:
         """Trainer rank 0 is NCCL rank 0; engine i's workers take ranks 1 + i * tp ... (distinct per engine)."""
-        import ray
-        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-        from vllm.distributed.utils import StatelessProcessGroup, get_ip, get_open_port
+        from vppo_megatron.rollout.nccl import rendezvous_address, trainer_communicator
 
         tp = self.cfg.rollout.tensor_parallel_size
         world = 1 + len(self.fleet.engines) * tp
-        address, port = get_ip(), get_open_port()
-        futures = [
-            engine.init_nccl.remote(address, port, 1 + i * tp, world) for i, engine in enumerate(self.fleet.engines)
-        ]
-        group = StatelessProcessGroup.create(host=address, port=port, rank=0, world_size=world)
-        self._nccl = PyNcclCommunicator(group, device=torch.cuda.current_device())
-        ray.get(futures, timeout=self.fleet.timeout_s)
+        address, port = rendezvous_address()
+        futures = self.fleet.submit_each(
+            "init_nccl", [(address, port, 1 + i * tp, world) for i in range(len(self.fleet.engines))]
+        )
+        self._nccl = trainer_communicator(address, port, world)  # blocks until every worker joined
+        self.fleet.wait(futures)

@@ -1,0 +1,87 @@
+"""Stages 1-2 on trainer rank 0: rollouts, rewards and dynamic sampling until the step's batch is full.
+
+DAPO's dynamic sampling keeps a prompt group only if its mean accuracy is strictly inside
+(accuracy_low, accuracy_high): all-correct and all-wrong groups have zero advantage. New prompts are drawn and
+sampled until `trainer.prompts_per_step` groups are kept or `algorithm.max_sampling_tries` rounds have run; the
+step then trains on what it has (counted in `rollout/kept_groups`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vppo_megatron.types import PromptSample, RolloutResult
+
+
+@dataclass
+class Group:
+    """One prompt and its n scored rollouts."""
+
+    prompt: PromptSample
+    rollouts: list[RolloutResult]
+    rewards: list[float]
+    accuracies: list[float]
+
+
+def score(groups_results, prompts: list[PromptSample], reward_fn) -> list[Group]:
+    out = []
+    for prompt, results in zip(prompts, groups_results):
+        scores = [reward_fn(r.text, prompt.answer) for r in results]
+        out.append(Group(prompt, results, [s["overall"] for s in scores], [s["accuracy"] for s in scores]))
+    return out
+
+
+def collect(fleet, loader, cfg, step: int, reward_fn) -> tuple[list[Group], dict[str, float]]:
+    r, a = cfg.rollout, cfg.algorithm
+    dynamic = a.dynamic_sampling and a.name != "grpo"
+    kept: list[Group] = []
+    seen, tries, metrics = 0, 0, {}
+    accuracy_sum, responses = 0.0, 0
+    while len(kept) < cfg.trainer.prompts_per_step and tries < a.max_sampling_tries:
+        prompts = loader.next_batch()
+        seed = cfg.trainer.seed * 1_000_003 + step * 1_009 + tries * 101  # distinct per (seed, step, round)
+        results, metrics = fleet.generate(
+            prompts,
+            n=r.num_samples_per_prompt,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            max_tokens=r.max_response_length,
+            seed=seed,
+        )
+        for group in score(results, prompts, reward_fn):
+            mean = sum(group.accuracies) / len(group.accuracies)
+            accuracy_sum += sum(group.accuracies)
+            responses += len(group.accuracies)
+            if not dynamic or a.accuracy_low < mean < a.accuracy_high:
+                kept.append(group)
+        seen += len(prompts)
+        tries += 1
+        if not dynamic:
+            break
+    kept = kept[: cfg.trainer.prompts_per_step]
+    metrics = dict(
+        metrics,
+        **{
+            "reward/accuracy": accuracy_sum / max(responses, 1),
+            "rollout/kept_groups": float(len(kept)),
+            "rollout/sampled_prompts": float(seen),
+            "rollout/sampling_rounds": float(tries),
+        },
+    )
+    return kept, metrics
+
+
+def validate(fleet, samples: list[PromptSample], cfg, reward_fn) -> dict[str, float]:
+    """avg@k accuracy on validation prompts (rollout.val_num_samples samples at the validation temperature)."""
+    r = cfg.rollout
+    results, _ = fleet.generate(
+        samples,
+        n=r.val_num_samples,
+        temperature=r.val_temperature,
+        top_p=r.val_top_p,
+        max_tokens=r.max_response_length,
+        seed=cfg.trainer.seed,
+    )
+    groups = score(results, samples, reward_fn)
+    accuracies = [acc for g in groups for acc in g.accuracies]
+    return {"val/accuracy": sum(accuracies) / max(len(accuracies), 1), "val/prompts": float(len(samples))}

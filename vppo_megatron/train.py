@@ -1,0 +1,168 @@
+"""The VPPO trainer: a table of contents. One call per stage of a step (DESIGN.md data flow):
+
+    rollout -> reward -> dynamic sampling -> experience (dual pass) -> advantages + TAS -> TGF -> updates -> sync
+
+    torchrun --nproc-per-node N -m vppo_megatron.train --config examples/configs/tiny_cpu.yaml [key=value ...]
+    python -m vppo_megatron.train --config X --dry-run     # validate at the target world size, print the layout
+
+Trainer rank 0 drives the vLLM fleet on Ray (RAY_ADDRESS joins a running cluster; otherwise a local one).
+`algorithm.name` selects vppo, dapo or grpo; the baselines run through the same code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="vppo train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--dry-run", action="store_true", help="validate for parallel.world_size and exit")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algorithm.token_fraction=0.4")
+    return parser.parse_args(argv)
+
+
+def dry_run(cfg) -> int:
+    from vppo_megatron.parallel.layout import ParallelLayout
+
+    world = cfg.parallel.world_size
+    cfg.validate(world, check_host=False)
+    layout = ParallelLayout.from_config(cfg.parallel, world)
+    updates = cfg.trainer.prompts_per_step // cfg.trainer.prompts_per_update
+    print(
+        f"config OK for {world} ranks: TP={layout.tp} PP={layout.pp} CP={layout.cp} DP={layout.dp} "
+        f"VPP={layout.vpp}; {cfg.trainer.prompts_per_step} prompts x {cfg.rollout.num_samples_per_prompt} "
+        f"rollouts per step, {updates} optimizer steps per rollout step; {cfg.rollout.num_engines} vLLM "
+        f"engines (TP {cfg.rollout.tensor_parallel_size}, {cfg.rollout.placement})"
+    )
+    return 0
+
+
+def build(cfg):
+    """Every component of a run, on every rank (the fleet and the data loaders on rank 0 only)."""
+    import torch.distributed as dist
+    from transformers import AutoProcessor
+
+    from vppo_megatron.actor.engine import MegatronActor
+    from vppo_megatron.data.dataset import PromptDataset, PromptLoader
+    from vppo_megatron.metrics import MetricsLogger
+    from vppo_megatron.parallel.layout import ParallelLayout, init_distributed, initialize
+    from vppo_megatron.reward.loading import load_reward_function
+    from vppo_megatron.sync.weight_sync import WeightSync
+
+    init_distributed()
+    cfg.validate(dist.get_world_size())
+    groups = initialize(ParallelLayout.from_config(cfg.parallel, dist.get_world_size()), cfg.trainer.seed)
+    actor = MegatronActor(cfg, groups, cfg.model.path)
+    run = {"cfg": cfg, "groups": groups, "actor": actor, "fleet": None}
+    if dist.get_rank() == 0:
+        from vppo_megatron.rollout.fleet import RolloutFleet, connect
+
+        processor = AutoProcessor.from_pretrained(cfg.model.path)
+        ip = processor.image_processor
+        train = PromptDataset(cfg.data.train_files, cfg.data, processor.tokenizer, ip.patch_size, ip.merge_size)
+        val = PromptDataset(cfg.data.val_files, cfg.data, processor.tokenizer, ip.patch_size, ip.merge_size)
+        run["loader"] = PromptLoader(train, cfg.trainer.prompts_per_step, cfg.trainer.seed, cfg.data.shuffle)
+        val_count = cfg.trainer.val_prompts or len(val)
+        run["val_samples"] = val.samples(list(range(min(val_count, len(val)))))
+        run["reward_fn"] = load_reward_function(cfg.algorithm.reward_function)
+        run["logger"] = MetricsLogger(cfg, Path(cfg.trainer.output_dir))
+        connect()
+        run["fleet"] = RolloutFleet.create_or_attach(cfg, cfg.model.path)
+    run["sync"] = WeightSync(cfg, actor, run["fleet"])
+    run["sync"].push()  # engines serve exactly the actor's weights from the first rollout on
+    return run
+
+
+def train_step(run, step: int) -> dict[str, float]:
+    import torch
+    import torch.distributed as dist
+
+    from vppo_megatron import batch as batching
+    from vppo_megatron.algo.pipeline import advantages_and_mask
+    from vppo_megatron.rollout.collect import collect
+
+    cfg, groups, actor = run["cfg"], run["groups"], run["actor"]
+    start, metrics = time.perf_counter(), {}
+    kept = None
+    if dist.get_rank() == 0:
+        kept, metrics = collect(run["fleet"], run["loader"], cfg, step, run["reward_fn"])  # stages 1-2
+    data = batching.shard(batching.broadcast_groups(kept), groups.dp_rank, groups.layout.dp)
+    metrics["time/rollout_s"] = time.perf_counter() - start
+    if not data.samples:
+        return dict(metrics, **{"actor/skipped_step": 1.0})
+    tick = time.perf_counter()
+    experience = actor.experience(data.samples, step, with_perception=cfg.algorithm.name == "vppo")  # stage 3
+    metrics["time/experience_s"] = time.perf_counter() - tick
+    groups_per_update = max(1, cfg.trainer.prompts_per_update // groups.layout.dp)
+    for rows in batching.mini_batches(data, groups_per_update):  # stages 4-6, one optimizer step each
+        count = rows.stop - rows.start
+        micro_ids = torch.arange(count) // cfg.trainer.micro_batch_size
+        advantage, mask, shaping_metrics = advantages_and_mask(
+            cfg.algorithm,
+            data.reward_B[rows],
+            data.group_ids_B[rows],
+            experience.dependency_BT[rows],
+            experience.entropy_BT[rows],
+            experience.response_mask_BT[rows],
+            micro_ids,
+            seed=cfg.trainer.seed * 7919 + step,
+            dp_group=groups.dp,
+        )
+        metrics.update(shaping_metrics)
+        metrics.update(
+            actor.update(
+                data.samples[rows], experience.old_logp_BT[rows], advantage, mask, experience.dependency_BT[rows]
+            )
+        )
+    metrics["time/update_s"] = time.perf_counter() - tick - metrics["time/experience_s"]
+    metrics.update(run["sync"].push())  # stage 7
+    metrics["time/step_s"] = time.perf_counter() - start
+    metrics["time/perception_fraction"] = metrics["time/experience_s"] / metrics["time/step_s"]
+    return metrics
+
+
+def evaluate(run) -> dict[str, float]:
+    from vppo_megatron.rollout.collect import validate
+
+    return validate(run["fleet"], run["val_samples"], run["cfg"], run["reward_fn"]) if run["fleet"] else {}
+
+
+def main(argv=None) -> int:
+    from vppo_megatron.config import ConfigError, load
+
+    args = parse_args(argv)
+    try:
+        cfg = load(args.config, args.overrides)
+        if args.dry_run:
+            return dry_run(cfg)
+    except ConfigError as exc:
+        print(f"vppo train: error: {exc}", file=sys.stderr)
+        return 2
+    run = build(cfg)
+    t = cfg.trainer
+    for step in range(t.total_steps):
+        metrics = evaluate(run) if t.val_every and step % t.val_every == 0 else {}
+        metrics.update(train_step(run, step))
+        if run["fleet"] is not None:
+            run["logger"].log(step, metrics)
+    if run["fleet"] is not None:
+        final = evaluate(run)
+        run["logger"].log(t.total_steps, final)
+        curve = run["logger"].plot(Path(t.output_dir) / "accuracy.png")
+        print(f"metrics: {run['logger'].path}\ncurve: {curve}", flush=True)
+    run["sync"].close()
+    return 0
+
+
+if __name__ == "__main__":  # vLLM and dist_checkpointing spawn processes: the guard is required
+    sys.exit(main())
