@@ -19,7 +19,6 @@ from pathlib import Path
 def _convert(rank, world_size, hf_dir, work_dir, repeats):
     import shutil
 
-    from checkpoints_convert.megatron_to_hf import _write_stage
     from vppo_megatron.actor import checkpoint
     from vppo_megatron.actor.engine import MegatronActor
     from vppo_megatron.config import load
@@ -39,7 +38,7 @@ def _convert(rank, world_size, hf_dir, work_dir, repeats):
         checkpoint.load(fresh.chunks, out)
         export = Path(work_dir) / f"hf{i}"
         export.mkdir()
-        _write_stage(fresh.hf_tensors(), export, 0, 2**32)
+        checkpoint.write_hf_shards(fresh.hf_tensors(), export, 0, 2**32)
         to_hf.append(time.perf_counter() - start)
         shutil.rmtree(out)
         shutil.rmtree(export)

@@ -11,7 +11,6 @@ pipeline stage writes its own safetensors shards, gathering one tensor at a time
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -59,33 +58,8 @@ def precheck(args) -> tuple[dict, Path, dict]:
     return meta, hf_files, hf_config
 
 
-def _write_stage(tensors, out_dir: Path, stage: int, max_bytes: int) -> dict[str, str]:
-    """Writes (name, tensor) pairs into size-bounded safetensors files; returns name -> file name."""
-    from safetensors.torch import save_file
-
-    weight_map, pending, size, part = {}, {}, 0, 0
-
-    def flush():
-        nonlocal pending, size, part
-        if pending:
-            file_name = f"model-stage{stage:03d}-{part:05d}.safetensors"
-            save_file(pending, str(out_dir / file_name), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(pending, file_name))
-            pending, size, part = {}, 0, part + 1
-
-    for name, tensor in tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if pending and size + nbytes > max_bytes:
-            flush()
-        pending[name] = tensor.contiguous()
-        size += nbytes
-    flush()
-    return weight_map
-
-
 def export(args, meta: dict, hf_files: Path, hf_config: dict) -> int:
     import torch.distributed as dist
-    from tqdm import tqdm
 
     from checkpoints_convert import common
     from vppo_megatron.actor import checkpoint
@@ -96,27 +70,10 @@ def export(args, meta: dict, hf_files: Path, hf_config: dict) -> int:
     start = time.perf_counter()
     actor = MegatronActor(cfg, groups, str(hf_files), training=False, load_weights=False)
     checkpoint.load(actor.chunks, args.megatron)
-    tmp = checkpoint.atomic_directory(args.out)
-    writer = groups.tp_rank == 0 and groups.dp_rank == 0 and groups.cp_rank == 0
-    tensors = actor.hf_tensors()  # a TP collective: every rank walks it
-    if writer:
-        tensors = tqdm(tensors, desc=f"stage {groups.pp_rank} export", disable=dist.get_rank() != 0)
-        weight_map = _write_stage(tensors, tmp, groups.pp_rank, args.max_shard_mb * 2**20)
-    else:
-        weight_map = {}
-        for _ in tensors:
-            pass
-    maps = [None] * dist.get_world_size()
-    dist.all_gather_object(maps, weight_map)
+    total = checkpoint.export_hf(actor, args.out, hf_files, args.max_shard_mb * 2**20, progress=True)
     if dist.get_rank() == 0:
-        merged = {k: v for m in maps for k, v in m.items()}
-        total = sum((tmp / f).stat().st_size for f in set(merged.values()))
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(merged.items()))}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        checkpoint.copy_hf_files(hf_files, tmp)
         elapsed = time.perf_counter() - start
-        print(f"wrote {len(merged)} tensors ({total / 2**20:.1f} MiB) to {args.out} in {elapsed:.1f}s")
-    checkpoint.publish(tmp, args.out)
+        print(f"wrote {total / 2**20:.1f} MiB to {args.out} in {elapsed:.1f}s")
     return 0 if not args.verify or common.verify(actor, args.out, dtype) else 1
 
 

@@ -14,7 +14,7 @@ def _run(*args, check=True):
 
 def test_help_lists_the_subcommands():
     out = _run("--help").stdout
-    for command in ("tiny-model", "make-data", "config", "preview-data", "demo"):
+    for command in ("tiny-model", "make-data", "config", "preview-data", "sft", "train", "convert", "demo"):
         assert command in out
 
 
@@ -48,3 +48,14 @@ def test_errors_are_one_clear_line_not_a_traceback(tmp_path):
 def test_config_reference_table():
     out = _run("config").stdout
     assert "algorithm.token_fraction = 0.4" in out and "parallel.tp = 1" in out
+
+
+def test_every_example_config_passes_dry_run_at_its_target_world_size():
+    for config in sorted(Path("examples/configs").glob("*.yaml")):
+        proc = _run("train", "--config", str(config), "--dry-run")
+        assert "config OK for" in proc.stdout, config
+
+
+def test_dry_run_refuses_an_impossible_layout():
+    proc = _run("train", "--config", "examples/configs/qwen2_5_vl_7b.yaml", "--dry-run", "parallel.tp=3", check=False)
+    assert proc.returncode == 2 and "not divisible by tp*pp*cp = 3" in proc.stderr

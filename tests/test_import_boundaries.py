@@ -23,7 +23,9 @@ LAYERS = {
     "batch": 4,
     "metrics": 0,
     "train": 5,
-    "cli": 5,
+    "sft": 5,
+    "resume": 4,
+    "cli": 6,
 }
 FRAMEWORK_HOMES = {"megatron": {"actor", "parallel"}, "vllm": {"rollout"}, "ray": {"rollout"}}
 

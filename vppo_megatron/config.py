@@ -227,6 +227,20 @@ class TrainerConfig:
 
 
 @dataclass
+class SftConfig:
+    steps: int = 0
+    """Supervised warm-start optimizer steps (`vppo sft`); 0 skips the warm start."""
+    batch_size: int = 32
+    """Prompts per supervised step (one target response each)."""
+    lr: float = 1e-4
+    """Learning rate of the warm start (the RL phase uses optimizer.lr)."""
+    target_template: str = "<think> I look at the image carefully. </think> \\boxed{{{answer}}}"
+    """Target response for a row; {answer} is replaced by the row's answer."""
+    output_dir: str = "runs/sft"
+    """Where the warm-started HF model is written (the RL phase's model.path)."""
+
+
+@dataclass
 class CheckpointConfig:
     save_every: int = 20
     """Save a checkpoint every N steps; 0 disables."""
@@ -268,6 +282,8 @@ class Config:
     """AdamW settings."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     """Loop sizes, seed, validation cadence and output directory."""
+    sft: SftConfig = field(default_factory=SftConfig)
+    """The supervised warm start (`vppo sft`) that gives a small model a non-zero success rate."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoint cadence and resume."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -47,6 +47,9 @@ def dry_run(cfg) -> int:
     return 0
 
 
+from vppo_megatron.resume import resume, save  # noqa: E402 - after the environment defaults above
+
+
 def build(cfg):
     """Every component of a run, on every rank (the fleet and the data loaders on rank 0 only)."""
     import torch.distributed as dist
@@ -79,6 +82,7 @@ def build(cfg):
         connect()
         run["fleet"] = RolloutFleet.create_or_attach(cfg, cfg.model.path)
     run["sync"] = WeightSync(cfg, actor, run["fleet"])
+    run["start_step"] = resume(run)
     run["sync"].push()  # engines serve exactly the actor's weights from the first rollout on
     return run
 
@@ -150,11 +154,14 @@ def main(argv=None) -> int:
         return 2
     run = build(cfg)
     t = cfg.trainer
-    for step in range(t.total_steps):
+    every = cfg.checkpoint.save_every
+    for step in range(run["start_step"], t.total_steps):
         metrics = evaluate(run) if t.val_every and step % t.val_every == 0 else {}
         metrics.update(train_step(run, step))
         if run["fleet"] is not None:
             run["logger"].log(step, metrics)
+        if every and (step + 1) % every == 0:
+            save(run, step)
     if run["fleet"] is not None:
         final = evaluate(run)
         run["logger"].log(t.total_steps, final)

@@ -145,6 +145,98 @@ def test_two_vppo_steps_end_to_end_with_torchrun_tp2(fleet, tiny_model_dir, tmp_
     assert list((out / "tensorboard").iterdir())
 
 
+VOLATILE = ("time/", "rollout/tokens_per_s", "sync/megabytes_per_s", "rollout/engine_restarts")
+
+
+def _trainer_command(tiny_model_dir, data, out, steps):
+    import sys
+
+    overrides = [
+        f"model.path={tiny_model_dir}",
+        f"data.train_files=[{data / 'train.parquet'}]",
+        f"data.val_files=[{data / 'validation.parquet'}]",
+        f"trainer.total_steps={steps}",
+        "trainer.prompts_per_step=2",
+        "trainer.prompts_per_update=1",
+        "trainer.micro_batch_size=4",
+        "rollout.num_samples_per_prompt=4",
+        "rollout.max_response_length=8",
+        "trainer.val_every=0",
+        "trainer.val_prompts=2",
+        "rollout.val_num_samples=1",
+        f"trainer.output_dir={out}",
+        "algorithm.dynamic_sampling=false",
+        "algorithm.entropy_coef=0.06",
+        "checkpoint.save_every=2",
+        "checkpoint.keep_last=1",
+        "logging.tensorboard=false",
+    ]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "vppo_megatron.train",
+        "--config",
+        "examples/configs/tiny_cpu.yaml",
+        *overrides,
+    ]
+
+
+def _step_metrics(out):
+    import json
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {
+        r["step"]: {k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows if "actor/grad_norm" in r
+    }
+
+
+def test_kill_and_resume_gives_the_uninterrupted_metrics(fleet, tiny_model_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+
+    import ray
+
+    from vppo_megatron.data.synthetic import write_dataset
+
+    data = tmp_path / "data"
+    write_dataset(data, ["count_shapes"], num_train=16, num_val=2, seed=0)
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    straight = tmp_path / "straight"
+    done = subprocess.run(
+        _trainer_command(tiny_model_dir, data, straight, 4), capture_output=True, text=True, timeout=900, env=env
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _trainer_command(tiny_model_dir, data, killed, 4),
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 600
+    while not (killed / "checkpoints" / "step_2" / "trainer_state.json").exists() and time.time() < deadline:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-run, after the step-2 checkpoint
+    proc.wait()
+    resumed = subprocess.run(
+        _trainer_command(tiny_model_dir, data, killed, 4), capture_output=True, text=True, timeout=900, env=env
+    )
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resumed from" in resumed.stdout
+    expected, got = _step_metrics(straight), _step_metrics(killed)
+    assert set(expected) == {0, 1, 2, 3}
+    for step in (2, 3):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-9), step
+    assert [p.name for p in (killed / "checkpoints").iterdir()] == ["step_4"]  # keep_last=1
+
+
 def test_killed_engine_is_restarted_and_results_are_complete(fleet, tiny_processor):
     import ray
 

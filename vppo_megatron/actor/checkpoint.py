@@ -129,3 +129,132 @@ def load(model_chunks, ckpt_dir: str | Path) -> dict:
             f"{ckpt_dir}: checkpoint does not fit the model: missing {missing[:10]}, unexpected {unexpected[:10]}"
         )
     return meta
+
+
+def write_hf_shards(tensors, out_dir: Path, stage: int, max_bytes: int) -> dict[str, str]:
+    """Writes (HF name, tensor) pairs into safetensors files of at most `max_bytes`; returns name -> file."""
+    from safetensors.torch import save_file
+
+    weight_map, pending, size, part = {}, {}, 0, 0
+
+    def flush():
+        nonlocal pending, size, part
+        if pending:
+            file_name = f"model-stage{stage:03d}-{part:05d}.safetensors"
+            save_file(pending, str(out_dir / file_name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(pending, file_name))
+            pending, size, part = {}, 0, part + 1
+
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if pending and size + nbytes > max_bytes:
+            flush()
+        pending[name] = tensor.contiguous()
+        size += nbytes
+    flush()
+    return weight_map
+
+
+def export_hf(
+    actor, out_dir: str | Path, hf_files: str | Path, max_shard_bytes: int = 4 * 2**30, progress: bool = False
+) -> int:
+    """The actor's weights as an HF model directory (safetensors + index + config/tokenizer/processor files),
+    written atomically; collective over all ranks. Each pipeline stage's writer (TP = CP = DP rank 0) writes its
+    own shards, one TP-gathered tensor at a time. Returns the bytes written (on rank 0)."""
+    from tqdm import tqdm
+
+    check_output_dir(out_dir)
+    tmp = atomic_directory(out_dir)
+    g = actor.groups
+    tensors = actor.hf_tensors()  # a TP collective: every rank walks it
+    weight_map = {}
+    if g.tp_rank == 0 and g.dp_rank == 0 and g.cp_rank == 0:
+        tensors = tqdm(tensors, desc=f"stage {g.pp_rank} export", disable=not progress or dist.get_rank() != 0)
+        weight_map = write_hf_shards(tensors, tmp, g.pp_rank, max_shard_bytes)
+    else:
+        for _ in tensors:
+            pass
+    maps = [None] * dist.get_world_size()
+    dist.all_gather_object(maps, weight_map)
+    total = 0
+    if dist.get_rank() == 0:
+        merged = {k: v for m in maps for k, v in m.items()}
+        total = sum((tmp / f).stat().st_size for f in set(merged.values()))
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(merged.items()))}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        copy_hf_files(hf_files, tmp)
+    publish(tmp, out_dir)
+    return total
+
+
+TRAINER_STATE = "trainer_state.json"
+STEP_PREFIX = "step_"
+
+
+def save_training(actor, out_dir: str | Path, hf_dir: str | Path, trainer_state: dict) -> None:
+    """A resumable checkpoint: model + optimizer (sharded), trainer state (step, data position, versions, RNG),
+    written atomically like every checkpoint (collective)."""
+    import torch
+
+    check_output_dir(out_dir)
+    tmp = atomic_directory(out_dir)
+    model_state = canonical_sharded_state_dict(actor.chunks[0])
+    state = {"model": model_state, "optimizer": actor.optimizer.sharded_state_dict(model_state)}
+    from megatron.core import dist_checkpointing
+
+    dist_checkpointing.save(state, str(tmp))
+    if dist.get_rank() == 0:
+        copy_hf_files(hf_dir, tmp / HF_FILES)
+        full_state = dict(trainer_state, updates=actor.updates, torch_rng=torch.get_rng_state().tolist())
+        (tmp / TRAINER_STATE).write_text(json.dumps(full_state) + "\n")
+        meta = {
+            "format": FORMAT,
+            "family": "qwen2_5_vl",
+            "written_at": {"tp": actor.groups.layout.tp, "pp": actor.groups.layout.pp},
+            "dtype": actor.cfg.model.dtype,
+            "optimizer": True,
+            "step": trainer_state["step"],
+        }
+        (tmp / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
+    publish(tmp, out_dir)
+
+
+def load_training(actor, ckpt_dir: str | Path) -> dict:
+    """Restores model, optimizer and RNG from a resumable checkpoint; returns the trainer state."""
+    import torch
+    from megatron.core import dist_checkpointing
+
+    read_metadata(ckpt_dir)
+    model_state = canonical_sharded_state_dict(actor.chunks[0])
+    state = {"model": model_state, "optimizer": actor.optimizer.sharded_state_dict(model_state, is_loading=True)}
+    loaded = dist_checkpointing.load(state, str(ckpt_dir))
+    actor.chunks[0].load_state_dict(loaded["model"], strict=False)
+    actor.optimizer.load_state_dict(loaded["optimizer"])
+    trainer_state = json.loads((Path(ckpt_dir) / TRAINER_STATE).read_text())
+    actor.updates = trainer_state["updates"]
+    torch.set_rng_state(torch.tensor(trainer_state["torch_rng"], dtype=torch.uint8))
+    return trainer_state
+
+
+def latest(checkpoint_root: str | Path) -> Path | None:
+    """The newest complete checkpoint under `checkpoint_root` (temporary or incomplete ones are ignored)."""
+    root = Path(checkpoint_root)
+    if not root.is_dir():
+        return None
+    complete = [
+        p
+        for p in root.iterdir()
+        if p.name.startswith(STEP_PREFIX) and (p / METADATA).exists() and (p / TRAINER_STATE).exists()
+    ]
+    return max(complete, key=lambda p: int(p.name[len(STEP_PREFIX) :]), default=None)
+
+
+def prune(checkpoint_root: str | Path, keep_last: int) -> None:
+    """Deletes all but the newest `keep_last` complete checkpoints (rank 0)."""
+    root = Path(checkpoint_root)
+    steps = sorted(
+        (p for p in root.iterdir() if p.name.startswith(STEP_PREFIX) and (p / METADATA).exists()),
+        key=lambda p: int(p.name[len(STEP_PREFIX) :]),
+    )
+    for old in steps[: max(0, len(steps) - keep_last)]:
+        shutil.rmtree(old)

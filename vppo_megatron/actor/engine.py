@@ -301,43 +301,33 @@ class MegatronActor:
         sums = dict(out.metric_sums, **{"actor/loss": (out.loss.detach().double(), num_tokens.double())})
         return out.loss, num_tokens, {"metric_sums": sums}
 
-    def _train_step(self, data_iterator, model):
-        mb = next(data_iterator)
-        return self._forward(model, mb), partial(self._policy_loss, mb)
+    def _sft_loss(self, mb: batching.MicroBatch, logits_BSV: torch.Tensor):
+        """Supervised warm start: sum of -log pi(target) over the response tokens (megatron-core divides by the
+        global token count)."""
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    def update(
-        self,
-        samples: list[ActorSample],
-        old_logp_BT: torch.Tensor,
-        advantage_B: torch.Tensor,
-        gradient_mask_BT: torch.Tensor,
-        dependency_BT: torch.Tensor | None = None,
-    ) -> dict[str, float]:
-        """One optimizer step on this DP rank's share of a mini-batch; returns metrics reduced over DP x CP."""
-        micro_batches = self._micro_batches(samples, step=0, paired=False)
-        size = self.cfg.trainer.micro_batch_size
-        for i, mb in enumerate(micro_batches):
-            rows = slice(i * size, i * size + mb.input_ids_BS.shape[0])
-            seq_len = mb.input_ids_BS.shape[1]
-            mb.extras_BS = {
-                "old_logp": batching.to_label_positions(old_logp_BT[rows], mb.prompt_lengths, seq_len),
-                "gradient_mask": batching.to_label_positions(gradient_mask_BT[rows], mb.prompt_lengths, seq_len),
-                "advantage": advantage_B[rows].float(),
-            }
-            if dependency_BT is not None:
-                mb.extras_BS["dependency"] = batching.to_label_positions(
-                    dependency_BT[rows], mb.prompt_lengths, seq_len
-                )
+        nll_BS = vocab_parallel_cross_entropy(logits_BSV.float().clone(), self._local(mb.labels_BS))
+        response_mask = self._local(mb.response_mask_BS)
+        loss = (nll_BS * response_mask).sum()
+        num_tokens = response_mask.sum().to(torch.int)
+        return loss, num_tokens, {"metric_sums": {"sft/nll": (loss.detach().double(), num_tokens.double())}}
+
+    def _optimizer_step(self, micro_batches: list[batching.MicroBatch], loss_fn) -> dict[str, float]:
+        """One forward/backward schedule over `micro_batches` with `loss_fn`, then one optimizer step; metrics
+        reduced over DP x CP on the last stage and shared with the whole pipeline."""
         for chunk in self.model:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        warmup = self.cfg.optimizer.warmup_steps
+        warmup, lr = self.cfg.optimizer.warmup_steps, self.cfg.optimizer.lr
         for group in self.optimizer.param_groups:
-            group["lr"] = (
-                self.cfg.optimizer.lr * min(1.0, (self.updates + 1) / warmup) if warmup else self.cfg.optimizer.lr
-            )
-        outputs = self._schedule(self._train_step, micro_batches, forward_only=False)
+            group["lr"] = lr * min(1.0, (self.updates + 1) / warmup) if warmup else lr
+
+        def step_func(data_iterator, model):
+            mb = next(data_iterator)
+            return self._forward(model, mb), partial(loss_fn, mb)
+
+        outputs = self._schedule(step_func, micro_batches, forward_only=False)
         update_ok, grad_norm, _ = self.optimizer.step()
         self.updates += 1
         metrics = None
@@ -354,6 +344,35 @@ class MegatronActor:
         if self.groups.layout.pp > 1:
             dist.broadcast_object_list(box, src=self.groups.pp_last_rank, group=self.groups.pp)
         return box[0]
+
+    def update(
+        self,
+        samples: list[ActorSample],
+        old_logp_BT: torch.Tensor,
+        advantage_B: torch.Tensor,
+        gradient_mask_BT: torch.Tensor,
+        dependency_BT: torch.Tensor | None = None,
+    ) -> dict[str, float]:
+        """One policy optimizer step on this DP rank's share of a mini-batch; returns metrics over DP x CP."""
+        micro_batches = self._micro_batches(samples, step=0, paired=False)
+        size = self.cfg.trainer.micro_batch_size
+        for i, mb in enumerate(micro_batches):
+            rows = slice(i * size, i * size + mb.input_ids_BS.shape[0])
+            seq_len = mb.input_ids_BS.shape[1]
+            mb.extras_BS = {
+                "old_logp": batching.to_label_positions(old_logp_BT[rows], mb.prompt_lengths, seq_len),
+                "gradient_mask": batching.to_label_positions(gradient_mask_BT[rows], mb.prompt_lengths, seq_len),
+                "advantage": advantage_B[rows].float(),
+            }
+            if dependency_BT is not None:
+                mb.extras_BS["dependency"] = batching.to_label_positions(
+                    dependency_BT[rows], mb.prompt_lengths, seq_len
+                )
+        return self._optimizer_step(micro_batches, self._policy_loss)
+
+    def sft_update(self, samples: list[ActorSample]) -> dict[str, float]:
+        """One supervised optimizer step: the responses are the targets."""
+        return self._optimizer_step(self._micro_batches(samples, step=0, paired=False), self._sft_loss)
 
     # ------------------------------------------------------------------------------------------ weights
 

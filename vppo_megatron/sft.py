@@ -1,0 +1,72 @@
+"""Supervised warm start on the Megatron actor: teaches a small model the answer format (and what it can of the
+task) so the RL phase starts from a non-zero success rate. Writes an HF model directory (sft.output_dir).
+
+    torchrun --nproc-per-node N -m vppo_megatron.sft --config X [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def supervised_samples(cfg, loader, processor) -> list[tuple]:
+    """(uid, prompt ids, target ids, images) for the loader's next batch; the target follows sft.target_template."""
+    tokenizer = processor.tokenizer
+    out = []
+    for sample in loader.next_batch():
+        prompt_ids = processor(text=[sample.prompt_text], images=sample.images)["input_ids"][0]
+        target = tokenizer.encode(cfg.sft.target_template.format(answer=sample.answer), add_special_tokens=False)
+        out.append((sample.uid, list(prompt_ids), target + [tokenizer.eos_token_id], sample.images))
+    return out
+
+
+def main(argv=None) -> int:
+    import torch.distributed as dist
+    from transformers import AutoProcessor
+
+    from vppo_megatron.actor import checkpoint
+    from vppo_megatron.actor.engine import MegatronActor
+    from vppo_megatron.config import load
+    from vppo_megatron.data.dataset import PromptDataset, PromptLoader
+    from vppo_megatron.metrics import MetricsLogger
+    from vppo_megatron.parallel.layout import ParallelLayout, init_distributed, initialize
+    from vppo_megatron.types import ActorSample
+
+    parser = argparse.ArgumentParser(prog="vppo sft", description=__doc__)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    cfg = load(args.config, [*args.overrides, f"optimizer.lr={load(args.config, args.overrides).sft.lr}"])
+    init_distributed()
+    cfg.validate(dist.get_world_size())
+    groups = initialize(ParallelLayout.from_config(cfg.parallel, dist.get_world_size()), cfg.trainer.seed)
+    actor = MegatronActor(cfg, groups, cfg.model.path)
+    loader = logger = processor = None
+    if dist.get_rank() == 0:
+        processor = AutoProcessor.from_pretrained(cfg.model.path)
+        ip = processor.image_processor
+        dataset = PromptDataset(cfg.data.train_files, cfg.data, processor.tokenizer, ip.patch_size, ip.merge_size)
+        loader = PromptLoader(dataset, cfg.sft.batch_size, cfg.trainer.seed, cfg.data.shuffle)
+        logger = MetricsLogger(cfg, Path(cfg.sft.output_dir + ".logs"))
+    dp, dp_rank = groups.layout.dp, groups.dp_rank
+    for step in range(cfg.sft.steps):
+        box = [supervised_samples(cfg, loader, processor) if loader is not None else None]
+        dist.broadcast_object_list(box, src=0)
+        rows = box[0][dp_rank::dp]
+        metrics = actor.sft_update([ActorSample(*row) for row in rows])
+        if logger is not None:
+            logger.log(step, metrics)
+    checkpoint.export_hf(actor, cfg.sft.output_dir, cfg.model.path)
+    if dist.get_rank() == 0:
+        print(f"warm-started model: {cfg.sft.output_dir}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
