@@ -63,7 +63,7 @@ def convert(args, hf_config: dict) -> int:
     dtype = common.dtype_of(hf_config)
     cfg, groups = common.setup(args.tp, args.pp, hf_config, dtype)
     start = time.perf_counter()
-    actor = MegatronActor(cfg, groups, args.hf, training=False)
+    actor = MegatronActor(cfg, groups, args.hf, training=False, progress=True)
     layout = {"tp": args.tp, "pp": args.pp}
     checkpoint.save(
         actor.chunks,

@@ -47,7 +47,13 @@ class Experience:
 
 class MegatronActor:
     def __init__(
-        self, cfg: Config, groups: ParallelGroups, model_dir: str, training: bool = True, load_weights: bool = True
+        self,
+        cfg: Config,
+        groups: ParallelGroups,
+        model_dir: str,
+        training: bool = True,
+        load_weights: bool = True,
+        progress: bool = False,
     ):
         """`model_dir` holds the HF config and processor files (and, with load_weights, the weights)."""
         from megatron.core import parallel_state
@@ -79,7 +85,15 @@ class MegatronActor:
         if load_weights:
             reader = weights.SafetensorsReader(model_dir)
             for chunk in self.chunks:
-                weights.load_hf_weights(chunk, reader, self.rules, self.dims, groups.tp_rank, groups.layout.tp)
+                weights.load_hf_weights(
+                    chunk,
+                    reader,
+                    self.rules,
+                    self.dims,
+                    groups.tp_rank,
+                    groups.layout.tp,
+                    progress=progress and dist.get_rank() == 0,
+                )
         self.model = self.chunks
         self.optimizer = None
         if training:

@@ -74,8 +74,12 @@ class SafetensorsReader:
             return f.get_tensor(name)
 
 
-def load_hf_weights(model: torch.nn.Module, reader: SafetensorsReader, rules, dims, tp_rank: int, tp_size: int):
+def load_hf_weights(
+    model: torch.nn.Module, reader: SafetensorsReader, rules, dims, tp_rank: int, tp_size: int, progress: bool = False
+):
     """Copies this stage's TP shard of every mapped tensor into `model`; raises on any gap in either direction."""
+    from tqdm import tqdm
+
     params = global_names(model)
     needed_hf = {name for r in rules for name in r.hf}
     problems = [f"checkpoint lacks {name}" for name in sorted(needed_hf - reader.keys())]
@@ -89,7 +93,7 @@ def load_hf_weights(model: torch.nn.Module, reader: SafetensorsReader, rules, di
             + (f" ... ({len(problems)} problems)" if len(problems) > 10 else "")
         )
     with torch.no_grad():
-        for name, param in params.items():
+        for name, param in tqdm(params.items(), desc="loading HF weights", disable=not progress):
             rule = by_name[name]
             full = mapping.fuse(rule.rule, [reader.get(h) for h in rule.hf], dims)
             local = mapping.shard(rule.rule, full, tp_rank, tp_size)
