@@ -85,7 +85,6 @@ def test_two_vppo_steps_end_to_end_with_torchrun_tp2(fleet, tiny_model_dir, tmp_
     import json
     import os
     import subprocess
-    import sys
 
     import ray
 
@@ -93,44 +92,9 @@ def test_two_vppo_steps_end_to_end_with_torchrun_tp2(fleet, tiny_model_dir, tmp_
 
     write_dataset(tmp_path / "data", ["count_shapes"], num_train=16, num_val=4, seed=0)
     out = tmp_path / "run"
-    overrides = [
-        f"model.path={tiny_model_dir}",
-        f"data.train_files=[{tmp_path / 'data' / 'train.parquet'}]",
-        f"data.val_files=[{tmp_path / 'data' / 'validation.parquet'}]",
-        "trainer.total_steps=2",
-        "trainer.prompts_per_step=2",
-        "trainer.prompts_per_update=1",
-        "trainer.micro_batch_size=4",
-        "rollout.num_samples_per_prompt=4",
-        "rollout.max_response_length=12",
-        "rollout.val_num_samples=1",
-        "trainer.val_every=0",
-        "trainer.val_prompts=4",
-        f"trainer.output_dir={out}",
-        # a random model solves nothing: keep every group, and let the entropy term move the weights
-        "algorithm.dynamic_sampling=false",
-        "algorithm.entropy_coef=0.06",
-        "logging.tensorboard=true",
-    ]
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node=2",
-            "-m",
-            "vppo_megatron.train",
-            "--config",
-            "examples/configs/tiny_cpu.yaml",
-            *overrides,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-    )
+    command = _trainer_command(tiny_model_dir, tmp_path / "data", out, 2) + ["logging.tensorboard=true"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-5000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "actor/grad_norm" in r]
@@ -149,8 +113,10 @@ VOLATILE = ("time/", "rollout/tokens_per_s", "sync/megabytes_per_s", "rollout/en
 
 
 def _trainer_command(tiny_model_dir, data, out, steps):
+    """`vppo train` under torchrun (2 ranks, TP=2) on the tiny model: small, deterministic, checkpointing."""
     import sys
 
+    # a random model solves nothing: keep every group, and let the entropy term move the weights
     overrides = [
         f"model.path={tiny_model_dir}",
         f"data.train_files=[{data / 'train.parquet'}]",
