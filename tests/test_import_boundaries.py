@@ -11,6 +11,7 @@ LAYERS = {
     "config": 0,
     "types": 0,
     "testing": 0,
+    "memory": 0,
     "algo": 1,
     "reward": 1,
     "data": 1,

@@ -29,11 +29,16 @@ class ConfigError(ValueError):
     """A configuration value is unknown, malformed or inconsistent; the message names the field and the fix."""
 
 
+# Families the Megatron actor implements. Qwen3-VL configs validate (layout, memory) but the actor refuses them:
+# its DeepStack feature injection, QK-norm and interleaved M-RoPE are not built yet.
+ACTOR_FAMILIES = ("qwen2_5_vl",)
+
+
 @dataclass
 class ModelConfig:
     path: str = "runs/tiny-qwen2_5_vl"
     """Hugging Face model directory (config, weights, tokenizer, processor). Never a hub id: runs are offline."""
-    family: Literal["qwen2_5_vl", "qwen2_vl", "qwen3_vl"] = "qwen2_5_vl"
+    family: Literal["qwen2_5_vl", "qwen3_vl"] = "qwen2_5_vl"
     """Model family; selects the HF <-> Megatron weight mapping table."""
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     """Parameter/compute dtype of the actor. float32 for exact parity tests on CPU."""
@@ -184,6 +189,8 @@ class ParallelConfig:
     """Megatron sequence parallelism with TP (Transformer Engine only)."""
     world_size: int = 0
     """Expected number of trainer ranks; 0 = the torchrun world size at start (set for --dry-run)."""
+    device_memory_gib: float = 80.0
+    """Memory of one accelerator; `--dry-run` fails when the estimated actor peak exceeds 90% of it (0: no check)."""
 
 
 @dataclass
@@ -234,6 +241,8 @@ class SftConfig:
     """Prompts per supervised step (one target response each)."""
     lr: float = 1e-4
     """Learning rate of the warm start (the RL phase uses optimizer.lr)."""
+    warmup_steps: int = 10
+    """Linear learning-rate warm-up of the warm start (the RL phase uses optimizer.warmup_steps)."""
     target_template: str = "<think> I look at the image carefully. </think> \\boxed{{{answer}}}"
     """Target response for a row; {answer} is replaced by the row's answer."""
     output_dir: str = "runs/sft"

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tqdm import tqdm
+
 STAGE_ORDER = ("rollout/", "reward/", "vppo/", "actor/", "sync/", "val/", "time/")
 
 
@@ -32,17 +34,18 @@ class MetricsLogger:
 
             self.wandb = wandb.init(project=self.cfg.wandb_project, config=cfg.to_dict())
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
+    def log(self, step: int, metrics: dict[str, float], console: bool = True) -> None:
         ordered = dict(sorted(metrics.items(), key=lambda kv: _order(kv[0])))
         if self.cfg.jsonl:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, **ordered}) + "\n")
-        if self.cfg.console:
+        if self.cfg.console and console:
             keys = [
                 k
                 for k in (
                     "reward/accuracy",
                     "val/accuracy",
+                    "sft/nll",
                     "actor/loss",
                     "actor/grad_norm",
                     "vppo/selected_fraction",
@@ -50,7 +53,7 @@ class MetricsLogger:
                 )
                 if k in ordered
             ]
-            print(f"step {step}: " + "  ".join(f"{k}={ordered[k]:.4g}" for k in keys), flush=True)
+            tqdm.write(f"step {step}: " + "  ".join(f"{k}={ordered[k]:.4g}" for k in keys))
         if self.tensorboard is not None:
             for name, value in ordered.items():
                 self.tensorboard.add_scalar(name, value, step)
@@ -87,3 +90,24 @@ class MetricsLogger:
         draw.text((margin, height - margin + 5), f"step 0 .. {last}   accuracy 0 .. 1", fill="black")
         image.save(path)
         return path
+
+
+class Progress:
+    """A tqdm bar over a run's steps that also names the phase in flight (rollout, experience, update, sync), so a
+    long CPU step shows where it is; a no-op when disabled (logging.progress_bars, or ranks other than 0)."""
+
+    def __init__(self, total: int, initial: int, desc: str, enabled: bool):
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True) if enabled else None
+
+    def phase(self, name: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(name, refresh=True)
+
+    def advance(self, metrics: dict[str, float], keys=("reward/accuracy", "val/accuracy", "actor/loss")) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3g}" for k in keys if k in metrics}, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

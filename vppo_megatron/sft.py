@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     from vppo_megatron.actor.engine import MegatronActor
     from vppo_megatron.config import load
     from vppo_megatron.data.dataset import PromptDataset, PromptLoader
-    from vppo_megatron.metrics import MetricsLogger
+    from vppo_megatron.metrics import MetricsLogger, Progress
     from vppo_megatron.parallel.layout import ParallelLayout, init_distributed, initialize
     from vppo_megatron.types import ActorSample
 
@@ -42,7 +42,8 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    cfg = load(args.config, [*args.overrides, f"optimizer.lr={load(args.config, args.overrides).sft.lr}"])
+    sft = load(args.config, args.overrides).sft
+    cfg = load(args.config, [*args.overrides, f"optimizer.lr={sft.lr}", f"optimizer.warmup_steps={sft.warmup_steps}"])
     init_distributed()
     cfg.validate(dist.get_world_size())
     groups = initialize(ParallelLayout.from_config(cfg.parallel, dist.get_world_size()), cfg.trainer.seed)
@@ -55,13 +56,16 @@ def main(argv=None) -> int:
         loader = PromptLoader(dataset, cfg.sft.batch_size, cfg.trainer.seed, cfg.data.shuffle)
         logger = MetricsLogger(cfg, Path(cfg.sft.output_dir + ".logs"))
     dp, dp_rank = groups.layout.dp, groups.dp_rank
+    progress = Progress(cfg.sft.steps, 0, "vppo sft", cfg.logging.progress_bars and logger is not None)
     for step in range(cfg.sft.steps):
         box = [supervised_samples(cfg, loader, processor) if loader is not None else None]
         dist.broadcast_object_list(box, src=0)
         rows = box[0][dp_rank::dp]
         metrics = actor.sft_update([ActorSample(*row) for row in rows])
         if logger is not None:
-            logger.log(step, metrics)
+            logger.log(step, metrics, console=(step + 1) % 20 == 0 or step + 1 == cfg.sft.steps)
+        progress.advance(metrics, keys=("sft/nll", "actor/grad_norm"))
+    progress.close()
     checkpoint.export_hf(actor, cfg.sft.output_dir, cfg.model.path)
     if dist.get_rank() == 0:
         print(f"warm-started model: {cfg.sft.output_dir}", flush=True)

@@ -27,11 +27,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--config", required=True)
     parser.add_argument("--dry-run", action="store_true", help="validate for parallel.world_size and exit")
+    parser.add_argument("--resume", help="auto | none | a checkpoint directory (checkpoint.resume)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algorithm.token_fraction=0.4")
     return parser.parse_args(argv)
 
 
 def dry_run(cfg) -> int:
+    from vppo_megatron import memory
+    from vppo_megatron.config import ACTOR_FAMILIES
     from vppo_megatron.parallel.layout import ParallelLayout
 
     world = cfg.parallel.world_size
@@ -44,7 +47,11 @@ def dry_run(cfg) -> int:
         f"rollouts per step, {updates} optimizer steps per rollout step; {cfg.rollout.num_engines} vLLM "
         f"engines (TP {cfg.rollout.tensor_parallel_size}, {cfg.rollout.placement})"
     )
-    return 0
+    text, fits = memory.report(cfg)
+    print(text)
+    if cfg.model.family not in ACTOR_FAMILIES:
+        print(f"note: model.family={cfg.model.family} validates, but the actor does not implement it yet")
+    return 0 if fits else 2
 
 
 from vppo_megatron.resume import resume, save  # noqa: E402 - after the environment defaults above
@@ -95,9 +102,10 @@ def train_step(run, step: int) -> dict[str, float]:
     from vppo_megatron.algo.pipeline import advantages_and_mask
     from vppo_megatron.rollout.collect import collect
 
-    cfg, groups, actor = run["cfg"], run["groups"], run["actor"]
+    cfg, groups, actor, phase = run["cfg"], run["groups"], run["actor"], run["progress"].phase
     start, metrics = time.perf_counter(), {}
     kept = None
+    phase("rollout + reward")
     if dist.get_rank() == 0:
         kept, metrics = collect(run["fleet"], run["loader"], cfg, step, run["reward_fn"])  # stages 1-2
     data = batching.shard(batching.broadcast_groups(kept), groups.dp_rank, groups.layout.dp)
@@ -105,9 +113,11 @@ def train_step(run, step: int) -> dict[str, float]:
     if not data.samples:
         return dict(metrics, **{"actor/skipped_step": 1.0})
     tick = time.perf_counter()
+    phase("experience (dual pass)")
     experience = actor.experience(data.samples, step, with_perception=cfg.algorithm.name == "vppo")  # stage 3
     metrics["time/experience_s"] = time.perf_counter() - tick
     groups_per_update = max(1, cfg.trainer.prompts_per_update // groups.layout.dp)
+    phase("update")
     for rows in batching.mini_batches(data, groups_per_update):  # stages 4-6, one optimizer step each
         count = rows.stop - rows.start
         micro_ids = torch.arange(count) // cfg.trainer.micro_batch_size
@@ -129,6 +139,7 @@ def train_step(run, step: int) -> dict[str, float]:
             )
         )
     metrics["time/update_s"] = time.perf_counter() - tick - metrics["time/experience_s"]
+    phase("weight sync")
     metrics.update(run["sync"].push())  # stage 7
     metrics["time/step_s"] = time.perf_counter() - start
     metrics["time/perception_fraction"] = metrics["time/experience_s"] / metrics["time/step_s"]
@@ -142,26 +153,34 @@ def evaluate(run) -> dict[str, float]:
 
 
 def main(argv=None) -> int:
-    from vppo_megatron.config import ConfigError, load
+    from vppo_megatron.config import load
+    from vppo_megatron.metrics import Progress
 
     args = parse_args(argv)
     try:
-        cfg = load(args.config, args.overrides)
+        cfg = load(args.config, [*args.overrides, *([f"checkpoint.resume={args.resume}"] if args.resume else [])])
         if args.dry_run:
             return dry_run(cfg)
-    except ConfigError as exc:
+    except ValueError as exc:  # ConfigError, or a model config.json the memory estimate cannot read
         print(f"vppo train: error: {exc}", file=sys.stderr)
         return 2
     run = build(cfg)
     t = cfg.trainer
     every = cfg.checkpoint.save_every
+    progress = run["progress"] = Progress(
+        t.total_steps, run["start_step"], "vppo train", cfg.logging.progress_bars and run["fleet"] is not None
+    )
     for step in range(run["start_step"], t.total_steps):
+        progress.phase("validation")
         metrics = evaluate(run) if t.val_every and step % t.val_every == 0 else {}
         metrics.update(train_step(run, step))
         if run["fleet"] is not None:
             run["logger"].log(step, metrics)
         if every and (step + 1) % every == 0:
+            progress.phase("checkpoint")
             save(run, step)
+        progress.advance(metrics)
+    progress.close()
     if run["fleet"] is not None:
         final = evaluate(run)
         run["logger"].log(t.total_steps, final)

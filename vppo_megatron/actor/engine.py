@@ -29,7 +29,7 @@ from vppo_megatron.actor.cp_attention import zigzag_positions
 from vppo_megatron.actor.model import Qwen25VLModel, layer_spec, layer_spec_name, transformer_config
 from vppo_megatron.algo import loss as algo_loss
 from vppo_megatron.algo import perception, perturb, vocab_parallel
-from vppo_megatron.config import Config, ConfigError
+from vppo_megatron.config import ACTOR_FAMILIES, Config, ConfigError
 from vppo_megatron.parallel.layout import ParallelGroups
 from vppo_megatron.types import ActorSample
 
@@ -43,6 +43,21 @@ class Experience:
     dependency_BT: torch.Tensor
     entropy_BT: torch.Tensor
     response_mask_BT: torch.Tensor
+
+
+def check_family(family: str, model_type: str, model_dir) -> None:
+    """The checkpoint is the configured family, and the actor implements that family."""
+    if model_type != family:
+        raise ConfigError(
+            f"model.family={family} but {model_dir}/config.json is model_type {model_type!r}; "
+            f"set model.family={model_type} (or point model.path at a {family} checkpoint)"
+        )
+    if family not in ACTOR_FAMILIES:
+        raise ConfigError(
+            f"model.family={family}: the Megatron actor implements {', '.join(ACTOR_FAMILIES)} only "
+            "(Qwen3-VL needs DeepStack feature injection, QK-norm and interleaved M-RoPE, not built yet); "
+            "`vppo train --dry-run` still validates its layout and memory"
+        )
 
 
 class MegatronActor:
@@ -68,6 +83,7 @@ class MegatronActor:
                 "supported by the actor yet; use parallel.vpp=1"
             )
         self.hf_config = AutoConfig.from_pretrained(model_dir)
+        check_family(cfg.model.family, self.hf_config.model_type, model_dir)
         processor = AutoProcessor.from_pretrained(model_dir)
         self.image_processor = processor.image_processor
         self.pad_id = processor.tokenizer.pad_token_id
