@@ -67,27 +67,36 @@ class MetricsLogger:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
     def plot(self, path: Path, keys=("reward/accuracy", "val/accuracy")) -> Path:
-        """A small PNG of the accuracy curves (Pillow only: no plotting dependency)."""
+        """A small PNG of the accuracy curves with a labelled grid (Pillow only: no plotting dependency)."""
         from PIL import Image, ImageDraw
 
-        width, height, margin = 640, 360, 40
+        width, height, left, margin = 640, 360, 50, 36
         image = Image.new("RGB", (width, height), "white")
         draw = ImageDraw.Draw(image)
-        draw.rectangle([margin, margin, width - margin, height - margin], outline="black")
         rows = self.history()
         last = max((r["step"] for r in rows), default=1) or 1
+
+        def xy(step: float, value: float) -> tuple[float, float]:
+            return left + (width - left - margin) * step / last, height - margin - (height - 2 * margin) * value
+
+        for tenth in range(0, 11, 2):
+            y = xy(0, tenth / 10)[1]
+            draw.line([(left, y), (width - margin, y)], fill=(225, 225, 225))
+            draw.text((left - 28, y - 6), f"{tenth / 10:.1f}", fill="black")
+        for step in sorted({r["step"] for r in rows if any(k in r for k in keys)}):
+            x = xy(step, 0)[0]
+            draw.text((x - 4, height - margin + 4), str(step), fill="black")
+        draw.rectangle([left, margin, width - margin, height - margin], outline="black")
         for key, colour in zip(keys, ("blue", "red")):
-            points = [(r["step"], r[key]) for r in rows if key in r]
-            xy = [
-                (margin + (width - 2 * margin) * s / last, height - margin - (height - 2 * margin) * v)
-                for s, v in points
-            ]
-            if len(xy) > 1:
-                draw.line(xy, fill=colour, width=2)
-            for x, y in xy:
+            points = [xy(r["step"], r[key]) for r in rows if key in r]
+            if len(points) > 1:
+                draw.line(points, fill=colour, width=2)
+            for x, y in points:
                 draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-            draw.text((margin + 5, margin + 5 + 14 * keys.index(key)), key, fill=colour)
-        draw.text((margin, height - margin + 5), f"step 0 .. {last}   accuracy 0 .. 1", fill="black")
+            values = [r[key] for r in rows if key in r]
+            label = f"{key}: {values[0]:.3f} -> {values[-1]:.3f}" if values else f"{key}: none"
+            draw.text((left + 8, margin + 6 + 14 * keys.index(key)), label, fill=colour)
+        draw.text((left, 10), f"accuracy by step ({self.dir.name})", fill="black")
         image.save(path)
         return path
 
@@ -105,7 +114,9 @@ class Progress:
 
     def advance(self, metrics: dict[str, float], keys=("reward/accuracy", "val/accuracy", "actor/loss")) -> None:
         if self.bar is not None:
-            self.bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3g}" for k in keys if k in metrics}, refresh=False)
+            self.bar.set_postfix(
+                {k.replace("/", "_"): f"{metrics[k]:.3g}" for k in keys if k in metrics}, refresh=False
+            )
             self.bar.update(1)
 
     def close(self) -> None:

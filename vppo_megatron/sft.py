@@ -15,14 +15,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def supervised_samples(cfg, loader, processor) -> list[tuple]:
-    """(uid, prompt ids, target ids, images) for the loader's next batch; the target follows sft.target_template."""
+def supervised_samples(cfg, loader, processor, cache: dict) -> list[tuple]:
+    """(uid, prompt ids, target ids, images) for the loader's next batch; the target follows sft.target_template.
+    Token ids depend only on the text and the image sizes, so they are cached on those: epochs revisit rows, and
+    the processor is a third of a tiny model's step."""
     tokenizer = processor.tokenizer
     out = []
     for sample in loader.next_batch():
-        prompt_ids = processor(text=[sample.prompt_text], images=sample.images)["input_ids"][0]
-        target = tokenizer.encode(cfg.sft.target_template.format(answer=sample.answer), add_special_tokens=False)
-        out.append((sample.uid, list(prompt_ids), target + [tokenizer.eos_token_id], sample.images))
+        key = (sample.prompt_text, sample.answer, tuple(image.shape for image in sample.images))
+        if key not in cache:
+            prompt_ids = processor(text=[sample.prompt_text], images=sample.images)["input_ids"][0]
+            target = tokenizer.encode(cfg.sft.target_template.format(answer=sample.answer), add_special_tokens=False)
+            cache[key] = (list(prompt_ids), target + [tokenizer.eos_token_id])
+        out.append((sample.uid, *cache[key], sample.images))
     return out
 
 
@@ -55,10 +60,10 @@ def main(argv=None) -> int:
         dataset = PromptDataset(cfg.data.train_files, cfg.data, processor.tokenizer, ip.patch_size, ip.merge_size)
         loader = PromptLoader(dataset, cfg.sft.batch_size, cfg.trainer.seed, cfg.data.shuffle)
         logger = MetricsLogger(cfg, Path(cfg.sft.output_dir + ".logs"))
-    dp, dp_rank = groups.layout.dp, groups.dp_rank
+    dp, dp_rank, cache = groups.layout.dp, groups.dp_rank, {}
     progress = Progress(cfg.sft.steps, 0, "vppo sft", cfg.logging.progress_bars and logger is not None)
     for step in range(cfg.sft.steps):
-        box = [supervised_samples(cfg, loader, processor) if loader is not None else None]
+        box = [supervised_samples(cfg, loader, processor, cache) if loader is not None else None]
         dist.broadcast_object_list(box, src=0)
         rows = box[0][dp_rank::dp]
         metrics = actor.sft_update([ActorSample(*row) for row in rows])
