@@ -14,7 +14,7 @@ def _run(*args, check=True):
 
 def test_help_lists_the_subcommands():
     out = _run("--help").stdout
-    for command in ("tiny-model", "make-data", "config", "preview-data", "sft", "train", "convert", "demo"):
+    for command in ("tiny-model", "make-data", "config", "preview-data", "sft", "train", "eval", "convert", "demo"):
         assert command in out
 
 

@@ -25,6 +25,7 @@ LAYERS = {
     "metrics": 0,
     "train": 5,
     "sft": 5,
+    "evaluate": 5,
     "resume": 4,
     "cli": 6,
 }

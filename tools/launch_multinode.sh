@@ -12,6 +12,16 @@ MASTER_PORT=${MASTER_PORT:-29500}
 RAY_PORT=${RAY_PORT:-6379}
 ROLLOUT_GPUS=${ROLLOUT_GPUS:-0}   # >0 on nodes reserved for disaggregated engines (resource "rollout")
 export RAY_ADDRESS="${MASTER_ADDR}:${RAY_PORT}"
+# Ray >= 2.5x enables token authentication on `ray start`: every node and the trainer need the same token.
+export RAY_AUTH_MODE=token
+if [ -z "${RAY_AUTH_TOKEN:-}" ]; then
+  if [ "$NNODES" -gt 1 ]; then
+    echo "set RAY_AUTH_TOKEN to the same secret on every node (tools/slurm_vppo.sbatch generates one)" >&2
+    exit 2
+  fi
+  RAY_AUTH_TOKEN=$(python -c "import secrets; print(secrets.token_hex(32))")
+  export RAY_AUTH_TOKEN
+fi
 resources=()
 [ "$ROLLOUT_GPUS" -gt 0 ] && resources=(--resources "{\"rollout\": ${ROLLOUT_GPUS}}")
 if [ "$NODE_RANK" -eq 0 ]; then

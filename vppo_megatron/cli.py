@@ -94,11 +94,26 @@ def _torchrun(module: str, config: str | None, overrides: list[str]) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    overrides = [*args.overrides, *([f"checkpoint.resume={args.resume}"] if args.resume else [])]
     if args.dry_run:
         from vppo_megatron.train import main as train_main
 
-        return train_main(["--config", args.config, "--dry-run", *args.overrides])
-    return _torchrun("vppo_megatron.train", args.config, args.overrides)
+        return train_main(["--config", args.config, "--dry-run", *overrides])
+    return _torchrun("vppo_megatron.train", args.config, overrides)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from vppo_megatron.evaluate import main as eval_main
+
+    return eval_main(
+        [
+            "--config",
+            args.config,
+            *(["--model", args.model] if args.model else []),
+            *(["--out", str(args.out)] if args.out else []),
+            *args.overrides,
+        ]
+    )
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
@@ -198,8 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="VPPO / DAPO / GRPO training (torchrun with parallel.world_size ranks)")
     p.add_argument("--config", required=True)
     p.add_argument("--dry-run", action="store_true", help="validate at the target world size and print the layout")
+    p.add_argument("--resume", help="auto | none | a checkpoint directory (checkpoint.resume)")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="avg@k validation accuracy of an HF model directory on a vLLM fleet")
+    p.add_argument("--config", required=True)
+    p.add_argument("--model", help="HF model directory (default: model.path)")
+    p.add_argument("--out", type=Path, help="also write the result as JSON here")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("convert", help="checkpoint conversion: hf-to-megatron | megatron-to-hf (see --help of each)")
     p.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])

@@ -116,27 +116,8 @@ def _trainer_command(tiny_model_dir, data, out, steps):
     """`vppo train` under torchrun (2 ranks, TP=2) on the tiny model: small, deterministic, checkpointing."""
     import sys
 
-    # a random model solves nothing: keep every group, and let the entropy term move the weights
-    overrides = [
-        f"model.path={tiny_model_dir}",
-        f"data.train_files=[{data / 'train.parquet'}]",
-        f"data.val_files=[{data / 'validation.parquet'}]",
-        f"trainer.total_steps={steps}",
-        "trainer.prompts_per_step=2",
-        "trainer.prompts_per_update=1",
-        "trainer.micro_batch_size=4",
-        "rollout.num_samples_per_prompt=4",
-        "rollout.max_response_length=8",
-        "trainer.val_every=0",
-        "trainer.val_prompts=2",
-        "rollout.val_num_samples=1",
-        f"trainer.output_dir={out}",
-        "algorithm.dynamic_sampling=false",
-        "algorithm.entropy_coef=0.06",
-        "checkpoint.save_every=2",
-        "checkpoint.keep_last=1",
-        "logging.tensorboard=false",
-    ]
+    from trainer_run import tiny_overrides
+
     return [
         sys.executable,
         "-m",
@@ -147,7 +128,7 @@ def _trainer_command(tiny_model_dir, data, out, steps):
         "vppo_megatron.train",
         "--config",
         "examples/configs/tiny_cpu.yaml",
-        *overrides,
+        *tiny_overrides(tiny_model_dir, data, out, steps),
     ]
 
 

@@ -1,0 +1,26 @@
+"""Overrides that make `vppo train` on the tiny model small, deterministic and checkpointing (shared by the trainer
+tests: end to end, kill-and-resume, the multi-node launcher)."""
+
+
+def tiny_overrides(tiny_model_dir, data, out, steps: int) -> list[str]:
+    # a random model solves nothing: keep every group, and let the entropy term move the weights
+    return [
+        f"model.path={tiny_model_dir}",
+        f"data.train_files=[{data / 'train.parquet'}]",
+        f"data.val_files=[{data / 'validation.parquet'}]",
+        f"trainer.total_steps={steps}",
+        "trainer.prompts_per_step=2",
+        "trainer.prompts_per_update=1",
+        "trainer.micro_batch_size=4",
+        "rollout.num_samples_per_prompt=4",
+        "rollout.max_response_length=8",
+        "trainer.val_every=0",
+        "trainer.val_prompts=2",
+        "rollout.val_num_samples=1",
+        f"trainer.output_dir={out}",
+        "algorithm.dynamic_sampling=false",
+        "algorithm.entropy_coef=0.06",
+        "checkpoint.save_every=2",
+        "checkpoint.keep_last=1",
+        "logging.tensorboard=false",
+    ]
