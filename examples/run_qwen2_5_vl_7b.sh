@@ -4,11 +4,6 @@
 # Validates the layout and the memory estimate first, then starts 8 trainer ranks; trainer rank 0 starts a local
 # Ray instance for the 4 colocated vLLM engines (set RAY_ADDRESS to use a running cluster instead).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-CONFIG=examples/configs/qwen2_5_vl_7b.yaml
-MODEL=${MODEL:-/models/Qwen2.5-VL-7B-Instruct}
-DATA=${DATA:-/data/ViRL39K}
-args=("model.path=$MODEL" "data.train_files=[$DATA/train.parquet]" "data.val_files=[$DATA/validation.parquet]" "$@")
-python -m vppo_megatron.train --config "$CONFIG" --dry-run "${args[@]}"
-exec torchrun --standalone --nproc-per-node "${NPROC_PER_NODE:-8}" \
-  -m vppo_megatron.train --config "$CONFIG" "${args[@]}"
+CONFIG=examples/configs/qwen2_5_vl_7b.yaml DEFAULT_MODEL=/models/Qwen2.5-VL-7B-Instruct
+source "$(dirname "$0")/common.sh"
+exec torchrun --standalone --nproc-per-node "${NPROC_PER_NODE:-8}" -m vppo_megatron.train --config "$CONFIG" "${args[@]}"

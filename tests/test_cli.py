@@ -1,6 +1,9 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 VPPO = [str(Path(sys.executable).parent / "vppo")]
 
@@ -59,3 +62,36 @@ def test_every_example_config_passes_dry_run_at_its_target_world_size():
 def test_dry_run_refuses_an_impossible_layout():
     proc = _run("train", "--config", "examples/configs/qwen2_5_vl_7b.yaml", "--dry-run", "parallel.tp=3", check=False)
     assert proc.returncode == 2 and "not divisible by tp*pp*cp = 3" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "script, launcher, model",
+    [
+        ("run_qwen2_5_vl_7b.sh", "torchrun", "Qwen2.5-VL-7B-Instruct"),
+        ("run_qwen2_5_vl_32b.sh", "sbatch", "Qwen2.5-VL-32B-Instruct"),
+        ("run_qwen3_vl_8b.sh", "torchrun", "Qwen3-VL-8B-Instruct"),
+    ],
+)
+def test_example_run_scripts_validate_then_launch_their_config(script, launcher, model, tmp_path):
+    """The scripts' glue: the dry-run passes first, then the launcher (recorded, not run: no GPUs here) receives the
+    config and the model/data paths; a failing dry-run stops the script before any launch."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("torchrun", "sbatch"):
+        (bin_dir / tool).write_text(f'#!/usr/bin/env bash\necho "{tool} $*" > {tmp_path}/launched\n')
+        (bin_dir / tool).chmod(0o755)
+    env = dict(
+        os.environ, PATH=f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}", MODEL=f"/m/{model}", DATA="/d"
+    )
+    proc = subprocess.run(["bash", f"examples/{script}"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "config OK for" in proc.stdout and f"from built-in table ({model})" in proc.stdout
+    launched = (tmp_path / "launched").read_text()
+    assert (
+        launched.startswith(launcher)
+        and f"model.path=/m/{model}" in launched
+        and "data.train_files=[/d/train.parquet]" in launched
+    )
+    (tmp_path / "launched").unlink()
+    proc = subprocess.run(["bash", f"examples/{script}", "parallel.tp=3"], capture_output=True, text=True, env=env)
+    assert proc.returncode != 0 and not (tmp_path / "launched").exists()
