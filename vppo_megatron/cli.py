@@ -155,7 +155,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if _torchrun("vppo_megatron.train", config, [f"model.path={sft_dir}", f"trainer.output_dir={run_dir}", *common]):
         return 1
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    val = [(r["step"], r["val/accuracy"]) for r in rows if "val/accuracy" in r]
+    val = list({r["step"]: r["val/accuracy"] for r in rows if "val/accuracy" in r}.items())  # a re-run re-validates
     print(
         f"\ndemo finished in {time.perf_counter() - start:.0f}s; validation accuracy (avg@4, T=1) by step: "
         + ", ".join(f"{s}: {a:.3f}" for s, a in val)
