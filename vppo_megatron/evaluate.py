@@ -33,7 +33,7 @@ def evaluate(cfg, model_dir: str) -> dict:
     processor = AutoProcessor.from_pretrained(model_dir)
     ip = processor.image_processor
     val = PromptDataset(cfg.data.val_files, cfg.data, processor.tokenizer, ip.patch_size, ip.merge_size)
-    samples = val.samples(list(range(min(cfg.trainer.val_prompts or len(val), len(val)))))
+    samples = val.head(cfg.trainer.val_prompts)
     reward_fn = load_reward_function(cfg.algorithm.reward_function)
     connect()
     fleet = RolloutFleet(cfg, model_dir, name="vppo-eval")

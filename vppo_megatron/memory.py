@@ -141,12 +141,10 @@ def estimate(cfg, arch: Arch) -> dict[str, float]:
     sharding = dp * cp if cfg.optimizer.distributed_optimizer else 1
     seq = (cfg.data.max_prompt_length + cfg.rollout.max_response_length) / cp
     b, h = cfg.trainer.micro_batch_size, arch.hidden
-    sp = tp if (p.sequence_parallel or tp == 1) else 1
-    if cfg.model.recompute == "full":
-        per_micro = layers_per_stage * 2 * seq * b * h / sp + 34 * seq * b * h / sp
-    else:
-        per_micro = layers_per_stage * 34 * seq * b * h / sp
-    in_flight = pp if pp > 1 else 1
+    sp = tp if p.sequence_parallel else 1
+    full = cfg.model.recompute == "full"  # a 2-byte checkpoint per layer, plus the one layer being recomputed
+    per_micro = (layers_per_stage * (2 if full else 34) + (34 if full else 0)) * seq * b * h / sp
+    in_flight = pp  # 1F1B: up to PP micro-batches in flight on the first stage
     parts = {
         "weights": params * weight_bytes / GIB,
         "gradients": params * 4 / GIB,

@@ -182,6 +182,10 @@ class PromptDataset:
     def __len__(self) -> int:
         return len(self.index)
 
+    def head(self, count: int) -> list[PromptSample]:
+        """The first `count` samples (all of them when count is 0): the validation set of a run or an eval."""
+        return self.samples(list(range(min(count or len(self), len(self)))))
+
     def samples(self, indices: list[int]) -> list[PromptSample]:
         """Samples for dataset positions `indices`, in order; rows with unusable images are skipped and counted."""
         rows = [self.index[i] for i in indices]
