@@ -54,24 +54,56 @@ def dtype_of(hf_config: dict) -> str:
     return "bfloat16" if dtype == "bfloat16" else "float32"
 
 
-def setup(tp: int, pp: int, hf_config: dict, dtype: str):
-    """torch.distributed + Megatron groups for a conversion at TP x PP (DP fills the rest); validates the layout
-    against the model first so an impossible split fails before any work."""
+def add_layout_args(parser) -> None:
+    """The Megatron split a conversion runs at (parallel.tp / pp / vpp / first_stage_layers / last_stage_layers)."""
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--vpp", type=int, default=1, help="virtual pipeline stages per rank (interleaved; pp > 1)")
+    parser.add_argument(
+        "--first-stage-layers", type=int, default=0, help="language-model layers on the first stage (0: even split)"
+    )
+    parser.add_argument(
+        "--last-stage-layers", type=int, default=0, help="language-model layers on the last stage (0: even split)"
+    )
+
+
+def layout_of(args, hf_config: dict, world_size: int):
+    """The layout the flags ask for on `world_size` ranks (DP fills the rest), validated against the model so an
+    impossible split fails before any work."""
+    from vppo_megatron.parallel.layout import ParallelLayout
+
+    if world_size % (args.tp * args.pp):
+        raise ValueError(f"--tp {args.tp} x --pp {args.pp} does not divide the {world_size} launched ranks")
+    layout = ParallelLayout(
+        tp=args.tp,
+        pp=args.pp,
+        dp=world_size // (args.tp * args.pp),
+        vpp=args.vpp,
+        first_stage_layers=args.first_stage_layers,
+        last_stage_layers=args.last_stage_layers,
+    )
+    text = hf_config["text_config"]
+    layout.validate(
+        world_size,
+        text["num_hidden_layers"],
+        text["num_attention_heads"],
+        text["num_key_value_heads"],
+        text["vocab_size"],
+    )
+    return layout
+
+
+def setup(args, hf_config: dict, dtype: str):
+    """torch.distributed + Megatron groups for a conversion at the flags' layout."""
     import torch.distributed as dist
 
     from vppo_megatron.config import load
-    from vppo_megatron.parallel.layout import ParallelLayout, init_distributed, initialize
+    from vppo_megatron.parallel.layout import init_distributed, initialize
 
-    text = hf_config["text_config"]
     init_distributed()
-    world = dist.get_world_size()
-    if world % (tp * pp):
-        raise ValueError(f"--tp {tp} x --pp {pp} does not divide the {world} launched ranks")
-    layout = ParallelLayout(tp=tp, pp=pp, dp=world // (tp * pp))
-    layout.validate(
-        world, text["num_hidden_layers"], text["num_attention_heads"], text["num_key_value_heads"], text["vocab_size"]
-    )
-    cfg = load(None, [f"model.dtype={dtype}"])
+    layout = layout_of(args, hf_config, dist.get_world_size())
+    # one probe sample per micro-batch: the interleaved schedule needs at least pp of them (verify)
+    cfg = load(None, [f"model.dtype={dtype}", "trainer.micro_batch_size=1"])
     return cfg, initialize(layout, seed=0)
 
 
@@ -149,7 +181,8 @@ def verify(actor, hf_dir: str | Path, dtype: str) -> bool:
         (name, (tensor.float() - reader.get(name).float()).abs().max().item()) for name, tensor in actor.hf_tensors()
     ]
     sample = probe_sample(hf_dir)
-    ours = actor.experience([sample], step=0, with_perception=False).old_logp_BT[0]
+    copies = actor.groups.layout.pp  # the interleaved schedule needs at least pp micro-batches
+    ours = actor.experience([sample] * copies, step=0, with_perception=False).old_logp_BT[0]
     everything = [None] * dist.get_world_size()
     dist.all_gather_object(everything, rows)
     ok = True

@@ -1,6 +1,7 @@
-"""Hugging Face Qwen2.5-VL -> Megatron distributed checkpoint (torch_dist), loadable at any TP/PP layout.
+"""Hugging Face Qwen2.5-VL -> Megatron distributed checkpoint (torch_dist), loadable at any TP/PP/VPP split.
 
-  python -m checkpoints_convert.hf_to_megatron --hf DIR --out DIR --tp N --pp M [--verify]
+  python -m checkpoints_convert.hf_to_megatron --hf DIR --out DIR --tp N --pp M [--vpp V]
+      [--first-stage-layers F --last-stage-layers L] [--verify]
 
 Runs on tp * pp ranks: under torchrun as launched (multi-node: your torchrun line), or re-launched locally
 under torchrun when started as a plain command. Each rank reads only the HF tensors of its own shard, one at a
@@ -20,36 +21,26 @@ MODULE = "checkpoints_convert.hf_to_megatron"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from checkpoints_convert.common import add_layout_args
+
     parser = argparse.ArgumentParser(
         prog=f"python -m {MODULE}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--hf", required=True, help="HF model directory (config, safetensors, processor)")
     parser.add_argument("--out", required=True, help="new (or empty) directory for the Megatron checkpoint")
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--pp", type=int, default=1)
-    parser.add_argument("--vpp", type=int, default=1, help="virtual pipeline stages (not supported yet: 1)")
+    add_layout_args(parser)
     parser.add_argument("--verify", action="store_true", help="reload and compare every tensor and probe log-probs")
     return parser.parse_args(argv)
 
 
 def precheck(args) -> tuple[str, dict]:
     """Everything that can be checked before starting ranks, so a bad input fails once, clearly."""
-    from checkpoints_convert.common import hf_family
+    from checkpoints_convert.common import hf_family, layout_of
     from vppo_megatron.actor.checkpoint import check_output_dir
-    from vppo_megatron.parallel.layout import ParallelLayout
 
     family, hf_config = hf_family(args.hf)
     check_output_dir(args.out)
-    text = hf_config["text_config"]
-    ParallelLayout(tp=args.tp, pp=args.pp, vpp=args.vpp).validate(
-        args.tp * args.pp,
-        text["num_hidden_layers"],
-        text["num_attention_heads"],
-        text["num_key_value_heads"],
-        text["vocab_size"],
-    )
-    if args.vpp > 1:
-        raise ValueError("--vpp > 1 is not supported yet (the actor refuses interleaved pipelines)")
+    layout_of(args, hf_config, args.tp * args.pp)
     return family, hf_config
 
 
@@ -61,10 +52,10 @@ def convert(args, hf_config: dict) -> int:
     from vppo_megatron.actor.engine import MegatronActor
 
     dtype = common.dtype_of(hf_config)
-    cfg, groups = common.setup(args.tp, args.pp, hf_config, dtype)
+    cfg, groups = common.setup(args, hf_config, dtype)
     start = time.perf_counter()
     actor = MegatronActor(cfg, groups, args.hf, training=False, progress=True)
-    layout = {"tp": args.tp, "pp": args.pp}
+    layout = checkpoint.layout_metadata(groups.layout)
     checkpoint.save(
         actor.chunks,
         args.out,
@@ -72,7 +63,8 @@ def convert(args, hf_config: dict) -> int:
         {"family": "qwen2_5_vl", "written_at": layout, "dtype": dtype, "optimizer": False, "step": 0},
     )
     if dist.get_rank() == 0:
-        print(f"wrote {args.out} at TP{args.tp} PP{args.pp} ({dtype}) in {time.perf_counter() - start:.1f}s")
+        split = " ".join(f"{k}={v}" for k, v in layout.items())
+        print(f"wrote {args.out} at {split} ({dtype}) in {time.perf_counter() - start:.1f}s")
     ok = verify(args, cfg, groups, dtype) if args.verify else True
     return 0 if ok else 1
 

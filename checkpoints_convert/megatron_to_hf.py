@@ -1,11 +1,13 @@
 """Megatron checkpoint (converted or trained) -> Hugging Face safetensors + config + tokenizer/processor files,
 loadable by transformers and vLLM as is. Optimizer state in training checkpoints is not read.
 
-  python -m checkpoints_convert.megatron_to_hf --megatron DIR --out DIR [--tp N --pp M] [--hf-config DIR] [--verify]
+  python -m checkpoints_convert.megatron_to_hf --megatron DIR --out DIR [--tp N --pp M --vpp V] [--hf-config DIR]
+      [--first-stage-layers F --last-stage-layers L] [--verify]
 
---tp/--pp choose the layout the checkpoint is loaded at (any layout works; use the ranks you have). Each
-pipeline stage writes its own safetensors shards, gathering one tensor at a time over TP, so memory is bounded by
---max-shard-mb, not by the model. The output appears at --out only when complete.
+--tp/--pp/--vpp and the stage layers choose the layout the checkpoint is loaded at (any layout works, whatever
+the checkpoint was written at; use the ranks you have). Each pipeline stage writes its own safetensors shards,
+gathering one tensor at a time over TP, so memory is bounded by --max-shard-mb, not by the model. The output
+appears at --out only when complete.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ MODULE = "checkpoints_convert.megatron_to_hf"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from checkpoints_convert.common import add_layout_args
+
     parser = argparse.ArgumentParser(
         prog=f"python -m {MODULE}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -31,30 +35,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--hf-config",
         help="HF directory whose config/tokenizer/processor files to use (default: the copy inside the checkpoint)",
     )
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--pp", type=int, default=1)
+    add_layout_args(parser)
     parser.add_argument("--max-shard-mb", type=int, default=4096, help="largest safetensors file written")
     parser.add_argument("--verify", action="store_true", help="compare every tensor and probe log-probs")
     return parser.parse_args(argv)
 
 
 def precheck(args) -> tuple[dict, Path, dict]:
-    from checkpoints_convert.common import hf_family
+    from checkpoints_convert.common import hf_family, layout_of
     from vppo_megatron.actor.checkpoint import HF_FILES, check_output_dir, read_metadata
-    from vppo_megatron.parallel.layout import ParallelLayout
 
     meta = read_metadata(args.megatron)
     hf_files = Path(args.hf_config) if args.hf_config else Path(args.megatron) / HF_FILES
     _, hf_config = hf_family(hf_files)
     check_output_dir(args.out)
-    text = hf_config["text_config"]
-    ParallelLayout(tp=args.tp, pp=args.pp).validate(
-        args.tp * args.pp,
-        text["num_hidden_layers"],
-        text["num_attention_heads"],
-        text["num_key_value_heads"],
-        text["vocab_size"],
-    )
+    layout_of(args, hf_config, args.tp * args.pp)
     return meta, hf_files, hf_config
 
 
@@ -66,7 +61,7 @@ def export(args, meta: dict, hf_files: Path, hf_config: dict) -> int:
     from vppo_megatron.actor.engine import MegatronActor
 
     dtype = meta.get("dtype", common.dtype_of(hf_config))
-    cfg, groups = common.setup(args.tp, args.pp, hf_config, dtype)
+    cfg, groups = common.setup(args, hf_config, dtype)
     start = time.perf_counter()
     actor = MegatronActor(cfg, groups, str(hf_files), training=False, load_weights=False)
     checkpoint.load(actor.chunks, args.megatron)

@@ -4,5 +4,6 @@
 # Without Slurm run tools/launch_multinode.sh on every node (NNODES, NODE_RANK, MASTER_ADDR, RAY_AUTH_TOKEN).
 set -euo pipefail
 CONFIG=examples/configs/qwen2_5_vl_32b.yaml DEFAULT_MODEL=/models/Qwen2.5-VL-32B-Instruct
+# shellcheck source=examples/common.sh
 source "$(dirname "$0")/common.sh"
 exec sbatch --nodes=4 tools/slurm_vppo.sbatch "$CONFIG" "${args[@]}"

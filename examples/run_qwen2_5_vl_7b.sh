@@ -5,5 +5,6 @@
 # Ray instance for the 4 colocated vLLM engines (set RAY_ADDRESS to use a running cluster instead).
 set -euo pipefail
 CONFIG=examples/configs/qwen2_5_vl_7b.yaml DEFAULT_MODEL=/models/Qwen2.5-VL-7B-Instruct
+# shellcheck source=examples/common.sh
 source "$(dirname "$0")/common.sh"
 exec torchrun --standalone --nproc-per-node "${NPROC_PER_NODE:-8}" -m vppo_megatron.train --config "$CONFIG" "${args[@]}"

@@ -17,6 +17,22 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_model_3l_dir(tmp_path_factory):
+    """3 language-model layers: an uneven pipeline split (1 + 2 on PP2)."""
+    from vppo_megatron.tiny_model import TinySpec, build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2_5_vl-3l", TinySpec(num_layers=3))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_4l_dir(tmp_path_factory):
+    """4 language-model layers: one per virtual stage at PP2 x VPP2."""
+    from vppo_megatron.tiny_model import TinySpec, build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2_5_vl-4l", TinySpec(num_layers=4))
+
+
+@pytest.fixture(scope="session")
 def tiny_processor(tiny_model_dir):
     from transformers import AutoProcessor
 

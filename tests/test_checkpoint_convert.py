@@ -36,7 +36,8 @@ def tp2pp2_checkpoint(tiny_model_dir, tmp_path_factory):
 
 def test_checkpoint_is_complete_and_layout_independent(tp2pp2_checkpoint):
     meta = json.loads((tp2pp2_checkpoint / "vppo_checkpoint.json").read_text())
-    assert meta["written_at"] == {"tp": 2, "pp": 2} and meta["optimizer"] is False
+    assert meta["written_at"] == {"tp": 2, "pp": 2, "vpp": 1, "first_stage_layers": 0, "last_stage_layers": 0}
+    assert meta["optimizer"] is False
     assert (tp2pp2_checkpoint / "hf" / "config.json").exists()
     assert not list(tp2pp2_checkpoint.parent.glob(".*tmp-*"))  # the temporary directory was renamed
 
@@ -72,6 +73,35 @@ def test_round_trip_is_bit_exact_and_serves_in_transformers_and_vllm(
     assert torch.equal(logits[0], logits[1])
     served = vllm_greedy(out, text, tmp_path)
     assert served["ids"] == greedy[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+# (model fixture, split written at, split exported at): neither needs to match the other, nor an even split
+SPLITS = {
+    "pp2_uneven": (
+        "tiny_model_3l_dir",
+        ["--first-stage-layers", 1, "--last-stage-layers", 2],
+        ["--last-stage-layers", 1],
+    ),
+    "pp2_vpp2": ("tiny_model_4l_dir", ["--vpp", 2], []),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SPLITS))
+def test_uneven_and_virtual_pipeline_round_trips_are_bit_exact(name, tmp_path, request):
+    model_fixture, written_at, exported_at = SPLITS[name]
+    model_dir = request.getfixturevalue(model_fixture)
+    ckpt, out = tmp_path / "ckpt", tmp_path / "hf"
+    # --verify reloads the checkpoint at the split it was written at: every tensor bit-exact, probe log-probs
+    proc = _cli("hf_to_megatron", "--hf", model_dir, "--out", ckpt, "--pp", 2, *written_at, "--verify")
+    assert "worst difference 0.000e+00" in proc.stdout and ": OK" in proc.stdout
+    proc = _cli("megatron_to_hf", "--megatron", ckpt, "--out", out, "--pp", 2, *exported_at, "--verify")
+    assert ": OK" in proc.stdout
+    original, exported = SafetensorsReader(model_dir), SafetensorsReader(out)
+    assert original.keys() == exported.keys()
+    for key in sorted(original.keys()):
+        a, b = original.get(key), exported.get(key)
+        assert a.dtype == b.dtype and torch.equal(a, b), key
 
 
 def _probe_at_layout(rank, world_size, ckpt, layout):
@@ -139,6 +169,14 @@ def test_bad_inputs_get_clear_errors(tiny_model_dir, tp2pp2_checkpoint, tmp_path
         (
             ("hf_to_megatron", "--hf", tiny_model_dir, "--out", tmp_path / "c", "--pp", 3),
             "does not divide the model's num_hidden_layers = 2",
+        ),
+        (
+            ("hf_to_megatron", "--hf", tiny_model_dir, "--out", tmp_path / "c2", "--pp", 2, "--first-stage-layers", 3),
+            "parallel.first_stage_layers=3 leaves -1 of the model's num_hidden_layers = 2",
+        ),
+        (
+            ("megatron_to_hf", "--megatron", tp2pp2_checkpoint, "--out", tmp_path / "c3", "--vpp", 2),
+            "parallel.vpp=2: virtual stages need parallel.pp > 1",
         ),
         (("hf_to_megatron", "--hf", tmp_path / "nothing", "--out", tmp_path / "d"), "has no config.json"),
         (("hf_to_megatron", "--hf", tiny_model_dir, "--out", tp2pp2_checkpoint), "is not empty"),

@@ -85,6 +85,13 @@ def test_bad_values_name_the_field(override, words):
         (["parallel.tp=3"], 8, ["world size 8 is not divisible by tp*pp*cp = 3"]),
         (["parallel.tp=2", "parallel.pp=2", "parallel.dp=4"], 8, ["parallel.dp=4", "set parallel.dp=2"]),
         (["parallel.vpp=2"], None, ["parallel.vpp", "pp > 1"]),
+        (["parallel.first_stage_layers=1"], None, ["parallel.first_stage_layers=1", "pp > 1"]),
+        (["parallel.pp=2", "parallel.last_stage_layers=-2"], None, ["parallel.last_stage_layers=-2", ">= 0"]),
+        (
+            ["parallel.pp=2", "parallel.vpp=2", "parallel.first_stage_layers=3"],
+            None,
+            ["parallel.first_stage_layers=3", "multiple of parallel.vpp=2"],
+        ),
         (["parallel.sequence_parallel=true"], None, ["sequence_parallel", "tp > 1"]),
         (["algorithm.token_fraction=0"], None, ["algorithm.token_fraction", "(0, 1]"]),
         (
@@ -109,6 +116,8 @@ def test_validate_rejects_inconsistent_settings(overrides, world_size, words):
 def test_layout_that_fits_validates():
     load(None, ["parallel.tp=2", "parallel.pp=2", "parallel.cp=2"]).validate(16)  # dp derived as 2
     load(None, ["parallel.tp=2", "parallel.pp=2", "parallel.dp=2"]).validate(8)
+    load(None, ["parallel.pp=2", "parallel.vpp=2", "parallel.first_stage_layers=2"]).validate(2)
+    load(None, ["parallel.pp=2", "parallel.first_stage_layers=1", "parallel.last_stage_layers=2"]).validate(2)
 
 
 @pytest.mark.skipif(config_lib.transformer_engine_available(), reason="host has Transformer Engine")

@@ -9,7 +9,18 @@ import pytest
 import torch
 
 from vppo_megatron.config import load
-from vppo_megatron.memory import KNOWN, arch_from_hf, estimate, report, resolve_arch
+from vppo_megatron.memory import (
+    KNOWN,
+    arch_from_hf,
+    estimate,
+    estimate_stages,
+    in_flight,
+    layer_activation_bytes,
+    layers_per_rank,
+    report,
+    resolve_arch,
+    stages,
+)
 
 
 def test_parameter_count_is_exact_for_the_tiny_qwen2_5_vl(tiny_model_dir):
@@ -51,10 +62,84 @@ def test_parameter_count_is_exact_for_a_tiny_qwen3_vl_with_deepstack():
 
 @pytest.mark.parametrize(
     "name, billions",
-    [("Qwen2.5-VL-7B-Instruct", 8.29), ("Qwen2.5-VL-32B-Instruct", 33.45), ("Qwen3-VL-8B-Instruct", 8.77)],
+    [
+        ("Qwen2.5-VL-7B-Instruct", 8.29),
+        ("Qwen2.5-VL-32B-Instruct", 33.45),
+        ("Qwen2.5-VL-72B-Instruct", 73.41),
+        ("Qwen3-VL-8B-Instruct", 8.77),
+    ],
 )
 def test_built_in_architectures_match_the_published_sizes(name, billions):
     assert KNOWN[name].total_params() / 1e9 == pytest.approx(billions, abs=0.005)
+
+
+def test_a_tp_rank_holds_split_layers_and_the_whole_vision_tower():
+    arch = KNOWN["Qwen2.5-VL-7B-Instruct"]
+    # (h*(3584 + 2*512) + (3584 + 1024) QKV bias + 3584*h + 3*h*18944) / 2 + 2*h RMSNorm weights (replicated)
+    assert arch.layer_params(2) == 233_050_624 // 2 + 2 * 3584 == 116_532_480
+    (only,) = stages(arch, load("examples/configs/qwen2_5_vl_7b.yaml").parallel)
+    parts = only.params(arch, 2)
+    assert parts["vision"] == arch.vision_params  # HF's module, replicated over TP
+    assert parts["embedding"] == 152064 // 2 * 3584 and parts["output"] == 152064 // 2 * 3584 + 3584
+    assert parts["replicated"] == arch.vision_params + 28 * 2 * 3584 + 3584
+
+
+def test_uneven_pipeline_split_follows_megatron_core():
+    assert layers_per_rank(80, 4, 2) == [20, 20, 20, 20]
+    assert layers_per_rank(80, 4, 2, 16, 20) == [16, 22, 22, 20]  # (80 - 16 - 20) / 2 middle stages
+    assert layers_per_rank(64, 2, 1, 28) == [28, 36]  # the last stage takes the rest
+    with pytest.raises(ValueError, match="the other 3 stage.s. must split the remaining 62"):
+        layers_per_rank(80, 4, 2, 18)
+    with pytest.raises(ValueError, match="parallel.first_stage_layers: pipeline rank 0 would hold 15 layers"):
+        layers_per_rank(80, 4, 2, 15, 21)  # 22 + 22 in the middle, but 15 layers cannot split over VPP2
+    with pytest.raises(ValueError, match="need parallel.pp > 1"):
+        layers_per_rank(64, 1, 1, 30)
+
+
+def test_in_flight_replays_the_1f1b_schedule():
+    # non-interleaved: rank r runs PP - r - 1 warm-up forwards, then one forward per backward
+    assert [in_flight(4, 1, r, 64) for r in range(4)] == [(4, 4), (3, 3), (2, 2), (1, 1)]
+    assert in_flight(4, 1, 0, 2) == (2, 2)  # only 2 micro-batches
+    # interleaved PP4 VPP2, rank 0: 2*3 + 1*4 = 10 warm-up forwards (virtual stage 0, 0, 0, 0, 1, 1, 1, 1, 0, 0),
+    # then forward 11 (stage 0) before the first backward: 11 held, 7 on stage 0; backward 1 frees stage 1 and
+    # forward 12 is stage 0 again: 8 on stage 0
+    assert in_flight(4, 2, 0, 64) == (11, 8)
+    assert in_flight(4, 2, 3, 64)[0] == 5
+    assert in_flight(1, 1, 0, 64) == (1, 1)
+
+
+def test_layer_activation_bytes_from_the_architecture():
+    """32B on a TP8 rank with SP, s=1024, b=1 (n=1024 tokens, 128 in the norm region), Transformer Engine."""
+    arch = KNOWN["Qwen2.5-VL-32B-Instruct"]
+    parts = layer_activation_bytes(arch, 1024, 1, 8, True, "none")
+    assert parts == {
+        "norms": 2 * (128 * 5120 * (2 + 2) + 128 * 4),  # input + normed output bf16, fp32 rstd; two norms
+        "rope": 4 * 1024 * 128 * 2,  # cos, sin for q and k
+        "mlp": 5 * 1024 * 3456 * 2,  # fc1 out (2 f), silu, linear half copy, product (f each)
+        "attention": 1024 * 128 * (5 + 1 + 7 + 5) * 2 + 1024 * 5 * 4,  # q, k, QKV storage, out; logsumexp
+    }
+    assert layer_activation_bytes(arch, 1024, 1, 8, True, "full") == {"checkpoint": 128 * 5120 * 2}
+    no_sp = layer_activation_bytes(arch, 1024, 1, 8, False, "none")
+    assert no_sp["norms"] == 8 * parts["norms"] and no_sp["mlp"] == parts["mlp"]  # SP splits the norm region
+
+
+def test_every_pipeline_stage_is_estimated_and_the_heaviest_decides():
+    arch = KNOWN["Qwen2.5-VL-72B-Instruct"]
+    cfg = load("examples/configs/qwen2_5_vl_72b.yaml")
+    per_stage = estimate_stages(cfg, arch)
+    assert list(per_stage) == ["first", "middle", "last"]
+    assert per_stage["last"]["logits"] > 0 == per_stage["first"]["logits"]
+    assert per_stage["first"]["vision_activations"] > 0 == per_stage["middle"]["vision_activations"]
+    assert estimate(cfg, arch) == max(per_stage.values(), key=lambda parts: parts["actor_peak"])
+    even_cfg = load("examples/configs/qwen2_5_vl_72b.yaml", ["parallel.first_stage_layers=0"])
+    even = estimate(even_cfg, arch)
+    # even 20/20/20/20 piles the vision tower and embedding onto the first stage; 16/22/22/20 balances it
+    assert even == estimate_stages(even_cfg, arch)["first"]
+    assert estimate(cfg, arch)["actor_peak"] < even["actor_peak"] - 3
+    text, fits = report(cfg)
+    assert fits and "first (16 layers)" in text and "middle (22 layers)" in text and "heaviest: first stage" in text
+    with pytest.raises(ValueError, match="parallel.tp=16 does not divide the model's num_key_value_heads=8"):
+        estimate(load("examples/configs/qwen2_5_vl_72b.yaml", ["parallel.tp=16"]), arch)
 
 
 def test_estimate_follows_the_layout():
@@ -65,19 +150,20 @@ def test_estimate_follows_the_layout():
     # the distributed optimizer shards Adam over DP=4; without it every rank holds all of its TP shard
     unsharded = estimate(load("examples/configs/qwen2_5_vl_7b.yaml", ["optimizer.distributed_optimizer=false"]), arch)
     assert unsharded["optimizer"] == pytest.approx(4 * base["optimizer"])
-    # full recompute keeps one checkpoint per layer instead of 34 s*b*h
-    recompute = estimate(load("examples/configs/qwen2_5_vl_7b.yaml", ["model.recompute=full"]), arch)
-    assert recompute["activations"] < base["activations"] / 5
+    # full recompute keeps one checkpoint per layer (plus the one layer recomputed) instead of every activation
+    held = estimate(load("examples/configs/qwen2_5_vl_7b.yaml", ["model.recompute=none"]), arch)
+    assert base["activations"] < held["activations"] / 5  # the recipe recomputes (full)
+    assert base["vision_activations"] < held["vision_activations"] / 5  # the vision tower too
     text, fits = report(cfg)
     assert fits and "actor_peak" in text and "8.29B params" in text
 
 
 def test_dry_run_refuses_a_layout_that_cannot_fit():
     command = [sys.executable, "-m", "vppo_megatron.train", "--config", "examples/configs/qwen2_5_vl_7b.yaml"]
-    overrides = ["trainer.micro_batch_size=4", "parallel.sequence_parallel=false"]
+    overrides = ["trainer.micro_batch_size=4", "parallel.sequence_parallel=false", "model.recompute=none"]
     proc = subprocess.run([*command, "--dry-run", *overrides], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "exceeds 90% of parallel.device_memory_gib=80" in proc.stdout and "micro_batch_size" in proc.stdout
+    assert "more than 90% of parallel.device_memory_gib=80" in proc.stdout and "micro_batch_size" in proc.stdout
 
 
 def test_unknown_model_gets_no_estimate_but_says_why(tmp_path):
@@ -103,3 +189,23 @@ def test_qwen3_vl_validates_but_the_actor_refuses_it_by_name():
     with pytest.raises(ConfigError, match="config.json is model_type 'qwen3_vl'; set model.family=qwen3_vl"):
         check_family("qwen2_5_vl", "qwen3_vl", "/models/Qwen3-VL-8B-Instruct")
     check_family("qwen2_5_vl", "qwen2_5_vl", "/models/Qwen2.5-VL-7B-Instruct")
+
+
+def test_phase_peaks_follow_the_lifecycle_table():
+    """The rollout phase holds the awake engines plus what actor.offload leaves; the update holds the whole actor
+    with the engines asleep; the 7B recipe only fits colocated because the actor offloads during rollout."""
+    cfg = load("examples/configs/qwen2_5_vl_7b.yaml")
+    arch = resolve_arch(cfg.model.path)[0]
+    engines = cfg.rollout.gpu_memory_utilization * cfg.parallel.device_memory_gib
+    parts = estimate(cfg, arch)  # actor.offload=all
+    assert parts["rollout_phase"] == pytest.approx(engines)
+    assert parts["update_phase"] == pytest.approx(parts["actor_peak"])
+    assert parts["sync_phase"] == pytest.approx(parts["weights"] + parts["vllm_weights"] + 512 / 1024)
+    kept = estimate(load("examples/configs/qwen2_5_vl_7b.yaml", ["actor.offload=optimizer"]), arch)
+    assert kept["rollout_phase"] == pytest.approx(engines + parts["weights"] + parts["gradients"])
+    text, fits = report(load("examples/configs/qwen2_5_vl_7b.yaml", ["actor.offload=none"]))
+    assert not fits and "the rollout phase needs" in text and "set actor.offload=all" in text
+    assert report(cfg)[1]
+    apart = estimate(load("examples/configs/qwen2_5_vl_7b.yaml", ["rollout.placement=disaggregated"]), arch)
+    state = apart["weights"] + apart["gradients"] + apart["optimizer"]
+    assert apart["rollout_phase"] == pytest.approx(state)  # no engine on the trainer's GPUs, nothing offloaded

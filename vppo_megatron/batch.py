@@ -1,4 +1,4 @@
-"""The step's rollouts, from trainer rank 0 to every rank: broadcast, data-parallel shards, mini-batches.
+"""The step's rollouts, from trainer rank 0 to the ranks that need them: DP shards, then mini-batches.
 
 Prompt groups stay whole (GRPO normalises within a group, TAS `group` scope needs it), so shards and
 mini-batches are made of groups. Each DP rank takes every dp-th group; the group count is trimmed to a multiple
@@ -25,36 +25,46 @@ class RankBatch:
     """Global group index of each rollout."""
 
 
-def broadcast_groups(groups) -> list[tuple[str, list[int], list[list[int]], list, list[float]]]:
-    """Rank 0's Groups as plain tuples (uid, prompt ids, response ids per rollout, images, rewards) on all ranks."""
-    payload = [None]
-    if dist.get_rank() == 0:
-        payload = [
-            [
-                (
-                    g.prompt.uid,
-                    g.rollouts[0].prompt_ids if g.rollouts else [],
-                    [r.response_ids for r in g.rollouts],
-                    g.prompt.images,
-                    g.rewards,
-                )
-                for g in groups
-            ]
-        ]
-    dist.broadcast_object_list(payload, src=0)
-    return payload[0]
+def _plain(group) -> tuple:
+    """A Group as plain data (uid, prompt ids, response ids per rollout, images, rewards)."""
+    g = group
+    return (
+        g.prompt.uid,
+        g.rollouts[0].prompt_ids if g.rollouts else [],
+        [r.response_ids for r in g.rollouts],
+        g.prompt.images,
+        g.rewards,
+    )
 
 
-def shard(groups: list, dp_rank: int, dp_size: int) -> RankBatch:
+def dp_shards(groups: list, dp_size: int) -> list[list[tuple[int, tuple]]]:
+    """(global group index, group) per DP rank: rank d takes every dp-th group; the count is trimmed to a
+    multiple of the DP size."""
     usable = len(groups) - len(groups) % dp_size
+    return [[(g, groups[g]) for g in range(d, usable, dp_size)] for d in range(dp_size)]
+
+
+def distribute(groups, parallel) -> RankBatch:
+    """Rank 0's Groups -> this rank's DP shard. Rank 0 scatters one shard to each replica leader (images travel
+    once per DP rank), and each leader broadcasts its shard over its replica (TP x CP x PP ranks)."""
+    shard = [None]
+    if parallel.leaders is not None:
+        shards = None
+        if dist.get_rank() == 0:
+            shards = [[(g, _plain(group)) for g, group in s] for s in dp_shards(groups, parallel.layout.dp)]
+        dist.scatter_object_list(shard, shards, src=0, group=parallel.leaders)
+    dist.broadcast_object_list(shard, src=parallel.replica_leader, group=parallel.replica)
+    return to_rank_batch(shard[0])
+
+
+def to_rank_batch(shard: list[tuple[int, tuple]]) -> RankBatch:
     samples, rewards, group_ids = [], [], []
-    for g in range(dp_rank, usable, dp_size):
-        uid, prompt_ids, responses, images, group_rewards = groups[g]
+    for g, (uid, prompt_ids, responses, images, group_rewards) in shard:
         for j, (response, reward) in enumerate(zip(responses, group_rewards)):
             samples.append(ActorSample(f"{uid}/{j}", prompt_ids, response, images))
             rewards.append(reward)
             group_ids.append(g)
-    return RankBatch(samples, torch.tensor(rewards, dtype=torch.float32), torch.tensor(group_ids))
+    return RankBatch(samples, torch.tensor(rewards, dtype=torch.float32), torch.tensor(group_ids, dtype=torch.long))
 
 
 def mini_batches(batch: RankBatch, groups_per_update: int) -> list[slice]:

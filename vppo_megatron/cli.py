@@ -102,6 +102,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     return _torchrun("vppo_megatron.train", args.config, overrides)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Rehearses the config's target layout with the actor's model code on the meta device (actor/rehearsal.py)
+    and prints it beside the dry run's estimate; --measure also runs one layer's activations on CPU."""
+    from vppo_megatron import config as config_lib
+    from vppo_megatron import memory
+    from vppo_megatron.actor import rehearsal
+
+    cfg = config_lib.load(args.config, args.overrides).validate(check_host=False)
+    print(memory.report(cfg)[0], flush=True)
+    rows = rehearsal.rehearse(cfg)
+    print(rehearsal.format_rehearsal(cfg, rows), flush=True)
+    if args.measure:
+        results = rehearsal.measure_activations(cfg, args.seq, args.micro_batch)
+        print(rehearsal.format_activations(cfg, results))
+    return 0 if all(r["matches"] for r in rows) else 1
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from vppo_megatron.evaluate import main as eval_main
 
@@ -216,6 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="auto | none | a checkpoint directory (checkpoint.resume)")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plan", help="rehearse the target layout with the real model code (meta device) + estimate")
+    p.add_argument("--config", required=True)
+    p.add_argument("--measure", action="store_true", help="also measure one layer's activations on CPU")
+    p.add_argument("--seq", type=int, help="sequence length of the measurement (default: the target's)")
+    p.add_argument("--micro-batch", type=int, help="micro-batch of the measurement (default: the target's)")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("eval", help="avg@k validation accuracy of an HF model directory on a vLLM fleet")
     p.add_argument("--config", required=True)

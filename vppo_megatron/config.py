@@ -185,12 +185,23 @@ class ParallelConfig:
     """Data-parallel size; 0 = derived as world_size / (tp * pp * cp)."""
     vpp: int = 1
     """Virtual pipeline stages per rank (interleaved 1F1B); > 1 needs pp > 1."""
+    first_stage_layers: int = 0
+    """Language-model layers on the first pipeline stage (which also holds the vision tower); 0 = even split."""
+    last_stage_layers: int = 0
+    """Language-model layers on the last pipeline stage (which also holds the output layer); 0 = even split."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism with TP (Transformer Engine only)."""
     world_size: int = 0
     """Expected number of trainer ranks; 0 = the torchrun world size at start (set for --dry-run)."""
     device_memory_gib: float = 80.0
     """Memory of one accelerator; `--dry-run` fails when the estimated actor peak exceeds 90% of it (0: no check)."""
+
+
+@dataclass
+class ActorConfig:
+    offload: Literal["auto", "none", "optimizer", "optimizer+grads", "all"] = "auto"
+    """What the actor moves to host memory while the rollout engines generate (colocated placement): optimizer
+    state, + gradient buffers, + weights (all). auto = all when colocated on a CUDA host, none otherwise."""
 
 
 @dataclass
@@ -287,6 +298,8 @@ class Config:
     """VPPO / DAPO / GRPO objective and its ablation switches."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Megatron parallel layout of the actor."""
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    """The Megatron actor's memory residency across a step's phases."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     """AdamW settings."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -354,6 +367,13 @@ def _check_ranges(cfg: Config) -> None:
             r.num_samples_per_prompt,
             "group-normalised advantages need >= 2 samples per prompt",
         )
+    if r.placement == "disaggregated" and cfg.actor.offload not in ("auto", "none"):
+        _fail(
+            "actor.offload",
+            cfg.actor.offload,
+            "offloading frees the actor's GPUs for colocated engines; with rollout.placement=disaggregated the "
+            "engines have their own GPUs: set actor.offload=none (or auto)",
+        )
     if cfg.data.min_pixels > cfg.data.max_pixels:
         _fail("data.min_pixels", cfg.data.min_pixels, f"must be <= data.max_pixels ({cfg.data.max_pixels})")
 
@@ -364,6 +384,14 @@ def _check_parallel(p: ParallelConfig, world_size: int) -> None:
             _fail(f"parallel.{name}", getattr(p, name), "must be >= 1")
     if p.vpp > 1 and p.pp == 1:
         _fail("parallel.vpp", p.vpp, "virtual pipeline stages need parallel.pp > 1")
+    for name in ("first_stage_layers", "last_stage_layers"):
+        value = getattr(p, name)
+        if value < 0:
+            _fail(f"parallel.{name}", value, "must be >= 0 (0 = an even split)")
+        if value and p.pp == 1:
+            _fail(f"parallel.{name}", value, "an uneven pipeline split needs parallel.pp > 1")
+        if value % p.vpp:
+            _fail(f"parallel.{name}", value, f"must be a multiple of parallel.vpp={p.vpp} (equal virtual stages)")
     if p.sequence_parallel and p.tp == 1:
         _fail("parallel.sequence_parallel", True, "sequence parallelism needs parallel.tp > 1")
     if not world_size:

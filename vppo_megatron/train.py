@@ -27,31 +27,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--config", required=True)
     parser.add_argument("--dry-run", action="store_true", help="validate for parallel.world_size and exit")
+    parser.add_argument("--rehearse", action="store_true", help="with --dry-run: build each rank role (vppo plan)")
     parser.add_argument("--resume", help="auto | none | a checkpoint directory (checkpoint.resume)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algorithm.token_fraction=0.4")
     return parser.parse_args(argv)
-
-
-def dry_run(cfg) -> int:
-    from vppo_megatron import memory
-    from vppo_megatron.config import ACTOR_FAMILIES
-    from vppo_megatron.parallel.layout import ParallelLayout
-
-    world = cfg.parallel.world_size
-    cfg.validate(world, check_host=False)
-    layout = ParallelLayout.from_config(cfg.parallel, world)
-    updates = cfg.trainer.prompts_per_step // cfg.trainer.prompts_per_update
-    print(
-        f"config OK for {world} ranks: TP={layout.tp} PP={layout.pp} CP={layout.cp} DP={layout.dp} "
-        f"VPP={layout.vpp}; {cfg.trainer.prompts_per_step} prompts x {cfg.rollout.num_samples_per_prompt} "
-        f"rollouts per step, {updates} optimizer steps per rollout step; {cfg.rollout.num_engines} vLLM "
-        f"engines (TP {cfg.rollout.tensor_parallel_size}, {cfg.rollout.placement})"
-    )
-    text, fits = memory.report(cfg)
-    print(text)
-    if cfg.model.family not in ACTOR_FAMILIES:
-        print(f"note: model.family={cfg.model.family} validates, but the actor does not implement it yet")
-    return 0 if fits else 2
 
 
 from vppo_megatron.resume import resume, save  # noqa: E402 - after the environment defaults above
@@ -64,6 +43,7 @@ def build(cfg):
 
     from vppo_megatron.actor.engine import MegatronActor
     from vppo_megatron.data.dataset import PromptDataset, PromptLoader
+    from vppo_megatron.lifecycle import Lifecycle
     from vppo_megatron.metrics import MetricsLogger
     from vppo_megatron.parallel.layout import ParallelLayout, init_distributed, initialize
     from vppo_megatron.reward.loading import load_reward_function
@@ -90,6 +70,8 @@ def build(cfg):
     run["sync"] = WeightSync(cfg, actor, run["fleet"])
     run["start_step"] = resume(run)
     run["sync"].push()  # engines serve exactly the actor's weights from the first rollout on
+    run["lifecycle"] = Lifecycle(cfg, actor, run["fleet"], dist.barrier)
+    run["lifecycle"].start()  # rollout state: engines awake, the actor holds what actor.offload leaves
     return run
 
 
@@ -101,25 +83,26 @@ def train_step(run, step: int) -> dict[str, float]:
     from vppo_megatron.algo.pipeline import advantages_and_mask
     from vppo_megatron.rollout.collect import collect
 
-    cfg, groups, actor, phase = run["cfg"], run["groups"], run["actor"], run["progress"].phase
-    start, metrics = time.perf_counter(), {}
-    kept = None
+    cfg, groups, actor, lifecycle = run["cfg"], run["groups"], run["actor"], run["lifecycle"]
+    phase = run["progress"].phase
+    start, metrics, kept = time.perf_counter(), {}, None
     phase("rollout + reward")
     if dist.get_rank() == 0:
         kept, metrics = collect(run["fleet"], run["loader"], cfg, step, run["reward_fn"])  # stages 1-2
-    data = batching.shard(batching.broadcast_groups(kept), groups.dp_rank, groups.layout.dp)
+    data = batching.distribute(kept, groups)  # this DP rank's groups only
     metrics["time/rollout_s"] = time.perf_counter() - start
     if not data.samples:
         return dict(metrics, **{"actor/skipped_step": 1.0})
-    tick = time.perf_counter()
     phase("experience (dual pass)")
+    metrics.update(lifecycle.enter("experience"))  # engines sleep, the actor's state comes back
+    tick = time.perf_counter()
     experience = actor.experience(data.samples, step, with_perception=cfg.algorithm.name == "vppo")  # stage 3
     metrics["time/experience_s"] = time.perf_counter() - tick
     groups_per_update = max(1, cfg.trainer.prompts_per_update // groups.layout.dp)
     phase("update")
+    lifecycle.enter("update")
     for rows in batching.mini_batches(data, groups_per_update):  # stages 4-6, one optimizer step each
-        count = rows.stop - rows.start
-        micro_ids = torch.arange(count) // cfg.trainer.micro_batch_size
+        micro_ids = torch.arange(rows.stop - rows.start) // cfg.trainer.micro_batch_size
         advantage, mask, shaping_metrics = advantages_and_mask(
             cfg.algorithm,
             data.reward_B[rows],
@@ -139,7 +122,9 @@ def train_step(run, step: int) -> dict[str, float]:
         )
     metrics["time/update_s"] = time.perf_counter() - tick - metrics["time/experience_s"]
     phase("weight sync")
+    metrics.update(lifecycle.enter("sync"))  # optimizer state (+ grads) leave, engines' weights wake
     metrics.update(run["sync"].push())  # stage 7
+    metrics.update(lifecycle.enter("rollout"))  # weights leave (offload=all), engines' KV cache wakes
     metrics["time/step_s"] = time.perf_counter() - start
     metrics["time/perception_fraction"] = metrics["time/experience_s"] / metrics["time/step_s"]
     return metrics
@@ -159,7 +144,9 @@ def main(argv=None) -> int:
     try:
         cfg = load(args.config, [*args.overrides, *([f"checkpoint.resume={args.resume}"] if args.resume else [])])
         if args.dry_run:
-            return dry_run(cfg)
+            from vppo_megatron.plan import dry_run
+
+            return dry_run(cfg, args.rehearse)
     except ValueError as exc:  # ConfigError, or a model config.json the memory estimate cannot read
         print(f"vppo train: error: {exc}", file=sys.stderr)
         return 2
@@ -177,7 +164,8 @@ def main(argv=None) -> int:
             run["logger"].log(step, metrics)
         if every and (step + 1) % every == 0:
             progress.phase("checkpoint")
-            save(run, step)
+            with run["lifecycle"].everything_resident():
+                save(run, step)
         progress.advance(metrics)
     progress.close()
     if run["fleet"] is not None:

@@ -53,11 +53,8 @@ def test_serial_step_is_meaningful(serial, tiny_model_dir):
     assert set(params) == reader.keys()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_equals_serial(name, serial, tiny_model_dir):
-    layout, world_size = LAYOUTS[name]
-    experience, metrics, params = _run(tiny_model_dir, layout, world_size)
+def _assert_equal(result, serial):
+    experience, metrics, params = result
     serial_experience, serial_metrics, serial_params = serial
     for key, value in serial_experience.items():
         torch.testing.assert_close(experience[key], value, atol=TOLERANCE, rtol=0, msg=key)
@@ -66,3 +63,39 @@ def test_layout_equals_serial(name, serial, tiny_model_dir):
     assert set(params) == set(serial_params)
     for key, value in serial_params.items():
         torch.testing.assert_close(params[key], value, atol=TOLERANCE, rtol=0, msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_equals_serial(name, serial, tiny_model_dir):
+    layout, world_size = LAYOUTS[name]
+    _assert_equal(_run(tiny_model_dir, layout, world_size), serial)
+
+
+# Interleaved (virtual) and uneven pipelines need more layers than the 2-layer model: (model fixture, layout, ranks)
+PIPELINE_SPLITS = {
+    "pp2_vpp2": ("tiny_model_4l_dir", {"pp": 2, "vpp": 2}, 2),
+    "tp2_pp2_vpp2": ("tiny_model_4l_dir", {"tp": 2, "pp": 2, "vpp": 2}, 4),
+    "pp2_uneven_1_2": ("tiny_model_3l_dir", {"pp": 2, "first_stage_layers": 1, "last_stage_layers": 2}, 2),
+}
+
+
+@pytest.fixture(scope="module")
+def serial_of(request):
+    """The serial run of a model fixture, computed once per module."""
+    runs = {}
+
+    def get(model_fixture):
+        if model_fixture not in runs:
+            runs[model_fixture] = _run(request.getfixturevalue(model_fixture), {}, 1)
+        return runs[model_fixture]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(PIPELINE_SPLITS))
+def test_virtual_and_uneven_pipelines_equal_serial(name, serial_of, request):
+    model_fixture, layout, world_size = PIPELINE_SPLITS[name]
+    result = _run(request.getfixturevalue(model_fixture), layout, world_size)
+    _assert_equal(result, serial_of(model_fixture))

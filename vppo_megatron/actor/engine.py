@@ -17,6 +17,7 @@ Legend: B rollouts, S padded sequence length, S_l its CP-local part, T response 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -27,11 +28,14 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from vppo_megatron.actor import batching, weights
 from vppo_megatron.actor.cp_attention import zigzag_positions
 from vppo_megatron.actor.model import Qwen25VLModel, layer_spec, layer_spec_name, transformer_config
+from vppo_megatron.actor.offload import ActorOffload
 from vppo_megatron.algo import loss as algo_loss
 from vppo_megatron.algo import perception, perturb, vocab_parallel
 from vppo_megatron.config import ACTOR_FAMILIES, Config, ConfigError
 from vppo_megatron.parallel.layout import ParallelGroups
 from vppo_megatron.types import ActorSample
+
+FP8_TOKEN_MULTIPLE = 16  # Transformer Engine asserts FP8 GEMM inputs have a leading dim divisible by 16
 
 
 @dataclass
@@ -75,15 +79,16 @@ class MegatronActor:
         from transformers import AutoConfig, AutoProcessor
 
         self.cfg, self.groups = cfg, groups
-        if groups.layout.vpp > 1:
-            # The model builds per virtual stage, but the interleaved 1F1B schedule deadlocked on gloo in our
-            # parity run (PP2 x VPP2); until it is proven equal to serial it is refused rather than trusted.
-            raise ConfigError(
-                f"parallel.vpp={groups.layout.vpp}: the interleaved pipeline schedule is not "
-                "supported by the actor yet; use parallel.vpp=1"
-            )
         self.hf_config = AutoConfig.from_pretrained(model_dir)
         check_family(cfg.model.family, self.hf_config.model_type, model_dir)
+        text = self.hf_config.text_config
+        groups.layout.validate(
+            dist.get_world_size(),
+            text.num_hidden_layers,
+            text.num_attention_heads,
+            text.num_key_value_heads,
+            text.vocab_size,
+        )
         processor = AutoProcessor.from_pretrained(model_dir)
         self.image_processor = processor.image_processor
         self.pad_id = processor.tokenizer.pad_token_id
@@ -96,6 +101,11 @@ class MegatronActor:
             first = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
             last = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
             self.chunks.append(Qwen25VLModel(self.hf_config, self.config, spec, first, last, vp_stage))
+        # megatron-core builds its layers on the current GPU; HF's vision tower is built on the host
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        if self.device is not None:
+            for chunk in self.chunks:
+                chunk.to(self.device)
         self.rules = weights.family_rules(self.hf_config, self.spec_name)
         self.dims = weights.attention_dims(self.hf_config)
         if load_weights:
@@ -153,6 +163,7 @@ class MegatronActor:
         self.config.finalize_model_grads_func = finalize_model_grads
         self.config.no_sync_func = [m.no_sync for m in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
         self.updates = 0
+        self.residency = ActorOffload(self.model, self.optimizer)
 
     # ----------------------------------------------------------------------------------- micro-batches
 
@@ -161,6 +172,8 @@ class MegatronActor:
         multiple = 2 * self.groups.layout.cp if self.groups.layout.cp > 1 else 1
         if self.config.sequence_parallel:
             multiple *= self.groups.layout.tp
+        if self.cfg.model.fp8 != "none":  # Transformer Engine's FP8 GEMMs need token counts divisible by 16
+            multiple = math.lcm(multiple, FP8_TOKEN_MULTIPLE)
         cell = a.perturb_cell_size or self.hf_config.vision_config.patch_size
         out = []
         for start in range(0, len(samples), size):
@@ -211,7 +224,8 @@ class MegatronActor:
         attention_mask = None
         if self.groups.layout.cp == 1 and self.spec_name == "local":
             seq_len = mb.input_ids_BS.shape[1]
-            attention_mask = torch.triu(torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool), diagonal=1)
+            ones = torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=mb.input_ids_BS.device)
+            attention_mask = torch.triu(ones, diagonal=1)
         return model(
             mb.input_ids_BS,
             mb.position_ids_3BS,
@@ -222,7 +236,13 @@ class MegatronActor:
         )
 
     def _schedule(self, step_func, micro_batches: list[batching.MicroBatch], forward_only: bool):
-        iterators = [iter(micro_batches) for _ in self.model] if len(self.model) > 1 else iter(micro_batches)
+        if self.device is not None:
+            micro_batches = [mb.to(self.device) for mb in micro_batches]
+        iterators = iter(micro_batches)
+        if len(self.model) > 1:
+            # interleaved: every virtual stage walks the same micro-batches with its own iterator
+            iterators = [iter(micro_batches) for _ in self.model]
+            self.config.microbatch_group_size_per_vp_stage = self._microbatch_group_size(len(micro_batches))
         return get_forward_backward_func()(
             forward_step_func=step_func,
             data_iterator=iterators,
@@ -232,6 +252,19 @@ class MegatronActor:
             micro_batch_size=micro_batches[0].input_ids_BS.shape[0],
             forward_only=forward_only,
         )
+
+    def _microbatch_group_size(self, num_microbatches: int) -> int:
+        """Micro-batches a virtual stage runs in a row: the pipeline size (megatron-core's default) when it
+        divides their number, else all of them (the interleaved schedule accepts any group in [pp, M] that
+        leaves no remainder below pp)."""
+        pp, vpp = self.groups.layout.pp, self.groups.layout.vpp
+        if num_microbatches < pp:
+            raise ValueError(
+                f"parallel.vpp={vpp}: the interleaved schedule needs at least parallel.pp={pp} micro-batches "
+                f"per pass, this rank has {num_microbatches}; lower trainer.micro_batch_size, give each DP "
+                "rank more rollouts, or set parallel.vpp=1"
+            )
+        return pp if num_microbatches % pp == 0 else num_microbatches
 
     # ------------------------------------------------------------------------------- experience pass
 
@@ -257,8 +290,9 @@ class MegatronActor:
             if paired:
                 results["aug_logp"] = logp_BS[batch:]
                 results["dependency"] = self._dependency(results, original_NV, logits[batch:].reshape(-1, vocab_tp))
-            results = {k: self._gather_cp(v) for k, v in results.items()}
-        return torch.zeros(()), torch.tensor(1, dtype=torch.int), results
+            results = {k: self._gather_cp(v).cpu() for k, v in results.items()}
+        device = logits_BSV.device  # the schedule adds these to its own device tensors
+        return torch.zeros((), device=device), torch.tensor(1, dtype=torch.int, device=device), results
 
     def _dependency(self, results, original_NV: torch.Tensor, perturbed_NV: torch.Tensor) -> torch.Tensor:
         estimator, old_BS = self.cfg.algorithm.estimator, results["old_logp"]
@@ -297,7 +331,9 @@ class MegatronActor:
                         stacked[i, row : row + len(prompt_lengths)] = values
                 row += len(prompt_lengths)
         if self.groups.layout.pp > 1:
-            dist.broadcast(stacked, src=self.groups.pp_last_rank, group=self.groups.pp)
+            on_device = stacked.to(self.device) if self.device is not None else stacked  # NCCL needs device memory
+            dist.broadcast(on_device, src=self.groups.pp_last_rank, group=self.groups.pp)
+            stacked = on_device.cpu()
         mask = torch.zeros((len(samples), num_positions))
         for b, s in enumerate(samples):
             mask[b, : len(s.response_ids)] = 1.0
@@ -403,6 +439,16 @@ class MegatronActor:
     def sft_update(self, samples: list[ActorSample]) -> dict[str, float]:
         """One supervised optimizer step: the responses are the targets."""
         return self._optimizer_step(self._micro_batches(samples, step=0, paired=False), self._sft_loss)
+
+    # -------------------------------------------------------------------------------------- residency
+
+    def offload(self, kinds: tuple[str, ...]) -> dict[str, int]:
+        """Releases this rank's optimizer state / gradient buffers / weights (actor/offload.py); bytes per kind."""
+        return self.residency.offload(kinds)
+
+    def onload(self) -> dict[str, int]:
+        """Brings back everything `offload` released; bytes per kind."""
+        return self.residency.onload()
 
     # ------------------------------------------------------------------------------------------ weights
 

@@ -75,6 +75,8 @@ def transformer_config(hf_config, cfg: Config, layout: ParallelLayout) -> Transf
         pipeline_model_parallel_size=layout.pp,
         context_parallel_size=layout.cp,
         virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+        num_layers_in_first_pipeline_stage=layout.first_stage_layers or None,  # None: megatron-core's even split
+        num_layers_in_last_pipeline_stage=layout.last_stage_layers or None,
         sequence_parallel=cfg.parallel.sequence_parallel,
         pipeline_dtype=dtype,
         params_dtype=dtype,
@@ -126,6 +128,10 @@ class Qwen25VLModel(MegatronModule):
             vision_config._attn_implementation = "sdpa"
             self.vision = Qwen2_5_VisionTransformerPretrainedModel._from_config(vision_config)
             self.vision.to(config.params_dtype)
+            if config.recompute_granularity == "full":
+                # the tower keeps ~2 MiB per patch for backward (a max-pixels image: ~10 GiB); checkpointing each
+                # block keeps only the block inputs (HF's non-reentrant gradient checkpointing, no dropout to replay)
+                self.vision.gradient_checkpointing_enable({"use_reentrant": False})
             for param in self.vision.parameters():
                 param.average_gradients_across_tp_domain = True
         text = hf_config.text_config

@@ -115,6 +115,95 @@ def _patch_grad_clipping() -> None:
     optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
 
 
+# P9: one gloo tag per direction (gloo matches a receive to its peer's sends by (peer, tag) in posting order)
+_TO_NEXT_SHAPE, _TO_PREV_SHAPE, _TO_NEXT, _TO_PREV = 1, 2, 3, 4
+_pending_sends: list = []  # P9: posted pipeline sends, waited for when the schedule returns
+
+
+def _post(send_prev, recv_prev, send_next, recv_next, group, prev_rank, next_rank, tags) -> list:
+    """P9: posts one call's sends and receives; returns the receives. The sends complete in the background
+    (gloo's transport thread) and keep their tensors referenced in `_pending_sends`."""
+    import torch.distributed as dist
+
+    to_next, to_prev = tags
+    receives = []
+    if send_prev is not None:
+        _pending_sends.append(dist.isend(send_prev, prev_rank, group, tag=to_prev))
+    if recv_prev is not None:
+        receives.append(dist.irecv(recv_prev, prev_rank, group, tag=to_next))
+    if send_next is not None:
+        _pending_sends.append(dist.isend(send_next, next_rank, group, tag=to_next))
+    if recv_next is not None:
+        receives.append(dist.irecv(recv_next, next_rank, group, tag=to_prev))
+    return receives
+
+
+def _batched_p2p_ops(
+    *,
+    tensor_send_prev,
+    tensor_recv_prev,
+    tensor_send_next,
+    tensor_recv_next,
+    group,
+    prev_pipeline_rank,
+    next_pipeline_rank,
+):
+    """P9: megatron-core's `_batched_p2p_ops` (the activations and gradients), tagged, sends not awaited."""
+    tensors = (tensor_send_prev, tensor_recv_prev, tensor_send_next, tensor_recv_next)
+    return _post(*tensors, group, prev_pipeline_rank, next_pipeline_rank, (_TO_NEXT, _TO_PREV))
+
+
+def _communicate_shapes(self, tensor_send_next, tensor_send_prev, recv_prev, recv_next):
+    """P9: `P2PCommunicator._communicate_shapes` (variable sequence lengths), tagged, sends not awaited."""
+
+    def shape(tensor):
+        return None if tensor is None else torch.tensor(tensor.size(), dtype=torch.int64)
+
+    recv_prev_shape = torch.empty(3, dtype=torch.int64) if recv_prev else None
+    recv_next_shape = torch.empty(3, dtype=torch.int64) if recv_next else None
+    shapes = (shape(tensor_send_prev), recv_prev_shape, shape(tensor_send_next), recv_next_shape)
+    for work in _post(*shapes, self.pp_group, self.prev_rank, self.next_rank, (_TO_NEXT_SHAPE, _TO_PREV_SHAPE)):
+        work.wait()
+    return tuple([0, 0, 0] if s is None else s.tolist() for s in (recv_prev_shape, recv_next_shape))
+
+
+def _draining(schedule):
+    """P9: the schedule, then a wait for its sends. Safe: the peers' matching receives need nothing more of
+    this rank (every send of the schedule is posted), so they are posted or will be."""
+
+    @functools.wraps(schedule)
+    def run(*args, **kwargs):
+        try:
+            out = schedule(*args, **kwargs)
+        except BaseException:
+            _pending_sends.clear()
+            raise
+        while _pending_sends:
+            _pending_sends.pop(0).wait()
+        return out
+
+    return run
+
+
+def _patch_pipeline_p2p() -> None:
+    """P9: pipeline point-to-point traffic on gloo needs CUDA's asynchrony and one queue per direction.
+
+    On CUDA, `req.wait()` only orders streams and the host goes on; on gloo a send's wait blocks until the peer
+    posts the matching receive. The interleaved schedule relies on the former: at PP2 x VPP2 the last stage
+    sends a gradient's shape to a first stage that is still sending its last warm-up activation, each waiting
+    for the other (deadlock). And with two stages the previous and the next rank are the same peer, so a call
+    that sends both ways posts two messages that the peer's receives (previous first, next first) match
+    crosswise. So here sends are only posted (awaited when the schedule returns) and every message carries a tag
+    for its direction, as distinct peers separate the directions with more than two stages. Shapes and tensors
+    keep megatron-core's order (shapes first, with `variable_seq_lengths`)."""
+    from megatron.core.pipeline_parallel import p2p_communication, schedules
+
+    p2p_communication._batched_p2p_ops = _batched_p2p_ops
+    p2p_communication.P2PCommunicator._communicate_shapes = _communicate_shapes
+    for name in ("forward_backward_pipelining_with_interleaving", "forward_backward_pipelining_without_interleaving"):
+        setattr(schedules, name, _draining(getattr(schedules, name)))
+
+
 def apply() -> bool:
     """Applies every patch once when CUDA is absent; returns whether the patches are active."""
     global _applied
@@ -130,5 +219,6 @@ def apply() -> bool:
     torch.cuda.synchronize = lambda *args, **kwargs: None
     torch.cuda.current_stream = lambda *args, **kwargs: _NoStream()
     _patch_grad_clipping()
+    _patch_pipeline_p2p()
     _applied = True
     return True

@@ -22,6 +22,10 @@ class ParallelLayout:
     cp: int = 1
     dp: int = 1
     vpp: int = 1
+    first_stage_layers: int = 0
+    """Language-model layers on the first pipeline stage (all its virtual stages together); 0 = even split."""
+    last_stage_layers: int = 0
+    """Language-model layers on the last pipeline stage (all its virtual stages together); 0 = even split."""
 
     @property
     def world_size(self) -> int:
@@ -33,7 +37,7 @@ class ParallelLayout:
         if world_size % model_parallel:
             raise ConfigError(f"parallel: tp*pp*cp = {model_parallel} does not divide the world size {world_size}")
         dp = cfg.dp or world_size // model_parallel
-        layout = cls(cfg.tp, cfg.pp, cfg.cp, dp, cfg.vpp)
+        layout = cls(cfg.tp, cfg.pp, cfg.cp, dp, cfg.vpp, cfg.first_stage_layers, cfg.last_stage_layers)
         layout.validate(world_size)
         return layout
 
@@ -53,18 +57,57 @@ class ParallelLayout:
             )
         if self.vpp > 1 and self.pp == 1:
             raise ConfigError(f"parallel.vpp={self.vpp}: virtual stages need parallel.pp > 1")
-        checks = [
-            ("num_attention_heads", num_heads, self.tp),
-            ("num_key_value_heads", num_kv_heads, self.tp),
-            ("vocab_size", vocab_size, self.tp),
-            ("num_hidden_layers", num_layers, self.pp * self.vpp),
-        ]
-        for name, value, divisor in checks:
-            if value is not None and value % divisor:
-                axis = "parallel.tp" if divisor == self.tp else "parallel.pp * parallel.vpp"
+        for name, value in [
+            ("num_attention_heads", num_heads),
+            ("num_key_value_heads", num_kv_heads),
+            ("vocab_size", vocab_size),
+        ]:
+            if value is not None and value % self.tp:
                 raise ConfigError(
-                    f"{axis} = {divisor} does not divide the model's {name} = {value}; choose a divisor of {value}"
+                    f"parallel.tp = {self.tp} does not divide the model's {name} = {value}; choose a divisor of {value}"
                 )
+        self._validate_stage_layers(num_layers)
+
+    def _validate_stage_layers(self, num_layers: int | None) -> None:
+        """The pipeline split of the language-model layers: even over pp * vpp chunks, or the given first/last
+        stage counts with the rest even over the other stages (megatron-core's uneven split)."""
+        first, last = self.first_stage_layers, self.last_stage_layers
+        for name, value in [("first_stage_layers", first), ("last_stage_layers", last)]:
+            if value < 0:
+                raise ConfigError(f"parallel.{name}={value}: must be >= 0 (0 = an even split)")
+            if value and self.pp == 1:
+                raise ConfigError(f"parallel.{name}={value}: an uneven pipeline split needs parallel.pp > 1")
+            if value % self.vpp:
+                raise ConfigError(
+                    f"parallel.{name}={value}: must be a multiple of parallel.vpp={self.vpp} "
+                    "(each virtual stage of the rank holds an equal share)"
+                )
+        if num_layers is None:
+            return
+        if not first and not last:
+            if num_layers % (self.pp * self.vpp):
+                raise ConfigError(
+                    f"parallel.pp * parallel.vpp = {self.pp * self.vpp} does not divide the model's "
+                    f"num_hidden_layers = {num_layers}; choose a divisor of {num_layers}, or an uneven split "
+                    "(parallel.first_stage_layers / parallel.last_stage_layers)"
+                )
+            return
+        given = " + ".join(
+            f"parallel.{n}={v}" for n, v in [("first_stage_layers", first), ("last_stage_layers", last)] if v
+        )
+        other_stages = self.pp - bool(first) - bool(last)
+        rest = num_layers - first - last
+        if other_stages == 0 and rest:
+            raise ConfigError(
+                f"{given} must sum to the model's num_hidden_layers = {num_layers} with parallel.pp={self.pp}; "
+                "give both so that they do, or only one of them"
+            )
+        if other_stages and (rest <= 0 or rest % (other_stages * self.vpp)):
+            raise ConfigError(
+                f"{given} leaves {rest} of the model's num_hidden_layers = {num_layers} for the other "
+                f"{other_stages} pipeline stage(s) x parallel.vpp={self.vpp}; the rest must be a positive "
+                f"multiple of {other_stages * self.vpp}"
+            )
 
 
 @dataclass(frozen=True)
@@ -83,6 +126,13 @@ class ParallelGroups:
     dp_rank: int
     pp_last_rank: int
     """Global rank of the last pipeline stage in this rank's pipeline (results live there)."""
+    replica: dist.ProcessGroup | None = None
+    """gloo group of every rank of this rank's model replica (its TP x CP x PP ranks, one DP index): rollouts
+    arrive at the replica's leader (TP = CP = PP rank 0) and are broadcast over it."""
+    replica_leader: int = 0
+    """Global rank of this replica's leader."""
+    leaders: dist.ProcessGroup | None = None
+    """gloo group of the replica leaders (one per DP rank, rank 0 first); None on the other ranks."""
 
     @property
     def is_first_stage(self) -> bool:
@@ -101,6 +151,8 @@ def init_distributed(backend: str | None = None) -> None:
     os.environ.setdefault("MASTER_PORT", "29500")
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
+    if torch.cuda.is_available():  # one GPU per local rank, before NCCL binds the process to a device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
 
 
@@ -122,6 +174,7 @@ def initialize(layout: ParallelLayout, seed: int) -> ParallelGroups:
         virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
     )
     model_parallel_cuda_manual_seed(seed)
+    replica, leader, leaders = _object_groups(layout, parallel_state.get_data_parallel_rank())
     return ParallelGroups(
         layout=layout,
         tp=parallel_state.get_tensor_model_parallel_group(),
@@ -134,7 +187,33 @@ def initialize(layout: ParallelLayout, seed: int) -> ParallelGroups:
         cp_rank=parallel_state.get_context_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
         pp_last_rank=parallel_state.get_pipeline_model_parallel_last_rank(),
+        replica=replica,
+        replica_leader=leader,
+        leaders=leaders,
     )
+
+
+def replica_ranks(layout: ParallelLayout, dp_rank: int) -> list[int]:
+    """Global ranks of DP index `dp_rank`'s model replica, leader first (megatron-core's tp-cp-ep-dp-pp order:
+    rank = tp + TP * (cp + CP * (dp + DP * pp)))."""
+    t, c, d = layout.tp, layout.cp, layout.dp
+    return [tp + t * (cp + c * (dp_rank + d * pp)) for pp in range(layout.pp) for cp in range(c) for tp in range(t)]
+
+
+def _object_groups(layout: ParallelLayout, my_dp_rank: int):
+    """gloo groups for Python-object traffic (rollouts): every replica, and the replica leaders. Every rank
+    creates every group, in the same order (torch.distributed.new_group's rule)."""
+    me = dist.get_rank()
+    replicas = [replica_ranks(layout, d) for d in range(layout.dp)]
+    assert me in replicas[my_dp_rank], (me, my_dp_rank, replicas)  # the rank order above is megatron-core's
+    mine = None
+    for d, ranks in enumerate(replicas):
+        group = dist.new_group(ranks, backend="gloo")
+        if d == my_dp_rank:
+            mine = group
+    leader_ranks = [ranks[0] for ranks in replicas]
+    leaders = dist.new_group(leader_ranks, backend="gloo")
+    return mine, replicas[my_dp_rank][0], leaders if me in leader_ranks else None
 
 
 def destroy() -> None:

