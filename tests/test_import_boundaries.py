@@ -25,7 +25,7 @@ LAYERS = {
     "batch": 4,
     "metrics": 0,
     "train": 5,
-    "plan": 5,
+    "plan": 4,
     "sft": 5,
     "evaluate": 5,
     "resume": 4,

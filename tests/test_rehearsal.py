@@ -71,15 +71,18 @@ def test_one_layer_activations_agree_with_the_estimator():
     assert by_case[("full", True)]["transformer_engine_bytes"] == by_case[("full", True)]["saved_bytes"]
 
 
-def test_vppo_plan_prints_the_estimate_and_the_rehearsed_7b_rank():
+@pytest.mark.parametrize(
+    "command", [["vppo_megatron.cli", "plan"], ["vppo_megatron.train", "--dry-run", "--rehearse"]], ids=str
+)
+def test_vppo_plan_prints_the_estimate_and_the_rehearsed_7b_rank(command):
     proc = subprocess.run(
-        [sys.executable, "-m", "vppo_megatron.cli", "plan", "--config", "examples/configs/qwen2_5_vl_7b.yaml"],
+        [sys.executable, "-m", *command, "--config", "examples/configs/qwen2_5_vl_7b.yaml"],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "heaviest stage: only, 62.4 GiB" in proc.stdout
+    assert "heaviest: only stage, rollout phase, 48.0 GiB" in proc.stdout
     # 4.48B on each TP2 rank: 28 split layers + the whole vision tower + half of the embedding and output layer
     (row,) = [line for line in proc.stdout.splitlines() if line.startswith("  only")]
     assert "4,484,460,544" in row and row.endswith("equal")
