@@ -25,7 +25,7 @@ def test_every_field_has_a_docstring(cls):
 def test_defaults_are_the_reference_recipe():
     cfg = Config()
     a = cfg.algorithm
-    # VPPO_SPEC.md: k3 estimator, k = 0.4, beta_min 0.9, clip 0.2/0.28, dual clip 3, lambda 0.06, eps 1e-6
+    # the paper's recipe: k3 estimator, k = 0.4, beta_min 0.9, clip 0.2/0.28, dual clip 3, lambda 0.06, eps 1e-6
     assert (a.estimator, a.token_fraction, a.beta_min) == ("k3", 0.4, 0.9)
     assert (a.clip_ratio_low, a.clip_ratio_high, a.clip_ratio_dual) == (0.2, 0.28, 3.0)
     assert (a.entropy_coef, a.advantage_eps, a.tas_scope) == (0.06, 1e-6, "micro_batch")

@@ -1,4 +1,4 @@
-"""The import direction of STYLE.md, checked on the source: a lower layer never imports a higher one, and the
+"""The import direction of CONTRIBUTING.md, checked on the source: a lower layer never imports a higher one, and the
 heavy frameworks stay in their one home (megatron.core: actor/ and parallel/; vllm and ray: rollout/)."""
 
 import ast
@@ -53,7 +53,7 @@ def _imports(path: Path):
 
 def test_every_module_belongs_to_a_layer():
     units = {_unit(p) for p in _modules()} - {"__init__"}
-    assert units <= set(LAYERS), f"add {units - set(LAYERS)} to LAYERS (and to STYLE.md's import direction)"
+    assert units <= set(LAYERS), f"add {units - set(LAYERS)} to LAYERS (and to CONTRIBUTING.md's import direction)"
 
 
 @pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PACKAGE)))

@@ -5,7 +5,7 @@ none is missing). Choices are `Literal` enums. `load(path, overrides)` reads YAM
 (`algorithm.token_fraction=0.4`), rejects unknown keys, coerces types; `Config.validate()` checks cross-field
 rules. Both raise `ConfigError` naming the field, the offending value and the allowed values.
 
-Defaults are the reference recipe (VPPO_SPEC.md, Qwen2.5-VL-7B on 8 x H800) except where a field says otherwise.
+Defaults are the reference recipe (the VPPO paper's Qwen2.5-VL-7B run on 8 x H800) except where a field says otherwise.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Data contracts between the stages of one training step (DESIGN.md data flow). Shapes in comments."""
+"""Data contracts between the stages of one training step (the README's one-step data flow). Shapes in comments."""
 
 from __future__ import annotations
 

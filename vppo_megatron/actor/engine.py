@@ -10,7 +10,7 @@ log-prob, the perturbed log-prob, the dependency (algo/ estimators, vocab-parall
 Update: one forward/backward schedule (1F1B under PP) over the micro-batches of a mini-batch. The loss function
 returns (sum over local tokens, local token count); with `calculate_per_token_loss` megatron-core sums the counts
 over micro-batches, PP and DP x CP and divides the gradients by that global token count: the token-mean of
-VPPO_SPEC.md, layout-independent. Megatron DDP, the (distributed) optimizer and grad-norm clipping follow.
+the VPPO loss, layout-independent. Megatron DDP, the (distributed) optimizer and grad-norm clipping follow.
 
 Legend: B rollouts, S padded sequence length, S_l its CP-local part, T response positions, V_tp vocab shard.
 """

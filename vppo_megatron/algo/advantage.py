@@ -1,4 +1,4 @@
-"""GRPO outcome advantages and DAPO's dynamic-sampling group filter (VPPO_SPEC.md section 4).
+"""GRPO outcome advantages and DAPO's dynamic-sampling group filter (the README's algorithm table).
 
     A_i = (R_i - mean_g R) / (std_g R + eps),  std unbiased, over the rollouts of prompt group g
 

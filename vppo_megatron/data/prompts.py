@@ -1,4 +1,4 @@
-"""Problem text -> chat messages -> templated prompt string (VPPO_SPEC.md section 5)."""
+"""Problem text -> chat messages -> templated prompt string (the VPPO recipe's format prompt)."""
 
 from __future__ import annotations
 
