@@ -27,7 +27,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from vppo_megatron.actor import batching, weights
 from vppo_megatron.actor.cp_attention import zigzag_positions
-from vppo_megatron.actor.model import Qwen25VLModel, layer_spec, layer_spec_name, transformer_config
+from vppo_megatron.actor.model import build_chunks, layer_spec, layer_spec_name, transformer_config
 from vppo_megatron.actor.offload import ActorOffload
 from vppo_megatron.algo import loss as algo_loss
 from vppo_megatron.algo import perception, perturb, vocab_parallel
@@ -75,7 +75,6 @@ class MegatronActor:
         progress: bool = False,
     ):
         """`model_dir` holds the HF config and processor files (and, with load_weights, the weights)."""
-        from megatron.core import parallel_state
         from transformers import AutoConfig, AutoProcessor
 
         self.cfg, self.groups = cfg, groups
@@ -95,12 +94,7 @@ class MegatronActor:
         self.spec_name = layer_spec_name(cfg)
         self.config = transformer_config(self.hf_config, cfg, groups.layout)
         spec = layer_spec(cfg, self.config)
-        vpp = groups.layout.vpp
-        self.chunks = []
-        for vp_stage in range(vpp) if vpp > 1 else [None]:
-            first = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
-            last = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
-            self.chunks.append(Qwen25VLModel(self.hf_config, self.config, spec, first, last, vp_stage))
+        self.chunks = build_chunks(self.hf_config, self.config, spec, groups.layout.vpp)
         # megatron-core builds its layers on the current GPU; HF's vision tower is built on the host
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         if self.device is not None:

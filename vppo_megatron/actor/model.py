@@ -208,3 +208,16 @@ class Qwen25VLModel(MegatronModule):
         return self.language_model(
             input_ids=None, position_ids=position_ids, attention_mask=attention_mask, decoder_input=decoder_input
         )
+
+
+def build_chunks(hf_config, config: TransformerConfig, spec, vpp: int) -> list[Qwen25VLModel]:
+    """This rank's model chunks: one per virtual pipeline stage (one chunk when vpp == 1), each told whether it
+    holds the first stage's vision tower and embedding or the last stage's output layer."""
+    from megatron.core import parallel_state
+
+    chunks = []
+    for vp_stage in range(vpp) if vpp > 1 else [None]:
+        first = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+        last = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+        chunks.append(Qwen25VLModel(hf_config, config, spec, first, last, vp_stage))
+    return chunks

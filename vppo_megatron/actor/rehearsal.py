@@ -117,7 +117,7 @@ def build_role(cfg: Config, rank: int, world: int) -> dict:
     from megatron.core.transformer.module import Float16Module
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
-    from vppo_megatron.actor.model import Qwen25VLModel, layer_spec, transformer_config
+    from vppo_megatron.actor.model import build_chunks, layer_spec, transformer_config
 
     start = time.perf_counter()
     p = cfg.parallel
@@ -127,13 +127,8 @@ def build_role(cfg: Config, rank: int, world: int) -> dict:
     hf = published_hf_config(cfg)
     config = transformer_config(hf, local, layout)
     spec = layer_spec(local, config)
-    chunks = []
-    with torch.device("meta"):  # the same loop as MegatronActor.__init__
-        for vp_stage in range(layout.vpp) if layout.vpp > 1 else [None]:
-            first = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
-            last = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
-            chunk = Qwen25VLModel(hf, config, spec, first, last, vp_stage)
-            chunks.append(Float16Module(config, chunk) if config.bf16 else chunk)
+    with torch.device("meta"):  # MegatronActor's own chunk builder
+        chunks = [Float16Module(config, c) if config.bf16 else c for c in build_chunks(hf, config, spec, layout.vpp)]
     parts = {"layers": 0, "vision": 0, "embedding": 0, "output": 0, "replicated": 0}
     weight_bytes = 0
     for chunk in chunks:
