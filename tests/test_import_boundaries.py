@@ -24,12 +24,13 @@ LAYERS = {
     "sync": 4,
     "batch": 4,
     "metrics": 0,
-    "train": 5,
+    "trainer": 5,
+    "train": 6,
     "plan": 4,
     "sft": 5,
     "evaluate": 5,
     "resume": 4,
-    "cli": 6,
+    "cli": 7,
 }
 FRAMEWORK_HOMES = {"megatron": {"actor", "parallel"}, "vllm": {"rollout"}, "ray": {"rollout"}}
 

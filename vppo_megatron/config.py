@@ -109,16 +109,25 @@ class RolloutConfig:
     """Weight-sync transport: shared memory on CPU, CUDA IPC colocated, NCCL broadcast disaggregated."""
     sync_bucket_mb: int = 512
     """Upper bound on one weight-sync bucket, in MiB."""
-    verify_sync: bool = False
-    """After each sync, compare engine log-probs with the actor's on a fixed probe batch and log the gap."""
+    verify_sync_every: int = 0
+    """Every N weight syncs, score a fixed probe set with the engines and the actor and raise SyncError when
+    the largest per-token log-prob difference exceeds verify_sync_tolerance; 0 = never."""
+    verify_sync_tolerance: float = 0.05
+    """Largest engine-vs-actor per-token log-prob difference verify_sync_every accepts."""
     request_timeout_s: float = 600.0
     """Timeout of any single remote call to an engine; a call past it raises instead of hanging."""
 
 
+DAPO_CLIP_HIGH = 0.28  # DAPO's clip-higher epsilon (the reference recipe)
+
+
 @dataclass
 class AlgorithmConfig:
-    name: Literal["vppo", "dapo", "grpo"] = "vppo"
-    """vppo (DAPO base + TAS + TGF), dapo (the base alone) or grpo (no dynamic sampling, symmetric clip)."""
+    base: Literal["dapo", "grpo"] = "dapo"
+    """The base estimator under VPPO's two mechanisms (trajectory_shaping = TAS, token_filter = TGF): dapo
+    (dynamic sampling on, clip-higher 0.2 / 0.28) or grpo (one sampling round, symmetric clip). It fills
+    dynamic_sampling and clip_ratio_high when they are unset; a value that contradicts grpo is a ConfigError.
+    Plain DAPO / GRPO = this base with trajectory_shaping=none token_filter=none (see algo/ablations.py)."""
     estimator: Literal["k3", "full_kl", "js", "prob_drop"] = "k3"
     """Token dependency: k3 on the sampled token (reference), full_kl (paper Def. 3.1), js, prob_drop (Table 12)."""
     perturbation: Literal["patch_blackening", "gaussian_noise", "gaussian_blur", "grey"] = "patch_blackening"
@@ -147,20 +156,24 @@ class AlgorithmConfig:
     """TGF selection signal: token dependency (VPPO), random or entropy (ablations), none (all tokens)."""
     token_fraction: float = 0.4
     """k: fraction of each response's tokens that receive gradient (ceil(k * L), at least 1)."""
+    token_count: Literal["reference", "exact"] = "reference"
+    """How ceil(k * L) is computed: reference (a float32 product, one token more for some k and L, e.g. k = 0.3,
+    L = 50 keeps 16) or exact (15)."""
     token_mask: Literal["hard", "soft"] = "hard"
     """hard: top-k binary mask; soft: sigmoid of the within-trajectory z-score with mean weight k (App. I)."""
     clip_ratio_low: float = 0.2
     """PPO clip epsilon below 1 (ratio >= 1 - eps)."""
-    clip_ratio_high: float = 0.28
-    """PPO clip epsilon above 1 (clip-higher, DAPO)."""
+    clip_ratio_high: float | None = None
+    """PPO clip epsilon above 1; unset = the base's: 0.28 (dapo, clip-higher) or clip_ratio_low (grpo)."""
     clip_ratio_dual: float = 3.0
     """Dual-clip constant C for negative advantages."""
     entropy_coef: float = 0.06
     """lambda of the entropy penalty lambda * mean(-log pi) over all valid tokens (0.06 for 7B, 0.12 for 8B)."""
     advantage_eps: float = 1e-6
     """Epsilon in (R - mean) / (std + eps), GRPO group normalisation."""
-    dynamic_sampling: bool = True
-    """Keep only groups with accuracy_low < mean accuracy < accuracy_high; regenerate until the batch is full."""
+    dynamic_sampling: bool | None = None
+    """Keep only groups with accuracy_low < mean accuracy < accuracy_high; regenerate until the batch is full.
+    Unset = the base's: true (dapo), false (grpo)."""
     accuracy_low: float = 0.01
     """Dynamic sampling lower bound on a group's mean accuracy (exclusive)."""
     accuracy_high: float = 0.99
@@ -168,9 +181,21 @@ class AlgorithmConfig:
     max_sampling_tries: int = 8
     """Rollout rounds allowed to fill one batch under dynamic sampling before training on what was kept."""
     ppo_epochs: int = 1
-    """Passes over each rollout batch."""
+    """Passes over each rollout batch; every pass reuses the step's old log-probs, dependency, TAS and TGF."""
     reward_function: str = "vppo_megatron.reward.math:compute_score"
     """Reward function as "module:function" or "path/to/file.py:function"."""
+
+    def __post_init__(self) -> None:
+        """Fills the base's sampling and clipping where they are unset (validate() rejects contradictions)."""
+        if self.dynamic_sampling is None:
+            self.dynamic_sampling = self.base == "dapo"
+        if self.clip_ratio_high is None:
+            self.clip_ratio_high = DAPO_CLIP_HIGH if self.base == "dapo" else self.clip_ratio_low
+
+    @property
+    def needs_perception(self) -> bool:
+        """The experience pass runs the perturbed view: TAS or the dependency TGF reads token dependency."""
+        return self.trajectory_shaping != "none" or self.token_filter == "dependency"
 
 
 @dataclass
@@ -235,7 +260,10 @@ class TrainerConfig:
     prompts_per_update: int = 128
     """Prompts per optimizer step (the mini-batch); prompts_per_step / prompts_per_update updates per step."""
     micro_batch_size: int = 4
-    """Rollouts per micro-batch on each data-parallel rank."""
+    """Rollouts per micro-batch on each data-parallel rank (the bound when max_tokens_per_micro_batch is 0)."""
+    max_tokens_per_micro_batch: int = 0
+    """Token budget of a micro-batch (rows x padded length, prompt + response): consecutive rollouts are packed
+    while they fit, like the reference's dynamic batching; 0 = micro_batch_size rollouts each."""
     val_every: int = 5
     """Validate every N steps (and before the first); 0 disables."""
     val_prompts: int = 0
@@ -361,7 +389,14 @@ def _check_ranges(cfg: Config) -> None:
     ]:
         if value < 1:
             _fail(path, value, "must be >= 1")
-    if a.name != "grpo" and r.num_samples_per_prompt < 2:
+    _check_base(a)
+    if a.ppo_epochs < 1:
+        _fail("algorithm.ppo_epochs", a.ppo_epochs, "must be >= 1")
+    if r.verify_sync_every < 0 or r.verify_sync_tolerance <= 0:
+        _fail("rollout.verify_sync_every", r.verify_sync_every, "needs every >= 0 and verify_sync_tolerance > 0")
+    if cfg.trainer.max_tokens_per_micro_batch < 0:
+        _fail("trainer.max_tokens_per_micro_batch", cfg.trainer.max_tokens_per_micro_batch, "must be >= 0")
+    if r.num_samples_per_prompt < 2:
         _fail(
             "rollout.num_samples_per_prompt",
             r.num_samples_per_prompt,
@@ -376,6 +411,26 @@ def _check_ranges(cfg: Config) -> None:
         )
     if cfg.data.min_pixels > cfg.data.max_pixels:
         _fail("data.min_pixels", cfg.data.min_pixels, f"must be <= data.max_pixels ({cfg.data.max_pixels})")
+
+
+def _check_base(a: AlgorithmConfig) -> None:
+    """grpo samples once per prompt and clips symmetrically; a setting that says otherwise cannot run as written."""
+    if a.base != "grpo":
+        return
+    if a.dynamic_sampling:
+        _fail(
+            "algorithm.dynamic_sampling",
+            True,
+            "algorithm.base=grpo samples one round without dynamic sampling; unset it (or set false), or use "
+            "algorithm.base=dapo",
+        )
+    if a.clip_ratio_high != a.clip_ratio_low:
+        _fail(
+            "algorithm.clip_ratio_high",
+            a.clip_ratio_high,
+            f"algorithm.base=grpo clips symmetrically: unset it or set it to clip_ratio_low ({a.clip_ratio_low}), "
+            "or use algorithm.base=dapo",
+        )
 
 
 def _check_parallel(p: ParallelConfig, world_size: int) -> None:
@@ -479,6 +534,16 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
     return _build(Config, raw, "")
 
 
+# Keys earlier versions read, and what says the same now.
+REPLACED = {
+    "algorithm.name": "VPPO = algorithm.base=dapo (the default) with trajectory_shaping and token_filter on; "
+    "DAPO = algorithm.trajectory_shaping=none algorithm.token_filter=none; GRPO = that with algorithm.base=grpo "
+    "(python -m vppo_megatron.algo.ablations lists every combination)",
+    "rollout.verify_sync": "set rollout.verify_sync_every=N (probe every N syncs; 0 = never) and "
+    "rollout.verify_sync_tolerance",
+}
+
+
 def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
@@ -486,6 +551,8 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in raw.items():
+        if f"{prefix}{key}" in REPLACED:
+            raise ConfigError(f"config key {prefix}{key} was replaced: {REPLACED[f'{prefix}{key}']}")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else ""
@@ -507,8 +574,9 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         (item_hint, *_) = typing.get_args(hint)
         items = value if isinstance(value, (list, tuple)) else [value]
         return [_coerce(item_hint, v, f"{path}[{i}]") for i, v in enumerate(items)]
-    if origin in (typing.Union, types.UnionType):
-        return value  # only Optional-like fields; value checked by validate()
+    if origin in (typing.Union, types.UnionType):  # `X | None`: unset, or an X
+        (inner,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        return None if value is None else _coerce(inner, value, path)
     if hint is bool:
         if not isinstance(value, bool):
             _fail(path, value, "expected true or false")

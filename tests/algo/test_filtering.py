@@ -75,3 +75,14 @@ def test_random_scores_are_seeded_and_dispatch():
     assert gradient_mask(random_scores(mask, 3), mask, 0.5, "soft").dtype == torch.float32
     with pytest.raises(ValueError, match="unknown token_mask"):
         gradient_mask(mask, mask, 0.5, "fuzzy")
+
+
+def test_token_count_follows_the_reference_float32_product_by_default_and_exact_on_request():
+    # float32(0.3) * 50 = 15.000001 -> 16 tokens in the reference; exactly 0.3 * 50 = 15
+    lengths = torch.tensor([50, 25, 10, 3])
+    mask = (torch.arange(50) < lengths[:, None]).float()
+    assert num_selected(mask, 0.3).tolist() == [16, 8, 3, 1]
+    assert num_selected(mask, 0.3, count="exact").tolist() == [15, 8, 3, 1]
+    assert num_selected(mask, 0.6).tolist() == [31, 16, 6, 2]  # 0.6 * 50 and 0.6 * 25 one more
+    assert num_selected(mask, 0.6, count="exact").tolist() == [30, 15, 6, 2]
+    assert select_top_tokens(torch.rand(4, 50), mask, 0.3).sum(-1).tolist() == [16, 8, 3, 1]

@@ -48,6 +48,70 @@ class MicroBatch:
         return MicroBatch(**moved)
 
 
+@dataclass
+class StepBatch:
+    """One step's rollouts on this rank, prepared once: the experience pass and every update (each ppo epoch)
+    read these micro-batches, so images are encoded once per view and M-RoPE positions computed once."""
+
+    samples: list[ActorSample]
+    micro_rows: list[slice]
+    """Consecutive row ranges, one per micro-batch, never across a mini-batch boundary."""
+    views: list[MicroBatch]
+    """The original view of each micro-batch (the update's input; extras_BS filled per update)."""
+    perturbed: list[tuple[torch.Tensor | None, torch.Tensor | None]] | None
+    """(pixel_values_NC, image_grid_thw) of each micro-batch's perturbed images; None without the dual pass."""
+
+    @property
+    def micro_batch_ids_B(self) -> torch.Tensor:
+        """Index of each row's micro-batch (TAS micro_batch scope reads the pass's own micro-batches)."""
+        ids = torch.empty(len(self.samples), dtype=torch.long)
+        for i, rows in enumerate(self.micro_rows):
+            ids[rows] = i
+        return ids
+
+    def paired(self, i: int) -> MicroBatch:
+        """Micro-batch i with its rollouts twice: original images, then perturbed (same ids and positions)."""
+        mb, (pixels, grids) = self.views[i], self.perturbed[i]
+        twice = {
+            name: torch.cat([getattr(mb, name)] * 2, dim=1 if name == "position_ids_3BS" else 0)
+            for name in ("input_ids_BS", "position_ids_3BS", "labels_BS", "response_mask_BS", "image_mask_BS")
+        }
+        present = [t for t in (mb.pixel_values_NC, pixels) if t is not None]
+        present_grids = [t for t in (mb.image_grid_thw, grids) if t is not None]
+        return MicroBatch(
+            **twice,
+            pixel_values_NC=torch.cat(present) if present else None,
+            image_grid_thw=torch.cat(present_grids) if present_grids else None,
+            prompt_lengths=mb.prompt_lengths * 2,
+            response_lengths=mb.response_lengths * 2,
+            extras_BS={},
+        )
+
+
+def micro_batch_rows(
+    lengths: list[int], mini_batches: list[slice], size: int, max_tokens: int = 0, multiple: int = 1
+) -> list[slice]:
+    """The one micro-batching rule: consecutive rows inside each mini-batch, `size` rows each, or (max_tokens > 0)
+    as many rows as fit rows x padded length <= max_tokens (one row at least: a longer sequence runs alone)."""
+    out = []
+    for mini in mini_batches:
+        start = mini.start
+        while start < mini.stop:
+            stop, longest = start + 1, lengths[start]
+            while stop < mini.stop:
+                longest_next = max(longest, lengths[stop])
+                if max_tokens:
+                    fits = (stop + 1 - start) * padded_length(longest_next, multiple) <= max_tokens
+                else:
+                    fits = stop - start < size
+                if not fits:
+                    break
+                stop, longest = stop + 1, longest_next
+            out.append(slice(start, stop))
+            start = stop
+    return out
+
+
 def encode_images(image_processor, images: list[np.ndarray]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """pixel_values [N, C * temporal_patch * patch^2] and image_grid_thw [num_images, 3] (HF processor layout)."""
     if not images:

@@ -249,17 +249,23 @@ def save_training(actor, out_dir: str | Path, hf_dir: str | Path, trainer_state:
     publish(tmp, out_dir)
 
 
-def load_training(actor, ckpt_dir: str | Path) -> dict:
-    """Restores model, optimizer and RNG from a resumable checkpoint; returns the trainer state."""
+def load_training(actor, ckpt_dir: str | Path, optimizer: bool = True) -> dict:
+    """Restores model, optimizer (unless `optimizer=False`: weights only, fresh Adam moments) and RNG from a
+    resumable checkpoint; returns the trainer state."""
     import torch
     from megatron.core import dist_checkpointing
 
     read_metadata(ckpt_dir)
     models = model_state(actor.chunks)
-    state = {**models, "optimizer": actor.optimizer.sharded_state_dict(models, is_loading=True)}
+    state = dict(models)
+    if optimizer:
+        state["optimizer"] = actor.optimizer.sharded_state_dict(models, is_loading=True)
     loaded = dist_checkpointing.load(state, str(ckpt_dir))
     load_model_state(actor.chunks, loaded, ckpt_dir)
-    actor.optimizer.load_state_dict(loaded["optimizer"])
+    if optimizer:
+        actor.optimizer.load_state_dict(loaded["optimizer"])
+    else:  # mixed precision keeps fp32 main copies of the weights: refresh them from the loaded ones
+        actor.optimizer.reload_model_params()
     trainer_state = json.loads((Path(ckpt_dir) / TRAINER_STATE).read_text())
     actor.updates = trainer_state["updates"]
     torch.set_rng_state(torch.tensor(trainer_state["torch_rng"], dtype=torch.uint8))

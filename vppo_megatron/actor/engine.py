@@ -38,6 +38,12 @@ from vppo_megatron.types import ActorSample
 FP8_TOKEN_MULTIPLE = 16  # Transformer Engine asserts FP8 GEMM inputs have a leading dim divisible by 16
 
 
+def _cat_present(encoded: list[tuple]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    pixels = [p for p, _ in encoded if p is not None]
+    grids = [g for _, g in encoded if g is not None]
+    return (torch.cat(pixels) if pixels else None), (torch.cat(grids) if grids else None)
+
+
 @dataclass
 class Experience:
     """Per response token results of the experience pass, response-aligned [B, T] (zero past each response)."""
@@ -161,40 +167,70 @@ class MegatronActor:
 
     # ----------------------------------------------------------------------------------- micro-batches
 
-    def _micro_batches(self, samples: list[ActorSample], step: int, paired: bool) -> list[batching.MicroBatch]:
-        a, size = self.cfg.algorithm, self.cfg.trainer.micro_batch_size
+    def _length_multiple(self) -> int:
         multiple = 2 * self.groups.layout.cp if self.groups.layout.cp > 1 else 1
         if self.config.sequence_parallel:
             multiple *= self.groups.layout.tp
         if self.cfg.model.fp8 != "none":  # Transformer Engine's FP8 GEMMs need token counts divisible by 16
             multiple = math.lcm(multiple, FP8_TOKEN_MULTIPLE)
+        return multiple
+
+    def _perturbed_images(self, sample: ActorSample, step: int) -> list:
+        a = self.cfg.algorithm
         cell = a.perturb_cell_size or self.hf_config.vision_config.patch_size
-        out = []
-        for start in range(0, len(samples), size):
-            chunk = samples[start : start + size]
-            encoded = [batching.encode_images(self.image_processor, s.images) for s in chunk]
-            pixels, grids = [e[0] for e in encoded], [e[1] for e in encoded]
-            if paired:
-                views = [
-                    [
-                        perturb.perturb_image(
-                            torch.from_numpy(im),
-                            a.perturbation,
-                            perturb.perturbation_seed(self.cfg.trainer.seed, step, s.uid, k),
-                            cell_size=cell,
-                            probability=a.perturb_probability,
-                            noise_sigma=a.noise_sigma,
-                            blur_radius=a.blur_radius,
-                            grey_value=a.grey_value,
-                        ).numpy()
-                        for k, im in enumerate(s.images)
-                    ]
-                    for s in chunk
-                ]
-                aug = [batching.encode_images(self.image_processor, v) for v in views]
-                chunk, pixels, grids = chunk + chunk, pixels + [e[0] for e in aug], grids + [e[1] for e in aug]
-            out.append(batching.collate(self.hf_config, chunk, pixels, grids, self.pad_id, multiple))
-        return out
+        return [
+            perturb.perturb_image(
+                torch.from_numpy(image),
+                a.perturbation,
+                perturb.perturbation_seed(self.cfg.trainer.seed, step, sample.uid, k),
+                cell_size=cell,
+                probability=a.perturb_probability,
+                noise_sigma=a.noise_sigma,
+                blur_radius=a.blur_radius,
+                grey_value=a.grey_value,
+            ).numpy()
+            for k, image in enumerate(sample.images)
+        ]
+
+    def prepare(
+        self,
+        samples: list[ActorSample],
+        step: int = 0,
+        with_perception: bool = True,
+        mini_batches: list[slice] | None = None,
+    ) -> batching.StepBatch:
+        """The step's micro-batches, built once (batching.StepBatch): a prompt's images are encoded once for all
+        its rollouts, each rollout's perturbed images once (every rollout has its own perturbation seed)."""
+        t = self.cfg.trainer
+        multiple = self._length_multiple()
+        rows = batching.micro_batch_rows(
+            [len(s.prompt_ids) + len(s.response_ids) for s in samples],
+            mini_batches or [slice(0, len(samples))],
+            t.micro_batch_size,
+            t.max_tokens_per_micro_batch,
+            multiple,
+        )
+        by_images: dict[int, tuple] = {}  # rollouts of one prompt share its image list
+        for s in samples:
+            if id(s.images) not in by_images:
+                by_images[id(s.images)] = batching.encode_images(self.image_processor, s.images)
+        original = [by_images[id(s.images)] for s in samples]
+        views = [
+            batching.collate(
+                self.hf_config,
+                samples[r],
+                [e[0] for e in original[r]],
+                [e[1] for e in original[r]],
+                self.pad_id,
+                multiple,
+            )
+            for r in rows
+        ]
+        perturbed = None
+        if with_perception:
+            encoded = [batching.encode_images(self.image_processor, self._perturbed_images(s, step)) for s in samples]
+            perturbed = [_cat_present(encoded[r]) for r in rows]
+        return batching.StepBatch(samples, rows, views, perturbed)
 
     def _local(self, values_BS: torch.Tensor) -> torch.Tensor:
         """This CP rank's zigzag part of a full-sequence [B, S] tensor."""
@@ -296,13 +332,21 @@ class MegatronActor:
             estimator, logits_NV_tp=original_NV, aug_logits_NV_tp=perturbed_NV, tp_group=self.groups.tp
         ).view(old_BS.shape)
 
-    def experience(self, samples: list[ActorSample], step: int, with_perception: bool = True) -> Experience:
+    def experience(
+        self, batch: batching.StepBatch | list[ActorSample], step: int = 0, with_perception: bool = True
+    ) -> Experience:
         """Per response token results for this DP rank's rollouts, on every rank of its pipeline.
 
-        with_perception=True: the dual pass (old and perturbed log-probs, dependency, entropy) in ONE schedule;
-        with_perception=False: a plain log-prob pass (DAPO/GRPO baselines): aug_logp and dependency are zero.
+        `batch` from `prepare` (or samples, prepared here). with_perception=True: the dual pass (old and
+        perturbed log-probs, dependency, entropy) in ONE schedule; False: a plain log-prob pass (baselines):
+        aug_logp and dependency are zero.
         """
-        micro_batches = self._micro_batches(samples, step, paired=with_perception)
+        if not isinstance(batch, batching.StepBatch):
+            batch = self.prepare(batch, step, with_perception)
+        if with_perception and batch.perturbed is None:
+            raise ValueError("experience(with_perception=True) needs a batch prepared with_perception=True")
+        samples = batch.samples
+        micro_batches = [batch.paired(i) if with_perception else batch.views[i] for i in range(len(batch.views))]
         for chunk in self.model:
             chunk.eval()
 
@@ -407,32 +451,40 @@ class MegatronActor:
 
     def update(
         self,
-        samples: list[ActorSample],
+        batch: batching.StepBatch | list[ActorSample],
         old_logp_BT: torch.Tensor,
         advantage_B: torch.Tensor,
         gradient_mask_BT: torch.Tensor,
         dependency_BT: torch.Tensor | None = None,
+        rows: slice | None = None,
     ) -> dict[str, float]:
-        """One policy optimizer step on this DP rank's share of a mini-batch; returns metrics over DP x CP."""
-        micro_batches = self._micro_batches(samples, step=0, paired=False)
-        size = self.cfg.trainer.micro_batch_size
-        for i, mb in enumerate(micro_batches):
-            rows = slice(i * size, i * size + mb.input_ids_BS.shape[0])
+        """One policy optimizer step on the micro-batches of `rows` (a mini-batch; default all) of `batch`;
+        the per-row tensors cover the whole batch. Returns metrics over DP x CP."""
+        if not isinstance(batch, batching.StepBatch):
+            batch = self.prepare(batch, with_perception=False)
+        rows = rows or slice(0, len(batch.samples))
+        micro_batches = []
+        for r, mb in zip(batch.micro_rows, batch.views):
+            if r.start < rows.start or r.stop > rows.stop:
+                continue
             seq_len = mb.input_ids_BS.shape[1]
             mb.extras_BS = {
-                "old_logp": batching.to_label_positions(old_logp_BT[rows], mb.prompt_lengths, seq_len),
-                "gradient_mask": batching.to_label_positions(gradient_mask_BT[rows], mb.prompt_lengths, seq_len),
-                "advantage": advantage_B[rows].float(),
+                "old_logp": batching.to_label_positions(old_logp_BT[r], mb.prompt_lengths, seq_len),
+                "gradient_mask": batching.to_label_positions(gradient_mask_BT[r], mb.prompt_lengths, seq_len),
+                "advantage": advantage_B[r].float(),
             }
             if dependency_BT is not None:
-                mb.extras_BS["dependency"] = batching.to_label_positions(
-                    dependency_BT[rows], mb.prompt_lengths, seq_len
-                )
+                mb.extras_BS["dependency"] = batching.to_label_positions(dependency_BT[r], mb.prompt_lengths, seq_len)
+            micro_batches.append(mb)
+        if sum(r.stop - r.start for r in batch.micro_rows if rows.start <= r.start and r.stop <= rows.stop) != (
+            rows.stop - rows.start
+        ):
+            raise ValueError(f"rows {rows} are not whole micro-batches of this batch (a mini-batch boundary)")
         return self._optimizer_step(micro_batches, self._policy_loss)
 
     def sft_update(self, samples: list[ActorSample]) -> dict[str, float]:
         """One supervised optimizer step: the responses are the targets."""
-        return self._optimizer_step(self._micro_batches(samples, step=0, paired=False), self._sft_loss)
+        return self._optimizer_step(self.prepare(samples, with_perception=False).views, self._sft_loss)
 
     # -------------------------------------------------------------------------------------- residency
 

@@ -1,9 +1,11 @@
 """Token-level Gradient Filtering (TGF), paper Eq. 6 and App. I.
 
 Hard mask (default): per response keep the top ceil(k * L_i) tokens by score (L_i valid tokens, k =
-`token_fraction`); a non-empty response keeps >= 1 token; padding is never selected; equal scores keep the
-earlier position (stable sort). One `select_top_tokens` serves every selection signal: dependency (VPPO),
-random or entropy scores (ablations, Table 4).
+`token_fraction`); a non-empty response keeps >= 1 token. The reference computes k * L_i as a float32 product, so
+for some (k, L) it keeps one token more than the exact rule (k = 0.3, L = 50: float32(0.3) * 50 rounds to
+15.000001, ceil 16; exactly 15): `count="reference"` (default) reproduces that, `count="exact"` is the exact
+rule. Padding is never selected; equal scores keep the earlier position (stable sort). One `select_top_tokens`
+serves every selection signal: dependency (VPPO), random or entropy scores (ablations, Table 4).
 
 Soft mask (App. I): z-score the scores within each trajectory, w_t = sigmoid(z_t - c_i) with c_i chosen so the
 mean weight over the valid tokens is k.
@@ -23,20 +25,27 @@ SOFT_MASK_BRACKET = 50.0
 STD_EPS = 1e-6  # z-score of a trajectory whose scores are all equal: every z is 0
 
 
-def num_selected(response_mask_BT: torch.Tensor, fraction: float) -> torch.Tensor:
-    """k_i = ceil(fraction * L_i), at least 1 for a non-empty response, [B]."""
+def num_selected(response_mask_BT: torch.Tensor, fraction: float, count: str = "reference") -> torch.Tensor:
+    """k_i = ceil(fraction * L_i), at least 1 for a non-empty response, [B]; `count` as in the module docstring."""
     length_B = response_mask_BT.sum(-1)
-    k_B = torch.ceil(length_B.double() * fraction - CEIL_SLACK).long().clamp_min(1)
+    if count == "reference":
+        k_B = torch.ceil(length_B.float() * torch.tensor(fraction, dtype=torch.float32)).long().clamp_min(1)
+    elif count == "exact":
+        k_B = torch.ceil(length_B.double() * fraction - CEIL_SLACK).long().clamp_min(1)
+    else:
+        raise ValueError(f"unknown token_count {count!r}; use reference or exact")
     return torch.where(length_B > 0, k_B.clamp_max(length_B), 0)
 
 
-def select_top_tokens(score_BT: torch.Tensor, response_mask_BT: torch.Tensor, fraction: float) -> torch.Tensor:
+def select_top_tokens(
+    score_BT: torch.Tensor, response_mask_BT: torch.Tensor, fraction: float, count: str = "reference"
+) -> torch.Tensor:
     """gradient_mask_BT: True on the top ceil(fraction * L_i) valid tokens of each row by score."""
     valid_BT = response_mask_BT.bool()
     masked_BT = torch.where(valid_BT, score_BT.double(), -torch.inf)
     order_BT = torch.sort(masked_BT, dim=-1, descending=True, stable=True).indices
     rank_BT = torch.empty_like(order_BT).scatter_(-1, order_BT, torch.arange(score_BT.shape[-1]).expand_as(order_BT))
-    return (rank_BT < num_selected(valid_BT, fraction).unsqueeze(-1)) & valid_BT
+    return (rank_BT < num_selected(valid_BT, fraction, count).unsqueeze(-1)) & valid_BT
 
 
 def random_scores(response_mask_BT: torch.Tensor, seed: int) -> torch.Tensor:
@@ -65,11 +74,15 @@ def soft_token_weights(score_BT: torch.Tensor, response_mask_BT: torch.Tensor, f
 
 
 def gradient_mask(
-    score_BT: torch.Tensor, response_mask_BT: torch.Tensor, fraction: float, kind: str = "hard"
+    score_BT: torch.Tensor,
+    response_mask_BT: torch.Tensor,
+    fraction: float,
+    kind: str = "hard",
+    count: str = "reference",
 ) -> torch.Tensor:
     """The per-token gradient weights: hard top-k (0/1) or soft sigmoid weights, float [B, T]."""
     if kind == "hard":
-        return select_top_tokens(score_BT, response_mask_BT, fraction).float()
+        return select_top_tokens(score_BT, response_mask_BT, fraction, count).float()
     if kind == "soft":
         return soft_token_weights(score_BT, response_mask_BT, fraction).float()
     raise ValueError(f"unknown token_mask {kind!r}; use hard or soft")

@@ -77,7 +77,7 @@ def policy_loss(
             "actor/pg_loss": ((weight_BT * pg_BT).sum(), count),
             "actor/pg_clipfrac": ((clipped_BT * valid_BT).sum(), count),
             "actor/pg_clipfrac_dual": ((dual_BT * valid_BT).sum(), count),
-            "actor/ppo_kl": ((-log_ratio_BT * valid_BT).sum(), count),
+            "actor/ppo_kl": (((old_logp_BT - logp_BT) * valid_BT).sum(), count),  # unclamped, as the reference
             "actor/neg_logp": ((neg_logp_BT * valid_BT).sum(), count),
             "vppo/selected_fraction": (selected, count),
         }

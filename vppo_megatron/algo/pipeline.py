@@ -1,8 +1,10 @@
-"""Stages 4-5 composed: rewards + experience -> shaped advantages and the gradient mask, per algorithm.
+"""Stages 4 and 5 for the trainer: rewards + experience -> shaped advantages, and the gradient mask.
 
-    vppo: GRPO advantages scaled by TAS (algorithm.trajectory_shaping), TGF mask (algorithm.token_filter)
-    dapo: GRPO advantages, every valid token
-    grpo: GRPO advantages, every valid token (the trainer also skips dynamic sampling and uses symmetric clip)
+    stage 4: GRPO group normalisation (both bases), scaled by TAS when algorithm.trajectory_shaping != none
+    stage 5: TGF's top-k (or soft) mask by algorithm.token_filter's score, or every valid token (none)
+
+The plain DAPO / GRPO baselines are both mechanisms off; nothing here depends on algorithm.base (the base decides
+sampling and clipping, read by rollout/collect.py and the loss).
 
 Legend: B rollouts on this data-parallel rank, T response positions.
 """
@@ -12,30 +14,23 @@ from __future__ import annotations
 import torch
 
 from vppo_megatron.algo import filtering, perception, shaping
-from vppo_megatron.algo.advantage import grpo_advantages
 
 
-def advantages_and_mask(
+def shaped_advantages(
     cfg,
     reward_B: torch.Tensor,
     group_ids_B: torch.Tensor,
     dependency_BT: torch.Tensor,
-    entropy_BT: torch.Tensor,
     response_mask_BT: torch.Tensor,
     micro_batch_ids_B: torch.Tensor,
-    seed: int,
     dp_group=None,
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """(advantage_B, gradient_mask_BT, metrics) for `cfg` (the AlgorithmConfig)."""
-    valid_B = response_mask_BT.sum(-1) > 0
-    if cfg.name != "vppo":
-        return grpo_advantages(reward_B, group_ids_B, cfg.advantage_eps), response_mask_BT.float(), {}
-    trajectory_B = perception.trajectory_dependency(dependency_BT, response_mask_BT)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantage_B, TAS scale alpha_B) of one mini-batch for `cfg` (the AlgorithmConfig); alpha = 1 without TAS."""
     scale_B = torch.ones_like(reward_B)
     if cfg.trajectory_shaping != "none":
         scale_B = shaping.tas_scale(
-            trajectory_B,
-            valid_B,
+            perception.trajectory_dependency(dependency_BT, response_mask_BT),
+            response_mask_BT.sum(-1) > 0,
             scope=cfg.tas_scope,
             tas_range=cfg.tas_range,
             beta_min=cfg.beta_min,
@@ -43,24 +38,29 @@ def advantages_and_mask(
             micro_batch_ids_B=micro_batch_ids_B,
             group_ids_B=group_ids_B,
             dp_group=dp_group,
-        )
-    advantage_B = shaping.shaped_advantages(
-        reward_B, group_ids_B, scale_B.to(reward_B.dtype), cfg.trajectory_shaping, cfg.advantage_eps
-    )
-    scores = {
-        "dependency": dependency_BT,
-        "entropy": entropy_BT,
-        "random": filtering.random_scores(response_mask_BT, seed),
-    }
+        ).to(reward_B.dtype)
+    advantage_B = shaping.shaped_advantages(reward_B, group_ids_B, scale_B, cfg.trajectory_shaping, cfg.advantage_eps)
+    return advantage_B, scale_B
+
+
+def token_mask(
+    cfg, dependency_BT: torch.Tensor, entropy_BT: torch.Tensor, response_mask_BT: torch.Tensor, seed: int
+) -> torch.Tensor:
+    """gradient_mask_BT: TGF by cfg.token_filter's score, or every valid token (token_filter=none)."""
     if cfg.token_filter == "none":
-        mask_BT = response_mask_BT.float()
-    else:
-        mask_BT = filtering.gradient_mask(
-            scores[cfg.token_filter], response_mask_BT, cfg.token_fraction, cfg.token_mask
-        )
-    metrics = {
-        "vppo/trajectory_dependency_mean": trajectory_B[valid_B].mean().item() if valid_B.any() else 0.0,
-        "vppo/shaping_scale_max": scale_B.max().item(),
-        "vppo/shaping_scale_min": scale_B.min().item(),
+        return response_mask_BT.float()
+    scores = {
+        "dependency": lambda: dependency_BT,
+        "entropy": lambda: entropy_BT,
+        "random": lambda: filtering.random_scores(response_mask_BT, seed),
     }
-    return advantage_B, mask_BT, metrics
+    return filtering.gradient_mask(
+        scores[cfg.token_filter](), response_mask_BT, cfg.token_fraction, cfg.token_mask, cfg.token_count
+    )
+
+
+def dependency_metrics(dependency_BT: torch.Tensor, response_mask_BT: torch.Tensor) -> dict[str, float]:
+    """Mean trajectory dependency S_bar over this rank's non-empty responses."""
+    valid_B = response_mask_BT.sum(-1) > 0
+    trajectory_B = perception.trajectory_dependency(dependency_BT, response_mask_BT)
+    return {"vppo/trajectory_dependency_mean": trajectory_B[valid_B].mean().item() if valid_B.any() else 0.0}

@@ -26,9 +26,11 @@ import torch
 import torch.distributed as dist
 
 from vppo_megatron.sync.buckets import buckets
+from vppo_megatron.types import ActorSample
 
 logger = logging.getLogger(__name__)
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
+PROBE_RESPONSE = "<think> I look at the image carefully. </think> \\boxed{1}"  # any fixed text scores the weights
 
 
 class SyncError(RuntimeError):
@@ -63,6 +65,8 @@ class WeightSync:
         self.version = 0
         self.snapshot: list[SharedBucket] = []
         self.run_id = self._shared_run_id()
+        self.probe_set: tuple[list, list[str]] | None = None
+        """(ActorSamples, chat prompt texts) scored every rollout.verify_sync_every syncs (set_probe)."""
         if fleet is not None:
             fleet.resync = self._resync_engine
 
@@ -178,6 +182,54 @@ class WeightSync:
         self.snapshot = []
 
     # ------------------------------------------------------------------------------------- verify
+
+    def verify_due(self) -> bool:
+        """rollout.verify_sync_every: this version is one the probe checks (the same answer on every rank)."""
+        every = self.cfg.rollout.verify_sync_every
+        return bool(every) and self.probe_set is not None and self.version % every == 0
+
+    def score_probe_with_actor(self) -> None:
+        """The actor's side of the check, while its weights are resident (collective)."""
+        samples, _ = self.probe_set
+        self._actor_probe = self.actor.experience(samples, step=0, with_perception=False).old_logp_BT
+
+    def verify(self) -> dict[str, float]:
+        """The engines' side, once they are awake: raises SyncError on every rank when the largest per-token
+        log-prob difference exceeds rollout.verify_sync_tolerance (collective)."""
+        samples, texts = self.probe_set
+        gap = [None]
+        if self.fleet is not None:
+            engine = self.fleet.sequence_log_probs(
+                [{"prompt": t, "images": s.images, "response_ids": s.response_ids} for s, t in zip(samples, texts)]
+            )
+            gap[0] = max(
+                (self._actor_probe[b, : len(v)] - torch.tensor(v)).abs().max().item() for b, v in enumerate(engine)
+            )
+        dist.broadcast_object_list(gap, src=0)
+        tolerance = self.cfg.rollout.verify_sync_tolerance
+        if gap[0] > tolerance:
+            raise SyncError(
+                f"after syncing version {self.version} the engines' log-probs differ from the actor's by "
+                f"{gap[0]:.3g} on the probe set (rollout.verify_sync_tolerance={tolerance}): the engines do not "
+                "serve the trained weights; check the weight mapping / transport, or raise the tolerance for "
+                "a lower-precision engine"
+            )
+        return {"sync/probe_max_abs_diff": gap[0]}
+
+    def set_probe(self, prompts, processor, response_text: str = PROBE_RESPONSE) -> None:
+        """The fixed probe set from trainer rank 0's `prompts` (PromptSamples), each answered with
+        `response_text`, on every rank (collective; other ranks pass prompts=None)."""
+        box = [None]
+        if prompts is not None:
+            response_ids = processor.tokenizer(response_text, add_special_tokens=False)["input_ids"]
+            samples = []
+            for k, prompt in enumerate(prompts):
+                images = prompt.images or None
+                prompt_ids = processor(text=[prompt.prompt_text], images=images, return_tensors="pt")["input_ids"]
+                samples.append(ActorSample(f"probe/{k}", prompt_ids[0].tolist(), response_ids, prompt.images))
+            box[0] = (samples, [p.prompt_text for p in prompts])
+        dist.broadcast_object_list(box, src=0)
+        self.probe_set = box[0]
 
     def probe(self, samples, prompt_texts: list[str]) -> dict[str, float]:
         """Engine vs actor log-probs on fixed sequences (collective); `sync/probe_max_abs_diff` on rank 0.

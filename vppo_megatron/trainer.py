@@ -1,0 +1,267 @@
+"""The trainer's state and its seven stages, one method each (train.py calls them in order).
+
+`Trainer` lives on every rank: the actor, its process groups, the weight sync and the memory lifecycle.
+`Driver` lives on trainer rank 0 only (`Trainer.driver`, None elsewhere): the rollout fleet, the prompt loader,
+the reward function, the metrics logger and the validation prompts. A stage that rank 0 drives says so; every
+other stage is collective over all ranks.
+
+Legend: B rollouts on this data-parallel rank, T response positions.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vppo_megatron import batch as batching
+from vppo_megatron.metrics import Progress
+from vppo_megatron.resume import Restored, resume, save
+
+SYNC_PROBE_PROMPTS = 2  # validation prompts in the fixed verify_sync probe set
+
+
+@dataclass
+class Driver:
+    """Trainer rank 0's components."""
+
+    fleet: object
+    """RolloutFleet: the vLLM engines on Ray."""
+    loader: object
+    """PromptLoader over the training prompts."""
+    reward_fn: Callable[[str, str], dict[str, float]]
+    logger: object
+    """MetricsLogger: console, jsonl, TensorBoard, wandb."""
+    val_samples: list
+    """The validation PromptSamples (trainer.val_prompts of them)."""
+
+
+@dataclass
+class StepData:
+    """Stage 2's output on this rank: its DP shard, micro-batches built once for both passes."""
+
+    rollouts: batching.RankBatch
+    prepared: object
+    """actor.batching.StepBatch: encoded images, positions and padding of every micro-batch."""
+    mini_batches: list[slice]
+    """Row ranges of this rank's mini-batches (one optimizer step each)."""
+
+
+class Trainer:
+    def __init__(self, cfg, groups, actor, sync, lifecycle, driver: Driver | None):
+        self.cfg, self.groups, self.actor, self.sync, self.lifecycle = cfg, groups, actor, sync, lifecycle
+        self.driver = driver
+        self.start_step = 0
+        self.progress = Progress(cfg.trainer.total_steps, 0, "vppo train", enabled=False)  # main() sets the bars
+
+    @property
+    def is_driver(self) -> bool:
+        """Trainer rank 0: drives the fleet, logs, validates."""
+        return self.driver is not None
+
+    # ---------------------------------------------------------------------------------------- build
+
+    @classmethod
+    def build(cls, cfg) -> Trainer:
+        """Every component of a run; resumes (checkpoint.resume) and serves the actor's weights to the engines."""
+        import torch.distributed as dist
+
+        from vppo_megatron.actor.engine import MegatronActor
+        from vppo_megatron.lifecycle import Lifecycle
+        from vppo_megatron.parallel.layout import ParallelLayout, init_distributed, initialize
+        from vppo_megatron.sync.weight_sync import WeightSync
+
+        init_distributed()
+        cfg.validate(dist.get_world_size())
+        groups = initialize(ParallelLayout.from_config(cfg.parallel, dist.get_world_size()), cfg.trainer.seed)
+        actor = MegatronActor(cfg, groups, cfg.model.path)
+        driver, processor = cls._driver(cfg) if dist.get_rank() == 0 else (None, None)
+        sync = WeightSync(cfg, actor, driver.fleet if driver else None)
+        if cfg.rollout.verify_sync_every:
+            sync.set_probe(driver.val_samples[:SYNC_PROBE_PROMPTS] if driver else None, processor)
+        trainer = cls(cfg, groups, actor, sync, None, driver)
+        trainer.restore(resume(cfg, actor))
+        sync.push()  # engines serve exactly the actor's weights from the first rollout on
+        trainer.lifecycle = Lifecycle(cfg, actor, sync.fleet, dist.barrier)
+        trainer.lifecycle.start()  # rollout state: engines awake, the actor holds what actor.offload leaves
+        return trainer
+
+    @staticmethod
+    def _driver(cfg) -> tuple[Driver, object]:
+        from transformers import AutoProcessor
+
+        from vppo_megatron.data.dataset import PromptDataset, PromptLoader
+        from vppo_megatron.metrics import MetricsLogger
+        from vppo_megatron.reward.loading import load_reward_function
+        from vppo_megatron.rollout.fleet import RolloutFleet, connect
+
+        processor = AutoProcessor.from_pretrained(cfg.model.path)
+        ip = processor.image_processor
+        train = PromptDataset(cfg.data.train_files, cfg.data, processor.tokenizer, ip.patch_size, ip.merge_size)
+        val = PromptDataset(cfg.data.val_files, cfg.data, processor.tokenizer, ip.patch_size, ip.merge_size)
+        connect()
+        driver = Driver(
+            fleet=RolloutFleet.create_or_attach(cfg, cfg.model.path),
+            loader=PromptLoader(train, cfg.trainer.prompts_per_step, cfg.trainer.seed, cfg.data.shuffle),
+            reward_fn=load_reward_function(cfg.algorithm.reward_function),
+            logger=MetricsLogger(cfg, Path(cfg.trainer.output_dir)),
+            val_samples=val.head(cfg.trainer.val_prompts),
+        )
+        return driver, processor
+
+    def restore(self, restored: Restored | None) -> None:
+        """Applies what a resume restored: the next step, the served version, rank 0's data position."""
+        if restored is None:
+            return
+        self.start_step = restored.step
+        self.sync.version = restored.version - 1  # the start-up push re-serves the saved version, same number
+        if self.is_driver:
+            self.driver.loader.load_state_dict(restored.loader)
+            weights = "" if restored.optimizer else " (weights only: checkpoint.load_optimizer=false)"
+            print(f"resumed from {restored.path} at step {restored.step}{weights}", flush=True)
+
+    def checkpoint(self, step: int) -> Path:
+        """A resumable checkpoint after `step` (collective), with everything resident while it is written."""
+        with self.lifecycle.everything_resident():
+            loader = self.driver.loader.state_dict() if self.is_driver else None
+            return save(self.cfg, self.actor, step, self.sync.version, loader)
+
+    # ------------------------------------------------------------------------------------ the stages
+
+    def rollout(self, step: int) -> tuple[list | None, dict[str, float]]:
+        """Stage 1 (rank 0): rollouts on the fleet, rewards and dynamic sampling until the batch is full."""
+        if not self.is_driver:
+            return None, {}
+        from vppo_megatron.rollout.collect import collect
+
+        d = self.driver
+        return collect(d.fleet, d.loader, self.cfg, step, d.reward_fn)
+
+    def distribute(self, groups: list | None, step: int) -> StepData:
+        """Stage 2: this DP rank's groups (scattered from rank 0), cut into mini-batches and micro-batches once:
+        images encoded once per view, positions computed once, for the experience pass and every update."""
+        rollouts = batching.distribute(groups, self.groups)
+        groups_per_update = max(1, self.cfg.trainer.prompts_per_update // self.groups.layout.dp)
+        mini_batches = batching.mini_batches(rollouts, groups_per_update)
+        prepared = self.actor.prepare(
+            rollouts.samples, step, with_perception=self.cfg.algorithm.needs_perception, mini_batches=mini_batches
+        )
+        return StepData(rollouts, prepared, mini_batches)
+
+    def experience(self, data: StepData):
+        """Stage 3: the experience pass; the dual pass (both views in one schedule) when TAS or TGF reads token
+        dependency, a plain log-prob pass otherwise. Engines sleep and the actor's state comes back first."""
+        metrics = self.lifecycle.enter("experience")
+        experience = self.actor.experience(data.prepared, with_perception=self.cfg.algorithm.needs_perception)
+        return experience, metrics
+
+    def advantages(self, data: StepData, experience) -> tuple[torch.Tensor, dict[str, float]]:
+        """Stage 4: GRPO advantages per group, shaped by TAS within each mini-batch; advantage_B."""
+        from vppo_megatron.algo.pipeline import dependency_metrics, shaped_advantages
+
+        r, micro_ids_B = data.rollouts, data.prepared.micro_batch_ids_B
+        advantage_B = torch.zeros_like(r.reward_B)
+        scale_B = torch.ones_like(r.reward_B)
+        for rows in data.mini_batches:
+            advantage_B[rows], scale_B[rows] = shaped_advantages(
+                self.cfg.algorithm,
+                r.reward_B[rows],
+                r.group_ids_B[rows],
+                experience.dependency_BT[rows],
+                experience.response_mask_BT[rows],
+                micro_ids_B[rows],
+                dp_group=self.groups.dp,
+            )
+        if not self.cfg.algorithm.needs_perception:
+            return advantage_B, {}
+        metrics = dependency_metrics(experience.dependency_BT, experience.response_mask_BT)
+        if self.cfg.algorithm.trajectory_shaping != "none":
+            metrics.update(
+                {"vppo/shaping_scale_max": scale_B.max().item(), "vppo/shaping_scale_min": scale_B.min().item()}
+            )
+        return advantage_B, metrics
+
+    def token_filter(self, experience, step: int) -> torch.Tensor:
+        """Stage 5: TGF's gradient mask, fixed for the step (it reads only the stored experience); mask_BT."""
+        from vppo_megatron.algo.pipeline import token_mask
+
+        return token_mask(
+            self.cfg.algorithm,
+            experience.dependency_BT,
+            experience.entropy_BT,
+            experience.response_mask_BT,
+            seed=self.cfg.trainer.seed * 7919 + step,
+        )
+
+    def update(self, data: StepData, experience, advantage_B, mask_BT) -> dict[str, float]:
+        """Stage 6: algorithm.ppo_epochs passes, one optimizer step per mini-batch each; every pass reuses the
+        step's old log-probs, dependency, advantages and mask."""
+        self.lifecycle.enter("update")
+        metrics = {}
+        for _ in range(self.cfg.algorithm.ppo_epochs):
+            for rows in data.mini_batches:
+                metrics = self.actor.update(
+                    data.prepared,
+                    experience.old_logp_BT,
+                    advantage_B,
+                    mask_BT,
+                    experience.dependency_BT if self.cfg.algorithm.needs_perception else None,
+                    rows=rows,
+                )
+        return dict(metrics, **{"actor/optimizer_steps": float(self.actor.updates)})
+
+    def push_weights(self) -> dict[str, float]:
+        """Stage 7: optimizer state (+ grads) leave, the engines' weights wake, the sync, then the engines' KV
+        cache wakes (and the weights leave, offload=all); every rollout.verify_sync_every syncs, the probe."""
+        metrics = self.lifecycle.enter("sync")
+        metrics.update(self.sync.push())
+        verify = self.sync.verify_due()
+        if verify:
+            self.sync.score_probe_with_actor()  # the actor's side while its weights are resident
+        metrics.update(self.lifecycle.enter("rollout"))
+        if verify:
+            metrics.update(self.sync.verify())
+        return metrics
+
+    # ---------------------------------------------------------------------------------- around a step
+
+    def validate(self) -> dict[str, float]:
+        """avg@k on the validation prompts (rank 0 drives the fleet; nothing elsewhere)."""
+        if not self.is_driver:
+            return {}
+        from vppo_megatron.rollout.collect import validate
+
+        d = self.driver
+        return validate(d.fleet, d.val_samples, self.cfg, d.reward_fn)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.is_driver:
+            self.driver.logger.log(step, metrics)
+
+    def finish(self) -> None:
+        """Final validation and the accuracy curve (rank 0), then the sync's shared memory is released."""
+        if self.is_driver:
+            total = self.cfg.trainer.total_steps
+            self.driver.logger.log(total, self.validate())
+            curve = self.driver.logger.plot(Path(self.cfg.trainer.output_dir) / "accuracy.png")
+            print(f"metrics: {self.driver.logger.path}\ncurve: {curve}", flush=True)
+        self.sync.close()
+
+
+class StageTimer:
+    """time/<stage>_s of each stage of a step, and the step's total."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.metrics: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.metrics[f"time/{stage}_s"] = now - self.last
+        self.last = now
+
+    def total(self) -> dict[str, float]:
+        return dict(self.metrics, **{"time/step_s": time.perf_counter() - self.start})
