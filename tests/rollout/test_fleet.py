@@ -83,6 +83,17 @@ def test_failed_sync_leaves_engines_on_the_old_version_and_says_so(fleet, tiny_m
     assert gap <= 1e-5, "the engine must answer with version 1's weights, not a half-loaded version 2"
 
 
+def test_verify_sync_probes_every_n_syncs_and_raises_with_the_measured_gap(fleet, tiny_model_dir):
+    import ray
+    from verify_worker import verify_rank
+
+    (out,) = run_distributed(verify_rank, 1, str(tiny_model_dir), ray.get_runtime_context().gcs_address, timeout_s=900)
+    assert out["due"] == [False, True]  # rollout.verify_sync_every=2
+    assert 0 <= out["good"]["sync/probe_max_abs_diff"] <= 1e-4  # fp32 engine vs actor
+    assert "differ from the actor's by" in out["strict"] and "verify_sync_tolerance=-1.0" in out["strict"]
+    assert "do not serve the trained weights" in out["stale"]
+
+
 @pytest.fixture(scope="module")
 def two_step_runs(fleet, tiny_model_dir, tmp_path_factory):
     """2 VPPO steps under torchrun TP=2, once with actor.offload=none and once with optimizer+grads (same data,
