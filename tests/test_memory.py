@@ -209,3 +209,14 @@ def test_phase_peaks_follow_the_lifecycle_table():
     apart = estimate(load("examples/configs/qwen2_5_vl_7b.yaml", ["rollout.placement=disaggregated"]), arch)
     state = apart["weights"] + apart["gradients"] + apart["optimizer"]
     assert apart["rollout_phase"] == pytest.approx(state)  # no engine on the trainer's GPUs, nothing offloaded
+
+
+def test_a_token_budget_sizes_the_activation_estimate_by_the_rows_it_admits():
+    from vppo_megatron.config import load
+    from vppo_megatron.memory import rollouts_per_micro_batch
+
+    fixed = load(None, ["trainer.micro_batch_size=4"])
+    assert rollouts_per_micro_batch(fixed) == 4
+    # 4096 prompt + 2048 response tokens at most: a 20,000-token budget admits 3 such rows, 1,000 still one
+    assert rollouts_per_micro_batch(load(None, ["trainer.max_tokens_per_micro_batch=20000"])) == 3
+    assert rollouts_per_micro_batch(load(None, ["trainer.max_tokens_per_micro_batch=1000"])) == 1

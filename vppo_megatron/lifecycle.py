@@ -85,6 +85,8 @@ class Lifecycle:
         self.kinds = OFFLOAD_KINDS[self.offload_mode] if self.placement == "colocated" else ()
         self.actor, self.fleet, self.barrier = actor, fleet, barrier
         self.log_path = Path(cfg.trainer.output_dir) / "lifecycle.log" if fleet is not None else None
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.calls: list[str] = []
         self.phase = "update"  # at start-up everything is resident and the engines are awake
 

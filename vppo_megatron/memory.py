@@ -375,9 +375,18 @@ def vision_activation_bytes(arch: Arch, patches: int, recompute: bool = False, d
 # ---------------------------------------------------------------------------------------------- estimate
 
 
+def rollouts_per_micro_batch(cfg) -> int:
+    """Rows of the largest micro-batch: trainer.micro_batch_size, or with a token budget as many longest
+    sequences (prompt + response limits) as fit it, at least one: the budget's tokens, the activations' driver."""
+    t = cfg.trainer
+    if t.max_tokens_per_micro_batch:
+        return max(1, t.max_tokens_per_micro_batch // (cfg.data.max_prompt_length + cfg.rollout.max_response_length))
+    return t.micro_batch_size
+
+
 def _num_microbatches(cfg, dp: int) -> int:
     t = cfg.trainer
-    return max(1, t.prompts_per_update * cfg.rollout.num_samples_per_prompt // (dp * t.micro_batch_size))
+    return max(1, t.prompts_per_update * cfg.rollout.num_samples_per_prompt // (dp * rollouts_per_micro_batch(cfg)))
 
 
 def engine_gib_per_gpu(cfg) -> float:
@@ -421,7 +430,7 @@ def estimate_stages(cfg, arch: Arch) -> dict[str, dict[str, float]]:
     weight_bytes = 2 if cfg.model.dtype == "bfloat16" else 4
     sharding = dp * cp if cfg.optimizer.distributed_optimizer else 1
     seq = (cfg.data.max_prompt_length + cfg.rollout.max_response_length) // cp
-    b, full = cfg.trainer.micro_batch_size, cfg.model.recompute == "full"
+    b, full = rollouts_per_micro_batch(cfg), cfg.model.recompute == "full"
     impl = "local" if cfg.model.transformer_impl == "local" else "transformer_engine"
     args = (arch, seq, b, tp, p.sequence_parallel)
     held = sum(layer_activation_bytes(*args, cfg.model.recompute, impl, weight_bytes).values())

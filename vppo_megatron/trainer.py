@@ -37,6 +37,8 @@ class Driver:
     """MetricsLogger: console, jsonl, TensorBoard, wandb."""
     val_samples: list
     """The validation PromptSamples (trainer.val_prompts of them)."""
+    processor: object
+    """The model's HF processor (tokenizer + image processor)."""
 
 
 @dataclass
@@ -65,8 +67,11 @@ class Trainer:
     # ---------------------------------------------------------------------------------------- build
 
     @classmethod
-    def build(cls, cfg) -> Trainer:
-        """Every component of a run; resumes (checkpoint.resume) and serves the actor's weights to the engines."""
+    def build(cls, cfg, alongside: Trainer | None = None) -> Trainer:
+        """Every component of a run; resumes (checkpoint.resume) and serves the actor's weights to the engines.
+
+        `alongside`: a second trainer (its own actor and sync) on the first one's process groups and driver
+        (fleet, data, reward): benchmarks run two configs side by side on the same warm engines."""
         import torch.distributed as dist
 
         from vppo_megatron.actor.engine import MegatronActor
@@ -74,14 +79,19 @@ class Trainer:
         from vppo_megatron.parallel.layout import ParallelLayout, init_distributed, initialize
         from vppo_megatron.sync.weight_sync import WeightSync
 
-        init_distributed()
-        cfg.validate(dist.get_world_size())
-        groups = initialize(ParallelLayout.from_config(cfg.parallel, dist.get_world_size()), cfg.trainer.seed)
+        if alongside is None:
+            init_distributed()
+            cfg.validate(dist.get_world_size())
+            groups = initialize(ParallelLayout.from_config(cfg.parallel, dist.get_world_size()), cfg.trainer.seed)
+            driver = cls._driver(cfg) if dist.get_rank() == 0 else None
+        else:
+            cfg.validate(dist.get_world_size())
+            groups, driver = alongside.groups, alongside.driver
         actor = MegatronActor(cfg, groups, cfg.model.path)
-        driver, processor = cls._driver(cfg) if dist.get_rank() == 0 else (None, None)
         sync = WeightSync(cfg, actor, driver.fleet if driver else None)
         if cfg.rollout.verify_sync_every:
-            sync.set_probe(driver.val_samples[:SYNC_PROBE_PROMPTS] if driver else None, processor)
+            probe = driver.val_samples[:SYNC_PROBE_PROMPTS] if driver else None
+            sync.set_probe(probe, driver.processor if driver else None)
         trainer = cls(cfg, groups, actor, sync, None, driver)
         trainer.restore(resume(cfg, actor))
         sync.push()  # engines serve exactly the actor's weights from the first rollout on
@@ -90,7 +100,7 @@ class Trainer:
         return trainer
 
     @staticmethod
-    def _driver(cfg) -> tuple[Driver, object]:
+    def _driver(cfg) -> Driver:
         from transformers import AutoProcessor
 
         from vppo_megatron.data.dataset import PromptDataset, PromptLoader
@@ -109,8 +119,9 @@ class Trainer:
             reward_fn=load_reward_function(cfg.algorithm.reward_function),
             logger=MetricsLogger(cfg, Path(cfg.trainer.output_dir)),
             val_samples=val.head(cfg.trainer.val_prompts),
+            processor=processor,
         )
-        return driver, processor
+        return driver
 
     def restore(self, restored: Restored | None) -> None:
         """Applies what a resume restored: the next step, the served version, rank 0's data position."""
@@ -155,7 +166,10 @@ class Trainer:
         """Stage 3: the experience pass; the dual pass (both views in one schedule) when TAS or TGF reads token
         dependency, a plain log-prob pass otherwise. Engines sleep and the actor's state comes back first."""
         metrics = self.lifecycle.enter("experience")
-        experience = self.actor.experience(data.prepared, with_perception=self.cfg.algorithm.needs_perception)
+        a = self.cfg.algorithm
+        experience = self.actor.experience(
+            data.prepared, with_perception=a.needs_perception, with_entropy=a.token_filter == "entropy"
+        )
         return experience, metrics
 
     def advantages(self, data: StepData, experience) -> tuple[torch.Tensor, dict[str, float]]:

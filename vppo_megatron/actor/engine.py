@@ -305,7 +305,7 @@ class MegatronActor:
             flat, labels_BS.reshape(-1), self.groups.tp_rank * vocab_tp, self.groups.tp
         ).view(labels_BS.shape)
 
-    def _experience_outputs(self, mb: batching.MicroBatch, paired: bool, logits_BSV: torch.Tensor):
+    def _experience_outputs(self, mb: batching.MicroBatch, paired: bool, with_entropy: bool, logits_BSV: torch.Tensor):
         """Last stage: logits [2B, S_l, V_tp] of both views (or [B, ...] of one) -> per-token results [B, S]."""
         with torch.no_grad():
             logits = logits_BSV.float() / self.cfg.rollout.temperature
@@ -313,10 +313,9 @@ class MegatronActor:
             vocab_tp = logits.shape[-1]
             logp_BS = self._token_log_probs(logits, self._local(mb.labels_BS))
             original_NV = logits[:batch].reshape(-1, vocab_tp)
-            results = {
-                "old_logp": logp_BS[:batch],
-                "entropy": vocab_parallel.entropy(original_NV, self.groups.tp).view(batch, -1),
-            }
+            results = {"old_logp": logp_BS[:batch]}
+            if with_entropy:  # a second pass over the vocabulary: only the entropy TGF signal reads it
+                results["entropy"] = vocab_parallel.entropy(original_NV, self.groups.tp).view(batch, -1)
             if paired:
                 results["aug_logp"] = logp_BS[batch:]
                 results["dependency"] = self._dependency(results, original_NV, logits[batch:].reshape(-1, vocab_tp))
@@ -333,13 +332,17 @@ class MegatronActor:
         ).view(old_BS.shape)
 
     def experience(
-        self, batch: batching.StepBatch | list[ActorSample], step: int = 0, with_perception: bool = True
+        self,
+        batch: batching.StepBatch | list[ActorSample],
+        step: int = 0,
+        with_perception: bool = True,
+        with_entropy: bool = True,
     ) -> Experience:
         """Per response token results for this DP rank's rollouts, on every rank of its pipeline.
 
         `batch` from `prepare` (or samples, prepared here). with_perception=True: the dual pass (old and
         perturbed log-probs, dependency, entropy) in ONE schedule; False: a plain log-prob pass (baselines):
-        aug_logp and dependency are zero.
+        aug_logp and dependency are zero. with_entropy=False leaves entropy zero (one vocabulary pass less).
         """
         if not isinstance(batch, batching.StepBatch):
             batch = self.prepare(batch, step, with_perception)
@@ -352,7 +355,7 @@ class MegatronActor:
 
         def step_func(data_iterator, model):
             mb = next(data_iterator)
-            return self._forward(model, mb), partial(self._experience_outputs, mb, with_perception)
+            return self._forward(model, mb), partial(self._experience_outputs, mb, with_perception, with_entropy)
 
         with torch.no_grad():
             outputs = self._schedule(step_func, micro_batches, forward_only=True)

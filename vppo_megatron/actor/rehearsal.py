@@ -325,7 +325,7 @@ def measure_activations(
     for Transformer Engine (what the dry run assumes on GPU). Defaults: the target sequence per CP rank and
     micro-batch; the configured recompute and SP, plus no recompute without SP."""
     seq = seq or (cfg.data.max_prompt_length + cfg.rollout.max_response_length) // cfg.parallel.cp
-    micro_batch = micro_batch or cfg.trainer.micro_batch_size
+    micro_batch = micro_batch or memory.rollouts_per_micro_batch(cfg)
     if cfg.parallel.sequence_parallel and seq % cfg.parallel.tp:
         raise ValueError(f"sequence length {seq} must be a multiple of parallel.tp={cfg.parallel.tp} with SP")
     cases = cases or list(dict.fromkeys([("none", False), (cfg.model.recompute, cfg.parallel.sequence_parallel)]))

@@ -191,7 +191,9 @@ class WeightSync:
     def score_probe_with_actor(self) -> None:
         """The actor's side of the check, while its weights are resident (collective)."""
         samples, _ = self.probe_set
-        self._actor_probe = self.actor.experience(samples, step=0, with_perception=False).old_logp_BT
+        self._actor_probe = self.actor.experience(
+            samples, step=0, with_perception=False, with_entropy=False
+        ).old_logp_BT
 
     def verify(self) -> dict[str, float]:
         """The engines' side, once they are awake: raises SyncError on every rank when the largest per-token
@@ -235,7 +237,7 @@ class WeightSync:
         """Engine vs actor log-probs on fixed sequences (collective); `sync/probe_max_abs_diff` on rank 0.
 
         `samples` are ActorSamples (expanded prompt ids), `prompt_texts` the same prompts as chat text."""
-        experience = self.actor.experience(samples, step=0, with_perception=False)
+        experience = self.actor.experience(samples, step=0, with_perception=False, with_entropy=False)
         if self.fleet is None:
             return {}
         sequences = [
