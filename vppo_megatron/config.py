@@ -390,6 +390,8 @@ def _check_ranges(cfg: Config) -> None:
         if value < 1:
             _fail(path, value, "must be >= 1")
     _check_base(a)
+    if a.max_sampling_tries < 1:
+        _fail("algorithm.max_sampling_tries", a.max_sampling_tries, "must be >= 1 (rollout rounds per step)")
     if a.ppo_epochs < 1:
         _fail("algorithm.ppo_epochs", a.ppo_epochs, "must be >= 1")
     if r.verify_sync_every < 0 or r.verify_sync_tolerance <= 0:

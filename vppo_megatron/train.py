@@ -1,4 +1,4 @@
-"""The VPPO trainer: a table of contents. One call per stage of a step (the README's data flow):
+"""The VPPO trainer: a table of contents. One call per stage of a step (docs/algorithm.md walks through each stage):
 
     rollout -> reward -> dynamic sampling -> experience (dual pass) -> advantages + TAS -> TGF -> updates -> sync
 

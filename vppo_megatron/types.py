@@ -1,4 +1,4 @@
-"""Data contracts between the stages of one training step (the README's one-step data flow). Shapes in comments."""
+"""Data contracts between the stages of one training step (train.py; docs/algorithm.md). Shapes in comments."""
 
 from __future__ import annotations
 

@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vppo_megatron.data.images import ImageError, make_decoder, read_source, smart_resize
+from vppo_megatron.data import images
+from vppo_megatron.data.images import (
+    DaliDecoder,
+    ImageError,
+    PillowDecoder,
+    make_decoder,
+    read_source,
+    smart_resize,
+)
 
 
 def _encode(h, w, fmt="PNG", seed=0):
@@ -70,6 +78,29 @@ def test_dali_equals_pillow_without_resize_and_is_close_with_it():
     assert np.abs(a.astype(int) - b.astype(int)).mean() < 2.0
 
 
-def test_unknown_backend_falls_back_only_on_auto():
-    assert make_decoder("pillow", 28, 3136, 50176).name == "pillow"
-    assert make_decoder("auto", 28, 3136, 50176).name in ("dali", "pillow")
+def test_auto_picks_pillow_without_dali_and_decodes_as_pil(monkeypatch):
+    monkeypatch.setattr(images, "dali_available", lambda: False)
+    decoder = make_decoder("auto", 28, 3136, 50176)
+    assert isinstance(decoder, PillowDecoder)
+    data = _encode(100, 150, "JPEG")
+    # 100 x 150 -> 112 x 140 (see test_smart_resize_matches_qwen_rule); PIL's own bicubic resize of the same file.
+    expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((140, 112), Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(decoder.decode([data])[0], expected)
+
+
+def test_auto_picks_dali_when_installed(monkeypatch):
+    monkeypatch.setattr(images, "dali_available", lambda: True)
+    assert isinstance(make_decoder("auto", 28, 3136, 50176), DaliDecoder)
+
+
+def test_dali_without_the_package_names_the_fix(monkeypatch):
+    monkeypatch.setattr(images, "dali_available", lambda: False)
+    with pytest.raises(ValueError, match="nvidia-dali is not installed.*data.image_decoder=pillow"):
+        make_decoder("dali", 28, 3136, 50176)
+
+
+@pytest.mark.parametrize("backend", ["pil", "DALI", ""])
+def test_unknown_decoder_is_an_error_naming_the_choices(backend):
+    with pytest.raises(ValueError) as err:
+        make_decoder(backend, 28, 3136, 50176)
+    assert str(err.value) == f"data.image_decoder={backend!r} is not one of auto | dali | pillow"

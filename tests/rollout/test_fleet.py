@@ -174,7 +174,7 @@ def test_offloading_lifecycle_is_bit_identical_and_in_the_documented_order(fleet
     assert fleet.call_one(0, "residency")["asleep"] == []
 
 
-VOLATILE = ("time/", "rollout/tokens_per_s", "sync/megabytes_per_s", "rollout/engine_restarts")
+VOLATILE = ("time/", "rollout/generate_s", "rollout/tokens_per_s", "sync/megabytes_per_s", "rollout/engine_restarts")
 
 
 def _trainer_command(tiny_model_dir, data, out, steps):

@@ -1,6 +1,7 @@
 """VPPO math, pure torch (stages 3-5 of a step): perturbation, token dependency, advantages, TAS, TGF, loss.
 
-Nothing here imports megatron, ray or vllm (tests/algo/test_import_isolation.py).
+Nothing here imports megatron, ray or vllm (tests/test_import_boundaries.py and
+tests/algo/test_loss.py::test_algo_imports_with_megatron_ray_and_vllm_blocked). The maths: docs/algorithm.md.
 """
 
 from vppo_megatron.algo.advantage import dynamic_sampling_keep, grpo_advantages

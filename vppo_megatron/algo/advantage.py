@@ -1,4 +1,4 @@
-"""GRPO outcome advantages and DAPO's dynamic-sampling group filter (the README's algorithm table).
+"""GRPO outcome advantages and DAPO's dynamic-sampling group filter (docs/algorithm.md, "The base objective").
 
     A_i = (R_i - mean_g R) / (std_g R + eps),  std unbiased, over the rollouts of prompt group g
 

@@ -1,4 +1,4 @@
-"""The VPPO objective on top of DAPO (the README's algorithm table):
+"""The VPPO objective on top of DAPO (docs/algorithm.md, "The base objective"):
 
     r_t  = exp(clamp(log pi(o_t) - log pi_old(o_t), -20, 20))
     pg_t = max(-A r_t, -A clip(r_t, 1 - eps_low, 1 + eps_high)),   and for A < 0: min(pg_t, -A C)   (dual clip)

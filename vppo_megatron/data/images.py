@@ -176,8 +176,14 @@ def dali_available() -> bool:
     return importlib.util.find_spec("nvidia.dali") is not None
 
 
+DECODER_BACKENDS = ("auto", "dali", "pillow")
+
+
 def make_decoder(backend: str, factor: int, min_pixels: int, max_pixels: int) -> ImageDecoder:
     """backend: auto (DALI when installed), dali, or pillow."""
+    if backend not in DECODER_BACKENDS:
+        # Checked first: an unknown name used to fall through to DALI, hiding a typo such as "pil".
+        raise ValueError(f"data.image_decoder={backend!r} is not one of {' | '.join(DECODER_BACKENDS)}")
     plan = ResizePlan(factor, min_pixels, max_pixels)
     if backend == "pillow" or (backend == "auto" and not dali_available()):
         return PillowDecoder(plan)

@@ -1,7 +1,7 @@
 """Rule-based math reward for VPPO.
 
-VPPO spec: Reward: 1.0 if the last \\boxed{...} content grades equal to the answer (mathruler-style
-normalisation), else 0.0. No format reward.
+VPPO's reward (docs/algorithm.md, "The base objective"): 1.0 if the last \\boxed{...} content grades equal to the
+answer (mathruler-style normalisation), else 0.0. No format reward.
 
 Contract of every scorer here: ``fn(response, ground_truth) -> {"overall": float, "accuracy": float}``, both values
 equal (1.0 or 0.0). Scorers never raise on model output: a missing, empty, unbalanced, oversized or unparsable answer

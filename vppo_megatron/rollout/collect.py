@@ -3,7 +3,8 @@
 DAPO's dynamic sampling keeps a prompt group only if its mean accuracy is strictly inside
 (accuracy_low, accuracy_high): all-correct and all-wrong groups have zero advantage. New prompts are drawn and
 sampled until `trainer.prompts_per_step` groups are kept or `algorithm.max_sampling_tries` rounds have run; the
-step then trains on what it has (counted in `rollout/kept_groups`).
+step then trains on what it has (counted in `rollout/kept_groups`). With `algorithm.dynamic_sampling` false one
+round runs and every group is kept.
 """
 
 from __future__ import annotations
@@ -31,16 +32,30 @@ def score(groups_results, prompts: list[PromptSample], reward_fn) -> list[Group]
     return out
 
 
+# Fleet metrics that add up over the rounds of one step; every other fleet metric keeps its last round's value.
+SUMMED_METRICS = ("rollout/num_responses", "rollout/response_tokens", "rollout/generate_s")
+# The fleet's engine time per call; renamed because the trainer's `time/rollout_s` is the whole stage's wall time.
+FLEET_TIME_KEY = "time/rollout_s"
+MIN_SECONDS = 1e-9  # guards tokens / seconds when a (replayed) fleet reports no time
+
+
+def _accumulate(totals: dict[str, float], round_metrics: dict[str, float]) -> None:
+    for name, value in round_metrics.items():
+        name = "rollout/generate_s" if name == FLEET_TIME_KEY else name
+        totals[name] = totals.get(name, 0.0) + value if name in SUMMED_METRICS else value
+
+
 def collect(fleet, loader, cfg, step: int, reward_fn) -> tuple[list[Group], dict[str, float]]:
+    """Rounds of (next prompts, n rollouts each, rewards) until the batch is full; the rollout metrics cover every
+    round: responses, tokens and engine seconds summed, tokens_per_s = summed tokens / summed engine seconds."""
     r, a = cfg.rollout, cfg.algorithm
-    dynamic = a.dynamic_sampling and a.name != "grpo"
     kept: list[Group] = []
-    seen, tries, metrics = 0, 0, {}
+    seen, tries, totals = 0, 0, {}
     accuracy_sum, responses = 0.0, 0
     while len(kept) < cfg.trainer.prompts_per_step and tries < a.max_sampling_tries:
         prompts = loader.next_batch()
         seed = cfg.trainer.seed * 1_000_003 + step * 1_009 + tries * 101  # distinct per (seed, step, round)
-        results, metrics = fleet.generate(
+        results, round_metrics = fleet.generate(
             prompts,
             n=r.num_samples_per_prompt,
             temperature=r.temperature,
@@ -48,20 +63,23 @@ def collect(fleet, loader, cfg, step: int, reward_fn) -> tuple[list[Group], dict
             max_tokens=r.max_response_length,
             seed=seed,
         )
+        _accumulate(totals, round_metrics)
         for group in score(results, prompts, reward_fn):
             mean = sum(group.accuracies) / len(group.accuracies)
             accuracy_sum += sum(group.accuracies)
             responses += len(group.accuracies)
-            if not dynamic or a.accuracy_low < mean < a.accuracy_high:
+            if not a.dynamic_sampling or a.accuracy_low < mean < a.accuracy_high:
                 kept.append(group)
         seen += len(prompts)
         tries += 1
-        if not dynamic:
+        if not a.dynamic_sampling:
             break
     kept = kept[: cfg.trainer.prompts_per_step]
     metrics = dict(
-        metrics,
+        totals,
         **{
+            "rollout/tokens_per_s": totals.get("rollout/response_tokens", 0.0)
+            / max(totals.get("rollout/generate_s", 0.0), MIN_SECONDS),
             "reward/accuracy": accuracy_sum / max(responses, 1),
             "rollout/kept_groups": float(len(kept)),
             "rollout/sampled_prompts": float(seen),

@@ -169,10 +169,11 @@ class RolloutFleet:
     def generate(
         self, samples: list[PromptSample], *, n: int, temperature: float, top_p: float, max_tokens: int, seed: int
     ) -> tuple[list[list[RolloutResult]], dict[str, float]]:
-        """n responses per prompt, in prompt order; per-request seeds are seed + prompt index."""
+        """n responses per prompt, in prompt order. vLLM seeds sample j of a request with its seed + j, so request i
+        gets seed + i * n: no two samples of the step share a random stream."""
         start = time.perf_counter()
         sampling = {"n": n, "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
-        requests = [{"prompt": s.prompt_text, "images": s.images, "seed": seed + i} for i, s in enumerate(samples)]
+        requests = [{"prompt": s.prompt_text, "images": s.images, "seed": seed + i * n} for i, s in enumerate(samples)]
         assignment = {i: list(range(i, len(requests), len(self.engines))) for i in range(len(self.engines))}
         results: dict[int, list[dict]] = {}
         for attempt in range(MAX_RETRIES + 1):
