@@ -1,5 +1,6 @@
 """HF -> Megatron (TP2 PP2) -> HF round trip, loads at other layouts, and every bad input's error."""
 
+import importlib
 import json
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ from vppo_megatron.testing import run_distributed
 
 
 def _cli(module, *args, check=True):
+    """The real command: a process that re-launches itself under torchrun (the entry point as users run it)."""
     proc = subprocess.run(
         [sys.executable, "-m", f"checkpoints_convert.{module}", *map(str, args)],
         capture_output=True,
@@ -24,6 +26,40 @@ def _cli(module, *args, check=True):
     if check:
         assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
+
+
+def _convert_rank(rank, world_size, module, args):
+    """One rank of a conversion: the command's own main on an already launched rank (so no torchrun re-launch),
+    with what it printed."""
+    import contextlib
+    import io
+
+    main = importlib.import_module(f"checkpoints_convert.{module}").main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(args)
+    return code, out.getvalue(), err.getvalue()
+
+
+def _convert(module, world_size, *args):
+    """The command's main on `world_size` forked ranks: the ranks torchrun would start, without re-importing the
+    stack in each (the process boundary is tested by `_cli` above). (exit code, rank 0's stdout, its stderr)."""
+    results = run_distributed(_convert_rank, world_size, module, [str(a) for a in args], timeout_s=600)
+    assert len({code for code, _, _ in results}) == 1, results  # every rank reaches the same verdict
+    return results[0]
+
+
+def _precheck_error(module, args, capsys, monkeypatch):
+    """Exit code and stderr of an input error, from the command's main in this process: each is caught before
+    any rank starts, so reaching the torchrun re-launch is itself a failure."""
+    from checkpoints_convert import common
+
+    def relaunch(world_size, _module):
+        raise AssertionError(f"{module} {args}: passed the input checks and would start {world_size} rank(s)")
+
+    monkeypatch.setattr(common, "relaunch_under_torchrun", relaunch)
+    code = importlib.import_module(f"checkpoints_convert.{module}").main([str(a) for a in args])
+    return code, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +129,15 @@ def test_uneven_and_virtual_pipeline_round_trips_are_bit_exact(name, tmp_path, r
     model_dir = request.getfixturevalue(model_fixture)
     ckpt, out = tmp_path / "ckpt", tmp_path / "hf"
     # --verify reloads the checkpoint at the split it was written at: every tensor bit-exact, probe log-probs
-    proc = _cli("hf_to_megatron", "--hf", model_dir, "--out", ckpt, "--pp", 2, *written_at, "--verify")
-    assert "worst difference 0.000e+00" in proc.stdout and ": OK" in proc.stdout
-    proc = _cli("megatron_to_hf", "--megatron", ckpt, "--out", out, "--pp", 2, *exported_at, "--verify")
-    assert ": OK" in proc.stdout
+    code, stdout, stderr = _convert(
+        "hf_to_megatron", 2, "--hf", model_dir, "--out", ckpt, "--pp", 2, *written_at, "--verify"
+    )
+    assert code == 0, stderr[-4000:]
+    assert "worst difference 0.000e+00" in stdout and ": OK" in stdout
+    code, stdout, stderr = _convert(
+        "megatron_to_hf", 2, "--megatron", ckpt, "--out", out, "--pp", 2, *exported_at, "--verify"
+    )
+    assert code == 0 and ": OK" in stdout, stderr[-4000:]
     original, exported = SafetensorsReader(model_dir), SafetensorsReader(out)
     assert original.keys() == exported.keys()
     for key in sorted(original.keys()):
@@ -150,12 +191,12 @@ def _broken_copy(tiny_model_dir, tmp_path, mutate):
 )
 def test_missing_and_unmapped_tensors_are_listed(tiny_model_dir, tmp_path, mutate, message):
     broken = _broken_copy(tiny_model_dir, tmp_path, mutate)
-    proc = _cli("hf_to_megatron", "--hf", broken, "--out", tmp_path / "out", check=False)
-    assert proc.returncode == 2 and message in proc.stderr
+    code, _, stderr = _convert("hf_to_megatron", 1, "--hf", broken, "--out", tmp_path / "out")
+    assert code == 2 and message in stderr
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
 
 
-def test_bad_inputs_get_clear_errors(tiny_model_dir, tp2pp2_checkpoint, tmp_path):
+def test_bad_inputs_get_clear_errors(tiny_model_dir, tp2pp2_checkpoint, tmp_path, capsys, monkeypatch):
     llama = tmp_path / "llama"
     shutil.copytree(tiny_model_dir, llama)
     config = json.loads((llama / "config.json").read_text())
@@ -185,11 +226,12 @@ def test_bad_inputs_get_clear_errors(tiny_model_dir, tp2pp2_checkpoint, tmp_path
             "is not a complete vppo-megatron checkpoint",
         ),
     ]
-    for args, message in cases:
-        proc = _cli(*args, check=False)
-        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr[-2000:])
+    for (module, *args), message in cases:
+        code, stderr = _precheck_error(module, args, capsys, monkeypatch)
+        assert code == 2 and message in stderr, (args, stderr[-2000:])
     incomplete = tmp_path / "incomplete"
     shutil.copytree(tp2pp2_checkpoint, incomplete)
     (incomplete / "metadata.json").unlink()  # megatron's own metadata: an interrupted or truncated copy
-    proc = _cli("megatron_to_hf", "--megatron", incomplete, "--out", tmp_path / "f", check=False)
-    assert proc.returncode == 2 and "is incomplete" in proc.stderr
+    args = ["--megatron", incomplete, "--out", tmp_path / "f"]
+    code, stderr = _precheck_error("megatron_to_hf", args, capsys, monkeypatch)
+    assert code == 2 and "is incomplete" in stderr

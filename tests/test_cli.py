@@ -9,7 +9,20 @@ VPPO = [str(Path(sys.executable).parent / "vppo")]
 
 
 def _run(*args, check=True):
+    """The installed `vppo` console script in its own process (the entry point as users run it)."""
     proc = subprocess.run(VPPO + list(args), capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def _main(capsys, *args, check=True):
+    """`vppo ARGS` through the CLI's main in this process (the process boundary is test_help's subject): the
+    same parsing, commands and error handling, without importing the stack again for each command."""
+    from vppo_megatron.cli import main
+
+    capsys.readouterr()
+    proc = subprocess.CompletedProcess(["vppo", *args], main(list(args)), *capsys.readouterr())
     if check:
         assert proc.returncode == 0, proc.stderr[-2000:]
     return proc
@@ -19,13 +32,27 @@ def test_help_lists_the_subcommands():
     out = _run("--help").stdout
     for command in ("tiny-model", "make-data", "config", "preview-data", "sft", "train", "eval", "convert", "demo"):
         assert command in out
+    proc = _run("config", "algorithm.token_fraction=2", check=False)  # an error's exit status, through the process
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
 
-def test_tiny_model_make_data_and_preview_offline(tmp_path):
-    _run("tiny-model", "--out", str(tmp_path / "m"))
-    _run("make-data", "--out", str(tmp_path / "d"), "--num-train", "12", "--num-val", "4", "--task", "count_color")
+def test_tiny_model_make_data_and_preview_offline(tmp_path, capsys):
+    _main(capsys, "tiny-model", "--out", str(tmp_path / "m"))
+    _main(
+        capsys,
+        "make-data",
+        "--out",
+        str(tmp_path / "d"),
+        "--num-train",
+        "12",
+        "--num-val",
+        "4",
+        "--task",
+        "count_color",
+    )
     assert (tmp_path / "d" / "train.parquet").exists() and (tmp_path / "d" / "validation.parquet").exists()
-    out = _run(
+    out = _main(
+        capsys,
         "preview-data",
         "--config",
         "examples/configs/tiny_cpu.yaml",
@@ -37,30 +64,32 @@ def test_tiny_model_make_data_and_preview_offline(tmp_path):
     assert "12 usable rows" in out and "batch of 4" in out and "no rows skipped" in out
 
 
-def test_errors_are_one_clear_line_not_a_traceback(tmp_path):
-    proc = _run("config", "algorithm.token_fraction=2", check=False)
+def test_errors_are_one_clear_line_not_a_traceback(tmp_path, capsys):
+    proc = _main(capsys, "config", "algorithm.token_fraction=2", check=False)
     assert proc.returncode == 2
     assert "algorithm.token_fraction=2.0: must be in (0, 1]" in proc.stderr and "Traceback" not in proc.stderr
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "x").write_text("keep me")
-    proc = _run("tiny-model", "--out", str(tmp_path / "m"), check=False)
+    proc = _main(capsys, "tiny-model", "--out", str(tmp_path / "m"), check=False)
     assert proc.returncode == 2 and "not empty" in proc.stderr
     assert (tmp_path / "m" / "x").read_text() == "keep me"
 
 
-def test_config_reference_table():
-    out = _run("config").stdout
+def test_config_reference_table(capsys):
+    out = _main(capsys, "config").stdout
     assert "algorithm.token_fraction = 0.4" in out and "parallel.tp = 1" in out
 
 
-def test_every_example_config_passes_dry_run_at_its_target_world_size():
+def test_every_example_config_passes_dry_run_at_its_target_world_size(capsys):
     for config in sorted(Path("examples/configs").glob("*.yaml")):
-        proc = _run("train", "--config", str(config), "--dry-run")
+        proc = _main(capsys, "train", "--config", str(config), "--dry-run")
         assert "config OK for" in proc.stdout, config
 
 
-def test_dry_run_refuses_an_impossible_layout():
-    proc = _run("train", "--config", "examples/configs/qwen2_5_vl_7b.yaml", "--dry-run", "parallel.tp=3", check=False)
+def test_dry_run_refuses_an_impossible_layout(capsys):
+    proc = _main(
+        capsys, "train", "--config", "examples/configs/qwen2_5_vl_7b.yaml", "--dry-run", "parallel.tp=3", check=False
+    )
     assert proc.returncode == 2 and "not divisible by tp*pp*cp = 3" in proc.stderr
 
 

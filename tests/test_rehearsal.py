@@ -71,18 +71,29 @@ def test_one_layer_activations_agree_with_the_estimator():
     assert by_case[("full", True)]["transformer_engine_bytes"] == by_case[("full", True)]["saved_bytes"]
 
 
-@pytest.mark.parametrize(
-    "command", [["vppo_megatron.cli", "plan"], ["vppo_megatron.train", "--dry-run", "--rehearse"]], ids=str
-)
-def test_vppo_plan_prints_the_estimate_and_the_rehearsed_7b_rank(command):
+def _plan_output(command, capsys):
+    """stdout of `vppo plan` (the CLI's main in this process: test_cli covers its process boundary) or of the
+    trainer module's own `--dry-run --rehearse` entry point (a real process), on the 7B config."""
+    config = ["--config", "examples/configs/qwen2_5_vl_7b.yaml"]
+    if command == "vppo plan":
+        from vppo_megatron.cli import main
+
+        assert main(["plan", *config]) == 0
+        return capsys.readouterr().out
     proc = subprocess.run(
-        [sys.executable, "-m", *command, "--config", "examples/configs/qwen2_5_vl_7b.yaml"],
+        [sys.executable, "-m", "vppo_megatron.train", "--dry-run", "--rehearse", *config],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "heaviest: only stage, rollout phase, 48.0 GiB" in proc.stdout
+    return proc.stdout
+
+
+@pytest.mark.parametrize("command", ["vppo plan", "python -m vppo_megatron.train --dry-run --rehearse"])
+def test_vppo_plan_prints_the_estimate_and_the_rehearsed_7b_rank(command, capsys):
+    stdout = _plan_output(command, capsys)
+    assert "heaviest: only stage, rollout phase, 48.0 GiB" in stdout
     # 4.48B on each TP2 rank: 28 split layers + the whole vision tower + half of the embedding and output layer
-    (row,) = [line for line in proc.stdout.splitlines() if line.startswith("  only")]
+    (row,) = [line for line in stdout.splitlines() if line.startswith("  only")]
     assert "4,484,460,544" in row and row.endswith("equal")

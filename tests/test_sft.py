@@ -9,6 +9,7 @@ import torch
 
 from vppo_megatron.config import load
 from vppo_megatron.sft import supervised_samples
+from vppo_megatron.testing import run_distributed
 
 
 def test_supervised_samples_cache_token_ids_and_keep_the_rows(tiny_processor, tmp_path):
@@ -39,8 +40,15 @@ def test_supervised_samples_cache_token_ids_and_keep_the_rows(tiny_processor, tm
         assert answer.startswith("<think>") and answer.endswith("}<|im_end|>")
 
 
+def _sft_rank(rank, world_size, argv):
+    from vppo_megatron.sft import main
+
+    return main(argv)
+
+
 def _sft(tiny_model_dir, data, out, world):
-    command = [sys.executable, "-m", "vppo_megatron.cli", "sft", "--config", "examples/configs/tiny_cpu.yaml"]
+    """`vppo sft` at TP=world: the real command (torchrun ranks) at TP=2; at TP=1 the module's main on one forked
+    rank (the single rank torchrun would start, without importing the stack again)."""
     overrides = [
         f"model.path={tiny_model_dir}",
         f"data.train_files=[{data / 'train.parquet'}]",
@@ -54,8 +62,13 @@ def _sft(tiny_model_dir, data, out, world):
         f"parallel.world_size={world}",
         "logging.tensorboard=false",
     ]
-    proc = subprocess.run([*command, *overrides], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    argv = ["--config", "examples/configs/tiny_cpu.yaml", *overrides]
+    if world == 1:
+        assert run_distributed(_sft_rank, 1, argv, timeout_s=600) == [0]
+    else:
+        command = [sys.executable, "-m", "vppo_megatron.cli", "sft", *argv]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out.parent / f"{out.name}.logs" / "metrics.jsonl").read_text().splitlines()]
     return [r["sft/nll"] for r in rows]
 

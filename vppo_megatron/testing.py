@@ -1,11 +1,12 @@
-"""Run a function on N gloo ranks in spawned processes and collect each rank's return value (tests, benchmarks).
+"""Run a function on N gloo ranks in their own processes and collect each rank's return value (tests, benchmarks).
 
 `run_distributed(fn, world_size, *args)` starts `world_size` processes, initialises a gloo process group on a
 free loopback port, calls `fn(rank, world_size, *args)` and returns the list of return values by rank. A failing
 rank's traceback is re-raised in the caller; a hung run is killed after `timeout_s`.
 
 Ranks are forked from one forkserver that imported torch, Megatron and transformers once per calling process:
-a spawned rank re-imports them (about 12 s of CPU each), which dominated every short multi-rank run.
+a spawned rank re-imports them (about 12 s of CPU each), which dominated every short multi-rank run. A rank
+therefore sees the environment variables of the moment the server started: pass what changes as arguments.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 
 # imported once by the forkserver; a rank that needs more imports it itself
 PRELOAD = ("torch", "torch.distributed", "megatron.core", "transformers", "vppo_megatron.actor.engine")
