@@ -5,8 +5,9 @@ free loopback port, calls `fn(rank, world_size, *args)` and returns the list of 
 rank's traceback is re-raised in the caller; a hung run is killed after `timeout_s`.
 
 Ranks are forked from one forkserver that imported torch, Megatron and transformers once per calling process:
-a spawned rank re-imports them (about 12 s of CPU each), which dominated every short multi-rank run. A rank
-therefore sees the environment variables of the moment the server started: pass what changes as arguments.
+a spawned rank re-imports them (about 12 s of CPU each), which dominated every short multi-rank run. The server's
+environment is the one of the moment it started, so each rank takes the caller's environment of the moment of
+the call (a Ray cluster started later, with its auth token, is reachable from the ranks).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results) -> None:
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results, environ: dict) -> None:
+    os.environ.clear()
+    os.environ.update(environ)
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
     )
@@ -56,7 +59,10 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float 
     ctx.set_forkserver_preload(list(PRELOAD))  # takes effect when the server starts (the first call)
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results)) for r in range(world_size)]
+    environ = dict(os.environ)  # the caller's, now: the forkserver's may be older
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, environ)) for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     out: dict[int, Any] = {}
