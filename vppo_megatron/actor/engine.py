@@ -466,10 +466,11 @@ class MegatronActor:
         if not isinstance(batch, batching.StepBatch):
             batch = self.prepare(batch, with_perception=False)
         rows = rows or slice(0, len(batch.samples))
-        micro_batches = []
+        micro_batches, covered = [], 0
         for r, mb in zip(batch.micro_rows, batch.views):
             if r.start < rows.start or r.stop > rows.stop:
                 continue
+            covered += r.stop - r.start
             seq_len = mb.input_ids_BS.shape[1]
             mb.extras_BS = {
                 "old_logp": batching.to_label_positions(old_logp_BT[r], mb.prompt_lengths, seq_len),
@@ -479,9 +480,7 @@ class MegatronActor:
             if dependency_BT is not None:
                 mb.extras_BS["dependency"] = batching.to_label_positions(dependency_BT[r], mb.prompt_lengths, seq_len)
             micro_batches.append(mb)
-        if sum(r.stop - r.start for r in batch.micro_rows if rows.start <= r.start and r.stop <= rows.stop) != (
-            rows.stop - rows.start
-        ):
+        if covered != rows.stop - rows.start:
             raise ValueError(f"rows {rows} are not whole micro-batches of this batch (a mini-batch boundary)")
         return self._optimizer_step(micro_batches, self._policy_loss)
 
