@@ -17,8 +17,10 @@ format: setup
 	.venv/bin/ruff format .
 	.venv/bin/ruff check --fix .
 
+# Two workers, one test file each at a time (module fixtures such as the vLLM engine stay in one process);
+# tests/conftest.py starts the slow files first. `pytest tests` alone runs the same tests in one process.
 test: setup lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # The main job on CPU: tiny model + synthetic data + (from the trainer issue on) SFT warm start and a VPPO run.
 demo: setup

@@ -37,3 +37,10 @@ def tiny_processor(tiny_model_dir):
     from transformers import AutoProcessor
 
     return AutoProcessor.from_pretrained(tiny_model_dir)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with slow tests first, the rest in their usual order: with two workers (`make test`) the longest
+    files start at once and the quick ones fill the gaps, instead of one long file ending the run alone."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)

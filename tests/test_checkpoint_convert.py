@@ -65,8 +65,11 @@ def _precheck_error(module, args, capsys, monkeypatch):
 @pytest.fixture(scope="module")
 def tp2pp2_checkpoint(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "tp2pp2"
-    proc = _cli("hf_to_megatron", "--hf", tiny_model_dir, "--out", out, "--tp", 2, "--pp", 2, "--verify")
-    assert "worst difference 0.000e+00" in proc.stdout and ": OK" in proc.stdout
+    code, stdout, stderr = _convert(
+        "hf_to_megatron", 4, "--hf", tiny_model_dir, "--out", out, "--tp", 2, "--pp", 2, "--verify"
+    )
+    assert code == 0, stderr[-4000:]
+    assert "worst difference 0.000e+00" in stdout and ": OK" in stdout
     return out
 
 

@@ -94,10 +94,14 @@ def test_verify_sync_probes_every_n_syncs_and_raises_with_the_measured_gap(fleet
     assert "do not serve the trained weights" in out["stale"]
 
 
+STEPS = 4  # a checkpoint at step 2 (kill and resume) and at step 4 (the end)
+
+
 @pytest.fixture(scope="module")
-def two_step_runs(fleet, tiny_model_dir, tmp_path_factory):
-    """2 VPPO steps under torchrun TP=2, once with actor.offload=none and once with optimizer+grads (same data,
-    seeds and engine): {offload: (output dir, unix start, unix end)}."""
+def trainer_runs(fleet, tiny_model_dir, tmp_path_factory):
+    """4 VPPO steps under torchrun TP=2, once with actor.offload=none and once with optimizer+grads (same data,
+    seeds and engine): {offload: (output dir, unix start, unix end)}, and the data and Ray environment they used.
+    The plain run is also the uninterrupted reference of the kill-and-resume test."""
     import os
     import subprocess
 
@@ -105,34 +109,34 @@ def two_step_runs(fleet, tiny_model_dir, tmp_path_factory):
 
     from vppo_megatron.data.synthetic import write_dataset
 
-    root = tmp_path_factory.mktemp("two_steps")
+    root = tmp_path_factory.mktemp("trainer_runs")
     write_dataset(root / "data", ["count_shapes"], num_train=16, num_val=4, seed=0)
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
     runs = {}
     for offload in ("none", "optimizer+grads"):
         out = root / offload
-        command = _trainer_command(tiny_model_dir, root / "data", out, 2)
-        command += ["logging.tensorboard=true", f"actor.offload={offload}"]
+        command = [*_trainer_command(tiny_model_dir, root / "data", out), f"actor.offload={offload}"]
         start = time.time()
         proc = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
         assert proc.returncode == 0, proc.stderr[-5000:]
         runs[offload] = (out, start, time.time())
-    return runs
+    return runs, root / "data", env
 
 
-def test_two_vppo_steps_end_to_end_with_torchrun_tp2(fleet, two_step_runs):
+def test_vppo_steps_end_to_end_with_torchrun_tp2(fleet, trainer_runs):
     import json
 
-    out = two_step_runs["none"][0]
+    out = trainer_runs[0]["none"][0]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "actor/grad_norm" in r]
-    assert [r["step"] for r in steps] == [0, 1]
+    assert [r["step"] for r in steps] == list(range(STEPS))
     for r in steps:
         assert r["actor/grad_norm"] > 0 and r["actor/update_ok"] == 1.0  # the weights changed
         assert 0 < r["vppo/selected_fraction"] < 1  # TGF kept ~40% of the tokens
         assert r["time/perception_fraction"] > 0
-    # one initial sync, then one per step: the engine serves version 3
-    assert [r["sync/version"] for r in steps] == [2.0, 3.0] and fleet.versions() == [3]
+    # one initial sync, then one per step: the engine serves version STEPS + 1 (the offloaded run ran last)
+    assert [r["sync/version"] for r in steps] == [float(v) for v in range(2, STEPS + 2)]
+    assert fleet.versions() == [STEPS + 1]
     assert "val/accuracy" in rows[-1] and (out / "accuracy.png").exists()
     assert list((out / "tensorboard").iterdir())
 
@@ -144,10 +148,11 @@ def _checkpoint_tensors(ckpt_dir, scratch):
     return torch.load(scratch, weights_only=False)
 
 
-def test_offloading_lifecycle_is_bit_identical_and_in_the_documented_order(fleet, two_step_runs, tmp_path):
+def test_offloading_lifecycle_is_bit_identical_and_in_the_documented_order(fleet, trainer_runs, tmp_path):
     from vppo_megatron.lifecycle import step_order
 
-    (plain, _, _), (offloaded, start, end) = two_step_runs["none"], two_step_runs["optimizer+grads"]
+    runs = trainer_runs[0]
+    (plain, _, _), (offloaded, start, end) = runs["none"], runs["optimizer+grads"]
     trained = {
         s: {k: v for k, v in m.items() if not k.startswith("lifecycle/")} for s, m in _step_metrics(offloaded).items()
     }
@@ -158,8 +163,8 @@ def test_offloading_lifecycle_is_bit_identical_and_in_the_documented_order(fleet
         for r in rows
         if "actor/grad_norm" in r
     )
-    a = _checkpoint_tensors(plain / "checkpoints" / "step_2", tmp_path / "a.pt")
-    b = _checkpoint_tensors(offloaded / "checkpoints" / "step_2", tmp_path / "b.pt")
+    a = _checkpoint_tensors(plain / "checkpoints" / f"step_{STEPS}", tmp_path / "a.pt")
+    b = _checkpoint_tensors(offloaded / "checkpoints" / f"step_{STEPS}", tmp_path / "b.pt")
     assert set(a) == set(b) and any("optimizer" in k for k in a) and any("exp_avg" in k for k in a)
     for key, value in a.items():
         if isinstance(value, torch.Tensor):
@@ -167,18 +172,19 @@ def test_offloading_lifecycle_is_bit_identical_and_in_the_documented_order(fleet
 
     calls = [line.split()[2] for line in (offloaded / "lifecycle.log").read_text().splitlines()]
     step = step_order("optimizer+grads", "colocated")
-    # start-up, 2 steps, then the step-2 checkpoint (whole actor resident while engines sleep)
-    assert calls == ["actor.offload(optimizer+grads)", *step, *step, *step]
+    # start-up, then 4 steps and the step-2 and step-4 checkpoints (whole actor resident while engines sleep)
+    assert calls == ["actor.offload(optimizer+grads)", *(step * (STEPS + 2))]
     events = [call for t, call, _ in fleet.call_one(0, "residency")["events"] if start <= t <= end]
-    assert events == [c.removeprefix("engines.") for c in step if c.startswith("engines.")] * 3
+    assert events == [c.removeprefix("engines.") for c in step if c.startswith("engines.")] * (STEPS + 2)
     assert fleet.call_one(0, "residency")["asleep"] == []
 
 
 VOLATILE = ("time/", "rollout/generate_s", "rollout/tokens_per_s", "sync/megabytes_per_s", "rollout/engine_restarts")
 
 
-def _trainer_command(tiny_model_dir, data, out, steps):
-    """`vppo train` under torchrun (2 ranks, TP=2) on the tiny model: small, deterministic, checkpointing."""
+def _trainer_command(tiny_model_dir, data, out):
+    """`vppo train` under torchrun (2 ranks, TP=2) on the tiny model: small, deterministic, checkpointing at
+    steps 2 and 4, logging to TensorBoard too."""
     import sys
 
     from trainer_run import tiny_overrides
@@ -193,7 +199,8 @@ def _trainer_command(tiny_model_dir, data, out, steps):
         "vppo_megatron.train",
         "--config",
         "examples/configs/tiny_cpu.yaml",
-        *tiny_overrides(tiny_model_dir, data, out, steps),
+        *tiny_overrides(tiny_model_dir, data, out, STEPS),
+        "logging.tensorboard=true",
     ]
 
 
@@ -206,27 +213,16 @@ def _step_metrics(out):
     }
 
 
-def test_kill_and_resume_gives_the_uninterrupted_metrics(fleet, tiny_model_dir, tmp_path):
+def test_kill_and_resume_gives_the_uninterrupted_metrics(fleet, trainer_runs, tiny_model_dir, tmp_path):
+    """Killed after its step-2 checkpoint and started again, a run ends where the uninterrupted plain run did."""
     import os
     import signal
     import subprocess
 
-    import ray
-
-    from vppo_megatron.data.synthetic import write_dataset
-
-    data = tmp_path / "data"
-    write_dataset(data, ["count_shapes"], num_train=16, num_val=2, seed=0)
-    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
-    straight = tmp_path / "straight"
-    done = subprocess.run(
-        _trainer_command(tiny_model_dir, data, straight, 4), capture_output=True, text=True, timeout=900, env=env
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-
+    runs, data, env = trainer_runs
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
-        _trainer_command(tiny_model_dir, data, killed, 4),
+        _trainer_command(tiny_model_dir, data, killed),
         env=env,
         start_new_session=True,
         stdout=subprocess.DEVNULL,
@@ -238,11 +234,11 @@ def test_kill_and_resume_gives_the_uninterrupted_metrics(fleet, tiny_model_dir, 
     os.killpg(proc.pid, signal.SIGKILL)  # mid-run, after the step-2 checkpoint
     proc.wait()
     resumed = subprocess.run(
-        _trainer_command(tiny_model_dir, data, killed, 4), capture_output=True, text=True, timeout=900, env=env
+        _trainer_command(tiny_model_dir, data, killed), capture_output=True, text=True, timeout=900, env=env
     )
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resumed from" in resumed.stdout
-    expected, got = _step_metrics(straight), _step_metrics(killed)
+    expected, got = _step_metrics(runs["none"][0]), _step_metrics(killed)
     assert set(expected) == {0, 1, 2, 3}
     for step in (2, 3):
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-9), step
