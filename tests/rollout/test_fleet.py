@@ -4,6 +4,8 @@ syncing its changed weights into it, and an engine killed mid-generation."""
 import json
 import threading
 import time
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -97,10 +99,16 @@ def test_verify_sync_probes_every_n_syncs_and_raises_with_the_measured_gap(fleet
 STEPS = 4  # a checkpoint at step 2 (kill and resume) and at step 4 (the end)
 
 
+class TrainerRuns(NamedTuple):
+    runs: dict  # offload -> (output dir, unix start, unix end)
+    data: Path
+    env: dict  # the environment the runs had (RAY_ADDRESS of the module's cluster)
+
+
 @pytest.fixture(scope="module")
 def trainer_runs(fleet, tiny_model_dir, tmp_path_factory):
     """4 VPPO steps under torchrun TP=2, once with actor.offload=none and once with optimizer+grads (same data,
-    seeds and engine): {offload: (output dir, unix start, unix end)}, and the data and Ray environment they used.
+    seeds and engine), with the data and the environment they used.
     The plain run is also the uninterrupted reference of the kill-and-resume test."""
     import os
     import subprocess
@@ -120,13 +128,13 @@ def trainer_runs(fleet, tiny_model_dir, tmp_path_factory):
         proc = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
         assert proc.returncode == 0, proc.stderr[-5000:]
         runs[offload] = (out, start, time.time())
-    return runs, root / "data", env
+    return TrainerRuns(runs, root / "data", env)
 
 
 def test_vppo_steps_end_to_end_with_torchrun_tp2(fleet, trainer_runs):
     import json
 
-    out = trainer_runs[0]["none"][0]
+    out = trainer_runs.runs["none"][0]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "actor/grad_norm" in r]
     assert [r["step"] for r in steps] == list(range(STEPS))
@@ -151,8 +159,7 @@ def _checkpoint_tensors(ckpt_dir, scratch):
 def test_offloading_lifecycle_is_bit_identical_and_in_the_documented_order(fleet, trainer_runs, tmp_path):
     from vppo_megatron.lifecycle import step_order
 
-    runs = trainer_runs[0]
-    (plain, _, _), (offloaded, start, end) = runs["none"], runs["optimizer+grads"]
+    (plain, _, _), (offloaded, start, end) = trainer_runs.runs["none"], trainer_runs.runs["optimizer+grads"]
     trained = {
         s: {k: v for k, v in m.items() if not k.startswith("lifecycle/")} for s, m in _step_metrics(offloaded).items()
     }
@@ -219,7 +226,7 @@ def test_kill_and_resume_gives_the_uninterrupted_metrics(fleet, trainer_runs, ti
     import signal
     import subprocess
 
-    runs, data, env = trainer_runs
+    data, env = trainer_runs.data, trainer_runs.env
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
         _trainer_command(tiny_model_dir, data, killed),
@@ -238,7 +245,7 @@ def test_kill_and_resume_gives_the_uninterrupted_metrics(fleet, trainer_runs, ti
     )
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resumed from" in resumed.stdout
-    expected, got = _step_metrics(runs["none"][0]), _step_metrics(killed)
+    expected, got = _step_metrics(trainer_runs.runs["none"][0]), _step_metrics(killed)
     assert set(expected) == {0, 1, 2, 3}
     for step in (2, 3):
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-9), step

@@ -53,7 +53,8 @@ class RolloutEngine:
             if tensor_parallel_size == 1:
                 # The engine core and its one worker in this process: vLLM's default puts each in a process of
                 # its own, and each imports torch and vLLM again (a 13 s start becomes 40 s on 2 cores). The
-                # engine owns its Ray actor's process, so the worker binding this process's threads is harmless.
+                # worker then binds this process's threads: in the fleet that process is the engine's own Ray
+                # actor.
                 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self.llm = LLM(
             model=model_dir,
