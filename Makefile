@@ -20,11 +20,13 @@ format: setup
 # Two workers, one test file each at a time (module fixtures such as the vLLM engine stay in one process);
 # tests/conftest.py starts the slow files first. `pytest tests` alone runs the same tests in one process.
 test: setup lint
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
-# The main job on CPU: tiny model + synthetic data + (from the trainer issue on) SFT warm start and a VPPO run.
+# The main job on CPU: tiny model + synthetic data, SFT warm start and a VPPO run. FAMILY=qwen3_vl runs the same
+# on the tiny Qwen3-VL (in runs/demo-qwen3_vl).
+FAMILY ?= qwen2_5_vl
 demo: setup
-	$(PY) -m vppo_megatron.cli demo --out runs/demo
+	$(PY) -m vppo_megatron.cli demo --family $(FAMILY) --out runs/$(if $(filter qwen2_5_vl,$(FAMILY)),demo,demo-$(FAMILY))
 
 clean-runs:
 	rm -rf runs

@@ -31,7 +31,9 @@ def _convert(rank, world_size, hf_dir, work_dir, repeats):
         out = Path(work_dir) / f"megatron{i}"
         start = time.perf_counter()
         actor = MegatronActor(cfg, groups, hf_dir, training=False)
-        checkpoint.save(actor.chunks, out, hf_dir, {"family": "qwen2_5_vl", "written_at": {}, "dtype": "float32"})
+        checkpoint.save(
+            actor.chunks, out, hf_dir, {"family": actor.hf_config.model_type, "written_at": {}, "dtype": "float32"}
+        )
         to_megatron.append(time.perf_counter() - start)
         start = time.perf_counter()
         fresh = MegatronActor(cfg, groups, hf_dir, training=False, load_weights=False)

@@ -7,7 +7,6 @@ import os
 import sys
 from pathlib import Path
 
-SUPPORTED_FAMILIES = {"qwen2_5_vl": "qwen2_5_vl"}
 TENSOR_TOLERANCE = 0.0  # conversion copies bits: any difference is a bug
 PROBE_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
 
@@ -36,12 +35,14 @@ def hf_family(hf_dir: str | Path) -> tuple[str, dict]:
     if not path.exists():
         raise FileNotFoundError(f"{hf_dir} has no config.json: not a Hugging Face model directory")
     config = json.loads(path.read_text())
+    from vppo_megatron import families
+
     model_type = config.get("model_type")
-    if model_type not in SUPPORTED_FAMILIES:
-        raise ValueError(
-            f"{hf_dir}: model_type {model_type!r} is not a supported family ({', '.join(SUPPORTED_FAMILIES)})"
-        )
-    return SUPPORTED_FAMILIES[model_type], config
+    try:
+        families.get(model_type)
+    except families.UnknownFamily as exc:
+        raise ValueError(f"{hf_dir}: {exc}") from None
+    return model_type, config
 
 
 def dtype_of(hf_config: dict) -> str:
@@ -103,7 +104,8 @@ def setup(args, hf_config: dict, dtype: str):
     init_distributed()
     layout = layout_of(args, hf_config, dist.get_world_size())
     # one probe sample per micro-batch: the interleaved schedule needs at least pp of them (verify)
-    cfg = load(None, [f"model.dtype={dtype}", "trainer.micro_batch_size=1"])
+    overrides = [f"model.dtype={dtype}", f"model.family={hf_config['model_type']}", "trainer.micro_batch_size=1"]
+    cfg = load(None, overrides)
     return cfg, initialize(layout, seed=0)
 
 
@@ -127,10 +129,13 @@ def probe_sample(model_dir: str | Path):
 def hf_probe_log_probs(hf_dir: str | Path, sample, dtype: str):
     """The probe's response log-probs under HF transformers (the reference side of --verify)."""
     import torch
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoConfig, AutoProcessor
+
+    from vppo_megatron import families
 
     processor = AutoProcessor.from_pretrained(hf_dir)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=getattr(torch, dtype)).eval()
+    model_class = families.get(AutoConfig.from_pretrained(hf_dir).model_type).model_class()
+    model = model_class.from_pretrained(hf_dir, dtype=getattr(torch, dtype)).eval()
     pixels = processor.image_processor(images=sample.images, return_tensors="pt")
     ids = torch.tensor([sample.prompt_ids + sample.response_ids])
     image_tokens = (ids == model.config.image_token_id).long()

@@ -60,7 +60,7 @@ def convert(args, hf_config: dict) -> int:
         actor.chunks,
         args.out,
         args.hf,
-        {"family": "qwen2_5_vl", "written_at": layout, "dtype": dtype, "optimizer": False, "step": 0},
+        {"family": actor.hf_config.model_type, "written_at": layout, "dtype": dtype, "optimizer": False, "step": 0},
     )
     if dist.get_rank() == 0:
         split = " ".join(f"{k}={v}" for k, v in layout.items())

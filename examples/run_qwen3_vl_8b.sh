@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Qwen3-VL-8B-Instruct on 8 x H800 (examples/configs/qwen3_vl_8b.yaml). The layout and memory validate, but the
-# Megatron actor does not implement the qwen3_vl family yet, so the trainer stops at start-up with that message.
+# VPPO on Qwen3-VL-8B-Instruct, one node of 8 x H800 (examples/configs/qwen3_vl_8b.yaml: VPPO-8B's recipe).
+#   MODEL=/models/Qwen3-VL-8B-Instruct DATA=/data/ViRL39K examples/run_qwen3_vl_8b.sh [key=value ...]
+# Validates the layout and the memory estimate first, then starts 8 trainer ranks; trainer rank 0 starts a local
+# Ray instance for the 4 colocated vLLM engines (set RAY_ADDRESS to use a running cluster instead).
 set -euo pipefail
 CONFIG=examples/configs/qwen3_vl_8b.yaml DEFAULT_MODEL=/models/Qwen3-VL-8B-Instruct
 # shellcheck source=examples/common.sh

@@ -17,6 +17,18 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3_vl_dir(tmp_path_factory):
+    """The tiny Qwen3-VL: 4 LLM layers, DeepStack from 2 of 3 ViT blocks, QK-norm, interleaved M-RoPE."""
+    from vppo_megatron.tiny_model import build_tiny_model, tiny_spec
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen3_vl", tiny_spec("qwen3_vl"))
+
+
+# model fixture of each family's tiny model: the family-parametrised tests (parity, conversion, sync) use it
+FAMILY_MODELS = {"qwen2_5_vl": "tiny_model_dir", "qwen3_vl": "tiny_qwen3_vl_dir"}
+
+
+@pytest.fixture(scope="session")
 def tiny_model_3l_dir(tmp_path_factory):
     """3 language-model layers: an uneven pipeline split (1 + 2 on PP2)."""
     from vppo_megatron.tiny_model import TinySpec, build_tiny_model

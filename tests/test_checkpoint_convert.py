@@ -81,37 +81,57 @@ def test_checkpoint_is_complete_and_layout_independent(tp2pp2_checkpoint):
     assert not list(tp2pp2_checkpoint.parent.glob(".*tmp-*"))  # the temporary directory was renamed
 
 
-@pytest.mark.slow
-def test_round_trip_is_bit_exact_and_serves_in_transformers_and_vllm(
-    tiny_model_dir, tp2pp2_checkpoint, tmp_path, tiny_processor
-):
-    from transformers import Qwen2_5_VLForConditionalGeneration
+def _round_trip_serves(model_dir, checkpoint, tmp_path):
+    """Megatron (TP2 PP2) -> HF: bit-exact tensors, equal logits in transformers, vLLM greedy = transformers'."""
+    from transformers import AutoProcessor
+
+    from vppo_megatron import families
 
     out = tmp_path / "hf"
-    proc = _cli("megatron_to_hf", "--megatron", tp2pp2_checkpoint, "--out", out, "--tp", 2, "--pp", 2, "--verify")
+    proc = _cli("megatron_to_hf", "--megatron", checkpoint, "--out", out, "--tp", 2, "--pp", 2, "--verify")
     assert ": OK" in proc.stdout
-    original, exported = SafetensorsReader(tiny_model_dir), SafetensorsReader(out)
+    original, exported = SafetensorsReader(model_dir), SafetensorsReader(out)
     assert original.keys() == exported.keys()
     for name in sorted(original.keys()):
         a, b = original.get(name), exported.get(name)
         assert a.dtype == b.dtype and torch.equal(a, b), name  # bit-exact
 
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model_class = families.get(json.loads((model_dir / "config.json").read_text())["model_type"]).model_class()
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many shapes?"}]}]
-    text = tiny_processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     import numpy as np
     from PIL import Image
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (112, 112, 3), dtype=np.uint8))
-    inputs = tiny_processor(text=[text], images=[image], return_tensors="pt")
+    inputs = processor(text=[text], images=[image], return_tensors="pt")
     logits = []
-    for model_dir in (tiny_model_dir, out):
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir).eval()
+    for directory in (model_dir, out):
+        model = model_class.from_pretrained(directory).eval()
         with torch.no_grad():
             logits.append(model(**inputs).logits)
             greedy = model.generate(**inputs, do_sample=False, max_new_tokens=8, min_new_tokens=8)
     assert torch.equal(logits[0], logits[1])
     served = vllm_greedy(out, text, tmp_path)
     assert served["ids"] == greedy[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+@pytest.mark.slow
+def test_round_trip_is_bit_exact_and_serves_in_transformers_and_vllm(tiny_model_dir, tp2pp2_checkpoint, tmp_path):
+    _round_trip_serves(tiny_model_dir, tp2pp2_checkpoint, tmp_path)
+
+
+@pytest.mark.slow
+def test_qwen3_vl_round_trip_is_bit_exact_and_serves_in_transformers_and_vllm(tiny_qwen3_vl_dir, tmp_path):
+    """HF -> Megatron (TP2 PP2, --verify) -> HF for the tiny Qwen3-VL (QK-norms, DeepStack mergers, no QKV bias)."""
+    checkpoint = tmp_path / "tp2pp2"
+    code, stdout, stderr = _convert(
+        "hf_to_megatron", 4, "--hf", tiny_qwen3_vl_dir, "--out", checkpoint, "--tp", 2, "--pp", 2, "--verify"
+    )
+    assert code == 0, stderr[-4000:]
+    assert "worst difference 0.000e+00" in stdout and ": OK" in stdout
+    assert json.loads((checkpoint / "vppo_checkpoint.json").read_text())["family"] == "qwen3_vl"
+    _round_trip_serves(tiny_qwen3_vl_dir, checkpoint, tmp_path)
 
 
 # (model fixture, split written at, split exported at): neither needs to match the other, nor an even split

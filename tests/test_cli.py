@@ -99,6 +99,7 @@ def test_dry_run_refuses_an_impossible_layout(capsys):
         ("run_qwen2_5_vl_7b.sh", "torchrun", "Qwen2.5-VL-7B-Instruct"),
         ("run_qwen2_5_vl_32b.sh", "sbatch", "Qwen2.5-VL-32B-Instruct"),
         ("run_qwen3_vl_8b.sh", "torchrun", "Qwen3-VL-8B-Instruct"),
+        ("run_qwen3_vl_32b.sh", "sbatch", "Qwen3-VL-32B-Instruct"),
     ],
 )
 def test_example_run_scripts_validate_then_launch_their_config(script, launcher, model, tmp_path):

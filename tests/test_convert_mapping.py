@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from vppo_megatron.convert import mapping, qwen2_5_vl
+from vppo_megatron.convert import mapping
+from vppo_megatron.families import qwen2_5_vl
 
 DIMS = mapping.AttentionDims(num_heads=4, num_kv_heads=2, head_dim=3)
 

@@ -8,6 +8,7 @@ import pytest
 
 PACKAGE = Path(__file__).parents[1] / "vppo_megatron"
 LAYERS = {
+    "families": -1,
     "config": 0,
     "types": 0,
     "testing": 0,

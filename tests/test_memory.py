@@ -1,5 +1,6 @@
-"""The dry-run's memory estimate: exact parameter counts, the published model sizes, and refusal of a layout that
-cannot fit."""
+"""The dry-run's memory estimate: exact parameter counts (against transformers for every published config), the
+published model sizes, the Qwen3-VL examples, and refusal of a layout that cannot fit or that splits DeepStack
+layers off the vision tower's chunk."""
 
 import json
 import subprocess
@@ -8,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from vppo_megatron import families
 from vppo_megatron.config import load
 from vppo_megatron.memory import (
     KNOWN,
@@ -58,6 +60,17 @@ def test_parameter_count_is_exact_for_a_tiny_qwen3_vl_with_deepstack():
     with torch.device("meta"):
         model = Qwen3VLForConditionalGeneration(config)
     assert arch_from_hf(config.to_dict()).total_params() == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", list(families.published()))
+def test_parameter_count_equals_transformers_for_the_published_configs(name):
+    """Every public config the registry holds (Qwen2.5-VL 7B/32B/72B, Qwen3-VL 2B/4B/8B/32B; 2B and 4B tie their
+    embeddings), built by transformers on the meta device: the dry run's count is exact."""
+    excerpt = families.published()[name]
+    family = families.get(excerpt["model_type"])
+    with torch.device("meta"):
+        model = family.model_class()(family.hf_config_from_excerpt(excerpt))
+    assert KNOWN[name].total_params() == sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize(
@@ -176,19 +189,61 @@ def test_unknown_model_gets_no_estimate_but_says_why(tmp_path):
         report(load("examples/configs/tiny_cpu.yaml", [f"model.path={tmp_path / 'elsewhere'}"]))
 
 
-def test_qwen3_vl_validates_but_the_actor_refuses_it_by_name():
+def _vppo_train_dry_run(capsys, config: str, *overrides: str) -> tuple[int, str]:
+    """`vppo train --config CONFIG --dry-run OVERRIDES` through the CLI's main: (exit status, stdout + stderr)."""
+    from vppo_megatron.cli import main
+
+    capsys.readouterr()
+    status = main(["train", "--config", config, "--dry-run", *overrides])
+    out, err = capsys.readouterr()
+    return status, out + err
+
+
+@pytest.mark.parametrize(
+    "config, layout, billions, layers",
+    [
+        ("examples/configs/qwen3_vl_8b.yaml", "config OK for 8 ranks: TP=2 PP=1 CP=2 DP=2", "8.77B", 36),
+        ("examples/configs/qwen3_vl_32b.yaml", "config OK for 32 ranks: TP=8 PP=1 CP=1 DP=4", "33.36B", 64),
+    ],
+)
+def test_qwen3_vl_examples_pass_the_dry_run_with_a_layout_and_an_estimate(capsys, config, layout, billions, layers):
+    status, out = _vppo_train_dry_run(capsys, config)
+    assert status == 0, out
+    assert layout in out and f"{billions} params from built-in table" in out
+    assert f"only ({layers} layers)" in out and "update_phase" in out and "heaviest: only stage" in out
+    assert "does not implement" not in out  # the actor trains qwen3_vl: no refusal note
+    cfg = load(config)
+    assert cfg.model.family == "qwen3_vl" and report(cfg)[1]
+    # the published VPPO-8B recipe (examples/configs/qwen3_vl_8b.yaml; the 32B example carries it over)
+    assert (cfg.rollout.max_response_length, cfg.algorithm.entropy_coef, cfg.trainer.total_steps) == (8192, 0.12, 130)
+
+
+def test_qwen3_vl_family_must_match_the_checkpoint():
     from vppo_megatron.actor.engine import check_family
     from vppo_megatron.config import ConfigError
 
-    command = [sys.executable, "-m", "vppo_megatron.train", "--config", "examples/configs/qwen3_vl_8b.yaml"]
-    proc = subprocess.run([*command, "--dry-run"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "8.77B params" in proc.stdout
-    assert "model.family=qwen3_vl validates, but the actor does not implement it yet" in proc.stdout
-    with pytest.raises(ConfigError, match="implements qwen2_5_vl only .*DeepStack"):
-        check_family("qwen3_vl", "qwen3_vl", "/models/Qwen3-VL-8B-Instruct")
+    check_family("qwen3_vl", "qwen3_vl", "/models/Qwen3-VL-8B-Instruct")  # a supported family now
+    check_family("qwen2_5_vl", "qwen2_5_vl", "/models/Qwen2.5-VL-7B-Instruct")
     with pytest.raises(ConfigError, match="config.json is model_type 'qwen3_vl'; set model.family=qwen3_vl"):
         check_family("qwen2_5_vl", "qwen3_vl", "/models/Qwen3-VL-8B-Instruct")
-    check_family("qwen2_5_vl", "qwen2_5_vl", "/models/Qwen2.5-VL-7B-Instruct")
+
+
+def test_dry_run_refuses_a_split_that_takes_deepstack_layers_off_the_first_chunk(capsys):
+    """Qwen3-VL-32B adds DeepStack features to its first 3 LLM layers; they exist only where the vision tower
+    runs, so the first pipeline stage's first (virtual) chunk must hold all 3."""
+    config = "examples/configs/qwen3_vl_32b.yaml"
+    status, out = _vppo_train_dry_run(capsys, config, "parallel.pp=2", "parallel.first_stage_layers=2")
+    assert status == 2
+    assert "DeepStack vision features to its first 3 LLM layers" in out and "first model chunk holds 2" in out
+    status, out = _vppo_train_dry_run(capsys, config, "parallel.pp=4", "parallel.vpp=8")  # 64 / 32 chunks = 2
+    assert status == 2 and "first model chunk holds 2" in out
+    status, out = _vppo_train_dry_run(capsys, config, "parallel.pp=2", "parallel.first_stage_layers=3")
+    assert status == 0 and "first (3 layers)" in out  # exactly the 3 DeepStack layers: accepted
+    # Qwen2.5-VL has no DeepStack: the same split of its 32B is the pipeline's business only
+    status, out = _vppo_train_dry_run(
+        capsys, "examples/configs/qwen2_5_vl_32b.yaml", "parallel.pp=2", "parallel.first_stage_layers=2"
+    )
+    assert status == 0 and "DeepStack" not in out
 
 
 def test_phase_peaks_follow_the_lifecycle_table():

@@ -89,3 +89,25 @@ def test_vllm_cpu_serves_it_and_matches_hf_greedy(tiny_model_dir, tiny_processor
     with torch.no_grad():
         generated = model.generate(**inputs, do_sample=False, max_new_tokens=8, min_new_tokens=8)
     assert generated[0, inputs["input_ids"].shape[1] :].tolist() == result["ids"]
+
+
+def test_tiny_qwen3_vl_has_deepstack_qk_norm_and_interleaved_mrope(tiny_qwen3_vl_dir, tmp_path):
+    cfg = json.loads((tiny_qwen3_vl_dir / "config.json").read_text())
+    text, vision = cfg["text_config"], cfg["vision_config"]
+    assert cfg["model_type"] == "qwen3_vl" and cfg["architectures"] == ["Qwen3VLForConditionalGeneration"]
+    assert vision["deepstack_visual_indexes"] == [0, 1] and vision["depth"] == 3 and vision["patch_size"] == 16
+    rope = text["rope_parameters"]
+    assert rope["mrope_interleaved"] and rope["mrope_section"] == [6, 5, 5]  # not transformers' default [24, 20, 20]
+    assert sum(rope["mrope_section"]) == text["head_dim"] // 2 and text["head_dim"] >= 32
+    assert text["num_hidden_layers"] == 4 and text["vocab_size"] % 128 == 0
+    from safetensors import safe_open
+
+    with safe_open(tiny_qwen3_vl_dir / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert "model.language_model.layers.0.self_attn.q_norm.weight" in names
+    assert not any(n.endswith("q_proj.bias") for n in names)  # Qwen3: no QKV bias
+    from vppo_megatron.tiny_model import tiny_spec
+
+    again = build_tiny_model(tmp_path / "again", tiny_spec("qwen3_vl"))
+    digest = [hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest() for d in (tiny_qwen3_vl_dir, again)]
+    assert digest[0] == digest[1]

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from vppo_megatron.data.synthetic import TASKS as DEFAULT_TASKS
+from vppo_megatron.families import NAMES as FAMILY_NAMES
 
 # The demo's task: one the tiny model learns to read from pixels within a few minutes of warm start on 2 cores
 # (the colour of the largest shape; 5 colours, chance 0.2). The counting tasks need more than the demo's budget.
@@ -22,11 +23,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> None:
-    from vppo_megatron.tiny_model import TinySpec, build_tiny_model
+    from vppo_megatron import families
+    from vppo_megatron.tiny_model import build_tiny_model, tiny_spec
 
-    spec = TinySpec(num_layers=args.layers, hidden_size=args.hidden, seed=args.seed)
-    out = build_tiny_model(args.out, spec, overwrite=args.overwrite)
-    print(f"tiny Qwen2.5-VL written to {out}")
+    shape = {"hidden_size": args.hidden, "seed": args.seed} | ({"num_layers": args.layers} if args.layers else {})
+    out = build_tiny_model(args.out, tiny_spec(args.family, **shape), overwrite=args.overwrite)
+    print(f"tiny {families.get(args.family).display} written to {out}")
 
 
 def cmd_make_data(args: argparse.Namespace) -> None:
@@ -150,14 +152,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import json
 
     out = Path(args.out)
-    model_dir, data_dir, sft_dir, run_dir = out / "tiny-qwen2_5_vl", out / "data", out / "sft", out / "vppo"
+    model_dir, data_dir, sft_dir, run_dir = out / f"tiny-{args.family}", out / "data", out / "sft", out / "vppo"
     if not (model_dir / "config.json").exists():
-        cmd_tiny_model(argparse.Namespace(out=model_dir, layers=2, hidden=128, seed=0, overwrite=False))
+        tiny = argparse.Namespace(out=model_dir, family=args.family, layers=None, hidden=128, seed=0, overwrite=False)
+        cmd_tiny_model(tiny)
     if not (data_dir / "train.parquet").exists():
         cmd_make_data(
             argparse.Namespace(out=data_dir, task=[DEMO_TASK], num_train=2000, num_val=200, seed=0, image_size=112)
         )
-    common = [f"data.train_files=[{data_dir / 'train.parquet'}]", f"data.val_files=[{data_dir / 'validation.parquet'}]"]
+    common = [
+        f"data.train_files=[{data_dir / 'train.parquet'}]",
+        f"data.val_files=[{data_dir / 'validation.parquet'}]",
+        f"model.family={args.family}",
+    ]
     config = "examples/configs/tiny_cpu.yaml"
     start = time.perf_counter()
     if not (sft_dir / "config.json").exists():
@@ -191,9 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vppo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("tiny-model", help="build a tiny random Qwen2.5-VL HF checkpoint offline")
+    p = sub.add_parser("tiny-model", help="build a tiny random HF checkpoint of a model family offline")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--family", choices=FAMILY_NAMES, default="qwen2_5_vl", help="HF model_type (default qwen2_5_vl)")
+    p.add_argument("--layers", type=int, default=None, help="LLM layers (default: the family's, 2 or 4)")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing tiny model at --out")
@@ -256,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job on CPU: tiny model, synthetic data, warm start, VPPO run")
     p.add_argument("--out", default="runs/demo")
+    p.add_argument("--family", choices=FAMILY_NAMES, default="qwen2_5_vl", help="the tiny model's family")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -24,22 +24,19 @@ from typing import Any, Literal
 
 import yaml
 
+from vppo_megatron import families
+
 
 class ConfigError(ValueError):
     """A configuration value is unknown, malformed or inconsistent; the message names the field and the fix."""
-
-
-# Families the Megatron actor implements. Qwen3-VL configs validate (layout, memory) but the actor refuses them:
-# its DeepStack feature injection, QK-norm and interleaved M-RoPE are not built yet.
-ACTOR_FAMILIES = ("qwen2_5_vl",)
 
 
 @dataclass
 class ModelConfig:
     path: str = "runs/tiny-qwen2_5_vl"
     """Hugging Face model directory (config, weights, tokenizer, processor). Never a hub id: runs are offline."""
-    family: Literal["qwen2_5_vl", "qwen3_vl"] = "qwen2_5_vl"
-    """Model family; selects the HF <-> Megatron weight mapping table."""
+    family: str = "qwen2_5_vl"
+    """Model family, the checkpoint's HF model_type: qwen2_5_vl | qwen3_vl (vppo_megatron/families registers them)."""
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     """Parameter/compute dtype of the actor. float32 for exact parity tests on CPU."""
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
@@ -364,6 +361,8 @@ def _fail(path: str, value: Any, fix: str) -> typing.NoReturn:
 
 def _check_ranges(cfg: Config) -> None:
     a, r = cfg.algorithm, cfg.rollout
+    if cfg.model.family not in families.NAMES:
+        _fail("model.family", cfg.model.family, f"must be one of {', '.join(families.NAMES)} (a registered family)")
     for path, value in [
         ("algorithm.token_fraction", a.token_fraction),
         ("algorithm.perturb_probability", a.perturb_probability),

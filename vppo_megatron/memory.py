@@ -32,6 +32,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from vppo_megatron import families
 from vppo_megatron.lifecycle import resident, resolve_offload
 
 GIB = 2**30
@@ -51,22 +52,24 @@ class Arch:
     ffn: int
     vocab: int
     tied_embeddings: bool
-    qwen3: bool  # Qwen3 text layers: QK-norm, no QKV bias
+    qk_norm: bool  # per-head q/k RMSNorms (Qwen3 text layers)
+    qkv_bias: bool  # bias on q, k, v (Qwen2 text layers)
     vision_params: int
     vision_depth: int = 0
     vision_hidden: int = 0
     vision_ffn: int = 0
     vision_patch: int = 14
+    deepstack_layers: int = 0  # first LLM layers receiving DeepStack features (Qwen3-VL)
 
     def _sharded_layer_params(self) -> int:
         """Per layer, the parameters megatron-core splits over TP (QKV weight and bias, proj, fc1, fc2)."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        qkv_bias = 0 if self.qwen3 else q + 2 * kv
+        qkv_bias = q + 2 * kv if self.qkv_bias else 0
         return self.hidden * (q + 2 * kv) + qkv_bias + q * self.hidden + 3 * self.hidden * self.ffn
 
     def replicated_layer_params(self) -> int:
-        """Per layer, the parameters every TP rank holds whole: two RMSNorms (+ Qwen3's QK-norms)."""
-        return 2 * self.hidden + (2 * self.head_dim if self.qwen3 else 0)
+        """Per layer, the parameters every TP rank holds whole: two RMSNorms (+ the QK-norms)."""
+        return 2 * self.hidden + (2 * self.head_dim if self.qk_norm else 0)
 
     def layer_params(self, tp: int = 1) -> int:
         """One transformer layer's parameters on one of `tp` ranks."""
@@ -91,87 +94,14 @@ class Arch:
                 raise ValueError(f"parallel.tp={tp} does not divide the model's {name}={value}; choose a divisor")
 
 
-def _vision_params(
-    depth: int, hidden: int, ffn: int, out_hidden: int, patch: int, qwen3: bool, deepstack: int = 0, positions: int = 0
-) -> int:
-    """Exact parameter count of the ViT: Qwen2.5-VL (RMSNorm, gated MLP) or Qwen3-VL (LayerNorm, GELU MLP,
-    learned position embeddings, DeepStack mergers)."""
-    attention = 3 * hidden * hidden + 3 * hidden + hidden * hidden + hidden
-    mlp = 2 * hidden * ffn + ffn + hidden if qwen3 else 3 * hidden * ffn + 2 * ffn + hidden
-    block = attention + mlp + (4 if qwen3 else 2) * hidden
-    merged = 4 * hidden  # 2 x 2 spatial merge
-    merger_mlp = merged * merged + merged + merged * out_hidden + out_hidden
-    embed = 3 * 2 * patch * patch * hidden + (hidden if qwen3 else 0)
-    mergers = merger_mlp + (2 if qwen3 else 1) * hidden + deepstack * (merger_mlp + 2 * merged)
-    return depth * block + embed + mergers + positions * hidden
-
-
-def _qwen2_5_vl(layers: int, hidden: int, heads: int, kv_heads: int, ffn: int, vision_ffn: int) -> dict:
-    """A Qwen2.5-VL config.json excerpt (transformers' nested layout): what memory and `vppo plan` read."""
-    return {
-        "model_type": "qwen2_5_vl",
-        "tie_word_embeddings": False,
-        "text_config": {
-            "num_hidden_layers": layers,
-            "hidden_size": hidden,
-            "num_attention_heads": heads,
-            "num_key_value_heads": kv_heads,
-            "intermediate_size": ffn,
-            "vocab_size": 152064,
-            "rms_norm_eps": 1e-6,
-            "max_position_embeddings": 128000,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
-        },
-        "vision_config": {
-            "depth": 32,
-            "hidden_size": 1280,
-            "intermediate_size": vision_ffn,
-            "num_heads": 16,
-            "out_hidden_size": hidden,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "window_size": 112,
-            "fullatt_block_indexes": [7, 15, 23, 31],
-            "tokens_per_second": 2,
-        },
-    }
-
-
-# Public configurations (config.json of each Hugging Face repository).
-PUBLISHED: dict[str, dict] = {
-    "Qwen2.5-VL-7B-Instruct": _qwen2_5_vl(28, 3584, 28, 4, 18944, 3420),
-    "Qwen2.5-VL-32B-Instruct": _qwen2_5_vl(64, 5120, 40, 8, 27648, 3456),
-    "Qwen2.5-VL-72B-Instruct": _qwen2_5_vl(80, 8192, 64, 8, 29568, 3456),
-    "Qwen3-VL-8B-Instruct": {
-        "model_type": "qwen3_vl",
-        "tie_word_embeddings": False,
-        "text_config": {
-            "num_hidden_layers": 36,
-            "hidden_size": 4096,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 8,
-            "head_dim": 128,
-            "intermediate_size": 12288,
-            "vocab_size": 151936,
-        },
-        "vision_config": {
-            "depth": 27,
-            "hidden_size": 1152,
-            "intermediate_size": 4304,
-            "out_hidden_size": 4096,
-            "patch_size": 16,
-            "deepstack_visual_indexes": [8, 16, 24],
-            "num_position_embeddings": 2304,
-        },
-    },
-}
+# Public configurations (config.json of each Hugging Face repository), from every family's registry entry.
+PUBLISHED: dict[str, dict] = families.published()
 
 
 def arch_from_hf(config: dict) -> Arch:
-    """Arch of an HF Qwen2.5-VL or Qwen3-VL config.json dict."""
+    """Arch of an HF config.json dict of any registered family (vppo_megatron/families)."""
     text, vision = config.get("text_config", config), config["vision_config"]
-    qwen3 = config.get("model_type") == "qwen3_vl"
+    family = families.get(config.get("model_type", "qwen2_5_vl"))
     return Arch(
         layers=text["num_hidden_layers"],
         hidden=text["hidden_size"],
@@ -181,21 +111,14 @@ def arch_from_hf(config: dict) -> Arch:
         ffn=text["intermediate_size"],
         vocab=text["vocab_size"],
         tied_embeddings=bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
-        qwen3=qwen3,
-        vision_params=_vision_params(
-            vision["depth"],
-            vision["hidden_size"],
-            vision["intermediate_size"],
-            vision.get("out_hidden_size") or text["hidden_size"],
-            vision.get("patch_size", 14),
-            qwen3,
-            deepstack=len(vision.get("deepstack_visual_indexes", [])) if qwen3 else 0,
-            positions=vision.get("num_position_embeddings", 0) if qwen3 else 0,
-        ),
+        qk_norm=family.qk_layernorm,
+        qkv_bias=family.qkv_bias,
+        vision_params=family.vision_params(vision, text["hidden_size"]),
         vision_depth=vision["depth"],
         vision_hidden=vision["hidden_size"],
         vision_ffn=vision["intermediate_size"],
-        vision_patch=vision.get("patch_size", 14),
+        vision_patch=vision.get("patch_size", family.patch_size),
+        deepstack_layers=len(vision.get("deepstack_visual_indexes", [])),
     )
 
 
@@ -210,6 +133,8 @@ def resolve_arch(model_path: str) -> tuple[Arch, str] | None:
             return arch_from_hf(json.loads(config.read_text())), str(config)
         except KeyError as exc:
             raise ValueError(f"{config} lacks {exc}: not a Qwen2.5-VL or Qwen3-VL config") from None
+        except families.UnknownFamily as exc:
+            raise ValueError(f"{config}: {exc}") from None
     name = Path(model_path).name
     if name in KNOWN:
         return KNOWN[name], f"built-in table ({name})"
@@ -329,7 +254,8 @@ def layer_activation_bytes(
     view of it; SwiGLU keeps fc1's output (2 f), silu's output, the linear half + glu_linear_offset copy and the
     product (f each); no dropout masks (dropout 0). Sequence parallelism splits only the norm-region tensors.
     Full recompute keeps the layer input alone (`layer_activation_bytes(..., "none")` is the recomputed layer).
-    Qwen3's QK-norm tensors are not counted (the actor implements Qwen2.5-VL).
+    Qwen3's per-head QK-norms (arch.qk_norm) save their q and k inputs and the rstd like the other norms
+    (`qk_norm`).
     """
     n = seq * micro_batch  # tokens of a micro-batch
     n_sp = n // tp if sequence_parallel else n  # tokens in the norm region of one TP rank
@@ -343,11 +269,16 @@ def layer_activation_bytes(
         "rope": 4 * n * d * dtype_bytes,
         "mlp": 5 * n * f * dtype_bytes,
     }
+    if arch.qk_norm:
+        qk = n * (a + g) * d
+        parts["qk_norm"] = qk * (2 * FP32 + dtype_bytes if local else dtype_bytes) + n * (a + g) * FP32
     if recompute == "selective":  # core attention recomputed from its saved inputs q, k, v
         parts["attention"] = n * d * (a + g + (a + 2 * g) + a) * dtype_bytes
     elif local:  # q, k and v repeated to a heads, the context (the projection's input)
         parts["attention"] = 4 * n * a * d * dtype_bytes
-        parts["scores"] = micro_batch * a * seq * seq * (FP32 + dtype_bytes) + seq * seq  # softmax fp32, probs, mask
+        # the fp32 softmax, its cast to the compute dtype (none in fp32: the same tensor), the mask
+        probs = dtype_bytes if dtype_bytes != FP32 else 0
+        parts["scores"] = micro_batch * a * seq * seq * (FP32 + probs) + seq * seq
     else:  # q, k, QKV output (v's storage), the context; logsumexp [b, a, s] fp32
         parts["attention"] = n * d * (a + g + (a + 2 * g) + a) * dtype_bytes + n * a * FP32
     return parts

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 def dry_run(cfg, rehearse: bool = False) -> int:
     from vppo_megatron import memory
-    from vppo_megatron.config import ACTOR_FAMILIES
     from vppo_megatron.parallel.layout import ParallelLayout
 
     world = cfg.parallel.world_size
@@ -18,7 +17,7 @@ def dry_run(cfg, rehearse: bool = False) -> int:
     found = memory.resolve_arch(cfg.model.path)
     if found is not None:  # the stage split, heads and vocab against the model itself
         arch = found[0]
-        layout.validate(world, arch.layers, arch.heads, arch.kv_heads, arch.vocab)
+        layout.validate(world, arch.layers, arch.heads, arch.kv_heads, arch.vocab, arch.deepstack_layers)
     updates = cfg.trainer.prompts_per_step // cfg.trainer.prompts_per_update
     print(
         f"config OK for {world} ranks: TP={layout.tp} PP={layout.pp} CP={layout.cp} DP={layout.dp} "
@@ -28,8 +27,6 @@ def dry_run(cfg, rehearse: bool = False) -> int:
     )
     text, fits = memory.report(cfg)
     print(text)
-    if cfg.model.family not in ACTOR_FAMILIES:
-        print(f"note: model.family={cfg.model.family} validates, but the actor does not implement it yet")
     if rehearse and fits:
         from vppo_megatron.actor import rehearsal
 

@@ -1,11 +1,13 @@
-"""Tiny Qwen2.5-VL checkpoints built locally: the embedded default model for CPU runs, tests and CI.
+"""Tiny checkpoints of every registered family built locally: the embedded default model for CPU runs, tests and
+CI (Qwen2.5-VL by default; `family="qwen3_vl"` for Qwen3-VL with DeepStack, QK-norm and interleaved M-RoPE).
 
 `build_tiny_model(out_dir)` writes a complete Hugging Face model directory, offline and deterministically:
 - a byte-level BPE tokenizer trained on a small built-in corpus (the task vocabulary, the VPPO prompt, digits),
   with Qwen's special tokens (`<|im_start|>`, `<|vision_start|>`, `<|image_pad|>`, ...) and a Qwen-style chat
   template that places `<|vision_start|><|image_pad|><|vision_end|>` for each image;
-- a seeded random-init `Qwen2_5_VLForConditionalGeneration` (M-RoPE, GQA, QKV bias, a 2-block vision tower with
-  window and full attention, 2x2 patch merger), saved as safetensors;
+- a seeded random-init model of the family's transformers class (vppo_megatron/families: Qwen2.5-VL with M-RoPE,
+  GQA, QKV bias, a 2-block windowed vision tower; Qwen3-VL with 4 LLM layers, a 3-block vision tower, DeepStack
+  from 2 of them), saved as safetensors;
 - image-processor files with small min/max pixels, so `AutoProcessor` and vLLM load the directory as is.
 
 Sizes respect the CPU constraints found earlier: head_dim >= 32 (CPU attention kernels), mrope_section summing to
@@ -50,7 +52,7 @@ TINY_MARKER = "vppo_tiny_model.json"
 
 @dataclass(frozen=True)
 class TinySpec:
-    """Shape of a tiny Qwen2.5-VL. The defaults run a VPPO step on 2 CPU cores in seconds."""
+    """Shape of a tiny model. The defaults run a VPPO step on 2 CPU cores in seconds."""
 
     num_layers: int = 2
     hidden_size: int = 128
@@ -64,6 +66,14 @@ class TinySpec:
     min_pixels: int = 28 * 28 * 4
     max_pixels: int = 28 * 28 * 64
     seed: int = 0
+    family: str = "qwen2_5_vl"
+
+
+def tiny_spec(family: str = "qwen2_5_vl", **overrides) -> TinySpec:
+    """The family's tiny shape (its registry record's `tiny_shape` over the defaults), then `overrides`."""
+    from vppo_megatron import families
+
+    return TinySpec(family=family, **{**families.get(family).tiny_shape, **overrides})
 
 
 def _corpus() -> list[str]:
@@ -112,72 +122,14 @@ def build_tokenizer(spec: TinySpec):
     )
 
 
-def build_model_config(spec: TinySpec, token_ids: dict[str, int], vocab_size: int):
-    from transformers import Qwen2_5_VLConfig
-
-    head_dim = spec.hidden_size // spec.num_heads
-    # M-RoPE splits head_dim/2 rotary frequencies into (temporal, height, width) sections.
-    half = head_dim // 2
-    mrope_section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
-    text = dict(
-        vocab_size=vocab_size,
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads,
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": mrope_section},
-        bos_token_id=token_ids["<|endoftext|>"],
-        eos_token_id=token_ids["<|im_end|>"],
-        pad_token_id=token_ids["<|endoftext|>"],
-        tie_word_embeddings=False,
-    )
-    vision = dict(
-        depth=spec.vision_depth,
-        hidden_size=spec.vision_hidden_size,
-        intermediate_size=2 * spec.vision_hidden_size,
-        num_heads=spec.vision_heads,
-        out_hidden_size=spec.hidden_size,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        window_size=112,
-        fullatt_block_indexes=[spec.vision_depth - 1],
-        in_channels=3,
-    )
-    return Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=token_ids["<|image_pad|>"],
-        video_token_id=token_ids["<|video_pad|>"],
-        vision_start_token_id=token_ids["<|vision_start|>"],
-        vision_end_token_id=token_ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-    )
-
-
-def build_processor(spec: TinySpec, tokenizer):
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
-
-    size = {"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels}
-    image_processor = Qwen2VLImageProcessor(size=size, patch_size=14, merge_size=2, temporal_patch_size=2)
-    video_processor = Qwen2VLVideoProcessor(size=size, patch_size=14, merge_size=2, temporal_patch_size=2)
-    return Qwen2_5_VLProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=video_processor,
-        chat_template=CHAT_TEMPLATE,
-    )
-
-
 def build_tiny_model(out_dir: str | Path, spec: TinySpec | None = None, overwrite: bool = False) -> Path:
-    """Writes a tiny Qwen2.5-VL HF directory to `out_dir` atomically (temporary directory, then rename)."""
+    """Writes a tiny HF directory of `spec.family` to `out_dir` atomically (temporary directory, then rename)."""
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from vppo_megatron import families
 
     spec = spec or TinySpec()
+    family = families.get(spec.family)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -190,13 +142,13 @@ def build_tiny_model(out_dir: str | Path, spec: TinySpec | None = None, overwrit
         tokenizer = build_tokenizer(spec)
         token_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
         vocab_size = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-        config = build_model_config(spec, token_ids, vocab_size)
+        config = family.tiny_config(spec, token_ids, vocab_size)
         torch.manual_seed(spec.seed)
-        model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
+        model = family.model_class()(config).to(torch.float32)
         model.generation_config.eos_token_id = token_ids["<|im_end|>"]
         model.generation_config.pad_token_id = token_ids["<|endoftext|>"]
         model.save_pretrained(tmp)
-        build_processor(spec, tokenizer).save_pretrained(tmp)
+        family.tiny_processor(spec, tokenizer, CHAT_TEMPLATE).save_pretrained(tmp)
         (tmp / TINY_MARKER).write_text(json.dumps(asdict(spec), indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)

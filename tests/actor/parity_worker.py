@@ -31,6 +31,14 @@ def make_samples(model_dir):
     return samples
 
 
+def family_of(model_dir) -> str:
+    """The checkpoint's model_type, which model.family must name."""
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(model_dir) / "config.json").read_text())["model_type"]
+
+
 def fixed_training_inputs(num_samples, num_positions):
     generator = torch.Generator().manual_seed(SEED)
     advantage = torch.randn(num_samples, generator=generator)
@@ -53,6 +61,7 @@ def run_layout(rank, world_size, model_dir, layout, overrides):
             "optimizer.adam_eps=1.0",
             "optimizer.weight_decay=0.0",
             "algorithm.entropy_coef=0.06",
+            f"model.family={family_of(model_dir)}",
             *overrides,
         ],
     )
@@ -86,20 +95,24 @@ def run_layout(rank, world_size, model_dir, layout, overrides):
     }
 
 
-def hf_logit_gap(rank, world_size, model_dir):
-    """Max |Megatron logits - HF logits| on text + image inputs, weights through the mapping (serial)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+def hf_logit_gap(rank, world_size, model_dir, without_deepstack=False):
+    """Max |Megatron logits - HF logits| on text + image inputs, weights through the mapping (serial).
+    `without_deepstack`: also the gaps when the actor's layers ignore the DeepStack features (must be large)."""
+    from megatron.core.transformer.transformer_layer import TransformerLayer
 
+    from vppo_megatron import families
     from vppo_megatron.actor import batching
     from vppo_megatron.actor.engine import MegatronActor
+    from vppo_megatron.actor.model import DeepStackLayer
     from vppo_megatron.config import load
     from vppo_megatron.parallel.layout import ParallelLayout, destroy, initialize
 
-    cfg = load(None, ["model.dtype=float32", "model.transformer_impl=local"])
+    family = family_of(model_dir)
+    cfg = load(None, ["model.dtype=float32", "model.transformer_impl=local", f"model.family={family}"])
     actor = MegatronActor(cfg, initialize(ParallelLayout(), seed=1), model_dir, training=False)
-    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir).eval()
+    hf = families.get(family).model_class().from_pretrained(model_dir).eval()
     samples = [s for s in make_samples(model_dir) if 5 not in s.response_ids]  # HF counts any id 5 as image
-    gaps = []
+    gaps, without = [], []
     for sample in samples:
         pixels, grid = batching.encode_images(actor.image_processor, sample.images)
         mb = batching.collate(actor.hf_config, [sample], [pixels], [grid], actor.pad_id)
@@ -114,9 +127,14 @@ def hf_logit_gap(rank, world_size, model_dir):
                 image_grid_thw=grid,
                 mm_token_type_ids=mb.image_mask_BS[:, : ids.shape[1]].long(),
             ).logits
+            if without_deepstack:
+                DeepStackLayer.forward, real = TransformerLayer.forward, DeepStackLayer.forward
+                plain = actor._forward(actor.model[0], mb)[:, : ids.shape[1]]
+                DeepStackLayer.forward = real
+                without.append((plain - reference).abs().max().item())
         gaps.append((ours - reference).abs().max().item())
     destroy()
-    return gaps
+    return (gaps, without) if without_deepstack else gaps
 
 
 def schedule_calls(rank, world_size, model_dir):

@@ -11,6 +11,13 @@ def test_serial_megatron_equals_hf_transformers(tiny_model_dir):
     assert len(gaps) == 3 and max(gaps) <= 1e-4, gaps  # fp32: measured ~5e-7
 
 
+def test_serial_megatron_equals_hf_transformers_for_qwen3_vl_with_deepstack(tiny_qwen3_vl_dir):
+    """QK-norm, interleaved M-RoPE (non-default section) and DeepStack from 2 ViT layers against transformers."""
+    ((gaps, without),) = run_distributed(hf_logit_gap, 1, str(tiny_qwen3_vl_dir), True)
+    assert len(gaps) == 3 and max(gaps) <= 1e-5, gaps  # fp32: measured 5.1e-7
+    assert min(without) > 1e-3, f"DeepStack must move the logits, or the parity above does not cover it: {without}"
+
+
 def test_experience_pass_is_one_schedule_over_paired_micro_batches(tiny_model_dir):
     ((calls, shape),) = run_distributed(schedule_calls, 1, str(tiny_model_dir))
     # 4 rollouts, micro-batch 2: ONE forward-only schedule of 2 micro-batches, each holding both views (2 x 2)

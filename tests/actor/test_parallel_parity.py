@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import FAMILY_MODELS
 from parity_worker import run_layout
 
 from vppo_megatron.testing import run_distributed
@@ -35,12 +36,22 @@ def _run(model_dir, layout, world_size, overrides=()):
 
 
 @pytest.fixture(scope="module")
-def serial(tiny_model_dir):
-    return _run(tiny_model_dir, {}, 1)
+def serial_of(request):
+    """The serial run of a model fixture, computed once per module."""
+    runs = {}
+
+    def get(model_fixture):
+        if model_fixture not in runs:
+            runs[model_fixture] = _run(request.getfixturevalue(model_fixture), {}, 1)
+        return runs[model_fixture]
+
+    return get
 
 
-def test_serial_step_is_meaningful(serial, tiny_model_dir):
-    experience, metrics, params = serial
+@pytest.mark.parametrize("family", list(FAMILY_MODELS))
+def test_serial_step_is_meaningful(family, serial_of, request):
+    tiny_model_dir = request.getfixturevalue(FAMILY_MODELS[family])
+    experience, metrics, params = serial_of(FAMILY_MODELS[family])
     mask = experience["response_mask_BT"].bool()
     assert (experience["dependency_BT"][mask] > 0).any(), "perturbing the image must move some prediction"
     assert torch.equal(experience["dependency_BT"][~mask], torch.zeros((~mask).sum()))
@@ -66,10 +77,12 @@ def _assert_equal(result, serial):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILY_MODELS))
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_equals_serial(name, serial, tiny_model_dir):
+def test_layout_equals_serial(name, family, serial_of, request):
     layout, world_size = LAYOUTS[name]
-    _assert_equal(_run(tiny_model_dir, layout, world_size), serial)
+    model_fixture = FAMILY_MODELS[family]
+    _assert_equal(_run(request.getfixturevalue(model_fixture), layout, world_size), serial_of(model_fixture))
 
 
 # Interleaved (virtual) and uneven pipelines need more layers than the 2-layer model: (model fixture, layout, ranks)
@@ -78,19 +91,6 @@ PIPELINE_SPLITS = {
     "tp2_pp2_vpp2": ("tiny_model_4l_dir", {"tp": 2, "pp": 2, "vpp": 2}, 4),
     "pp2_uneven_1_2": ("tiny_model_3l_dir", {"pp": 2, "first_stage_layers": 1, "last_stage_layers": 2}, 2),
 }
-
-
-@pytest.fixture(scope="module")
-def serial_of(request):
-    """The serial run of a model fixture, computed once per module."""
-    runs = {}
-
-    def get(model_fixture):
-        if model_fixture not in runs:
-            runs[model_fixture] = _run(request.getfixturevalue(model_fixture), {}, 1)
-        return runs[model_fixture]
-
-    return get
 
 
 @pytest.mark.slow

@@ -55,3 +55,24 @@ def test_splits_that_cannot_run_name_the_field(layout, num_layers, words):
 def test_tensor_parallel_errors_name_tp():
     with pytest.raises(ConfigError, match=r"parallel.tp = 3 does not divide the model's num_attention_heads = 4"):
         ParallelLayout(tp=3).validate(3, 3, **HEADS)
+
+
+@pytest.mark.parametrize(
+    "layout, num_layers, first_chunk, fits",
+    [
+        ({"pp": 2}, 4, 2, True),  # the tiny Qwen3-VL: both DeepStack layers on the first stage
+        ({"pp": 2, "vpp": 2}, 4, 1, False),  # the first virtual chunk holds one layer
+        ({"pp": 2, "first_stage_layers": 1, "last_stage_layers": 3}, 4, 1, False),
+        ({"pp": 2, "last_stage_layers": 2}, 4, 2, True),
+        ({"pp": 4, "vpp": 2, "first_stage_layers": 4}, 16, 2, True),
+        ({"pp": 4, "last_stage_layers": 1}, 7, 2, True),  # 6 left over 3 stages
+    ],
+)
+def test_deepstack_layers_must_sit_in_the_first_chunk(layout, num_layers, first_chunk, fits):
+    layout = ParallelLayout(**layout)
+    assert layout.first_chunk_layers(num_layers) == first_chunk
+    if fits:
+        layout.validate(layout.world_size, num_layers, **HEADS, deepstack_layers=2)
+    else:
+        with pytest.raises(ConfigError, match="DeepStack vision features to its first 2 LLM layers.*holds 1"):
+            layout.validate(layout.world_size, num_layers, **HEADS, deepstack_layers=2)

@@ -8,6 +8,10 @@ def test_units_are_blocks_or_modules():
     assert unit_of("visual.blocks.3.attn.qkv.bias") == "visual.blocks.3"
     assert unit_of("visual.merger.mlp.0.weight") == "visual.merger.mlp.0"
     assert unit_of("lm_head.weight") == "lm_head"
+    # Qwen3-VL's checkpoint prefixes: the block is still the unit
+    assert unit_of("model.language_model.layers.3.self_attn.q_norm.weight") == "model.language_model.layers.3"
+    assert unit_of("model.visual.blocks.0.attn.qkv.weight") == "model.visual.blocks.0"
+    assert unit_of("model.visual.deepstack_merger_list.1.norm.bias") == "model.visual.deepstack_merger_list.1.norm"
 
 
 def test_buckets_respect_the_bound_and_never_split_a_unit():

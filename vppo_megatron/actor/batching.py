@@ -12,13 +12,12 @@ Legend: B rollouts in the micro-batch, S padded sequence length, T response posi
 
 from __future__ import annotations
 
-import functools
-import types
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from vppo_megatron import families
 from vppo_megatron.types import ActorSample
 
 
@@ -120,15 +119,6 @@ def encode_images(image_processor, images: list[np.ndarray]) -> tuple[torch.Tens
     return out["pixel_values"], out["image_grid_thw"]
 
 
-def _rope_owner(hf_config):
-    """An object HF's Qwen2_5_VLModel.get_rope_index can run on: only `config` and one helper are used."""
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
-
-    owner = types.SimpleNamespace(config=hf_config)
-    owner.get_vision_position_ids = functools.partial(Qwen2_5_VLModel.get_vision_position_ids, owner)
-    return owner
-
-
 def image_token_mask(hf_config, input_ids_S: torch.Tensor, prompt_length: int) -> torch.Tensor:
     """Image tokens are the prompt's <|image_pad|> tokens; a sampled response token never counts as one."""
     mask = input_ids_S == hf_config.image_token_id
@@ -139,14 +129,10 @@ def image_token_mask(hf_config, input_ids_S: torch.Tensor, prompt_length: int) -
 def mrope_positions(
     hf_config, input_ids_S: torch.Tensor, image_grid_thw: torch.Tensor | None, prompt_length: int
 ) -> torch.Tensor:
-    """M-RoPE position ids [3, S] of one unpadded sequence, computed by HF's own get_rope_index."""
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
-
+    """M-RoPE position ids [3, S] of one unpadded sequence, computed by the family's HF get_rope_index."""
     token_type = image_token_mask(hf_config, input_ids_S, prompt_length).to(torch.int32)
-    positions, _ = Qwen2_5_VLModel.get_rope_index(
-        _rope_owner(hf_config), input_ids_S[None], token_type[None], image_grid_thw=image_grid_thw
-    )
-    return positions[:, 0]
+    family = families.get(hf_config.model_type)
+    return family.rope_positions(hf_config, input_ids_S[None], token_type[None], image_grid_thw)[:, 0]
 
 
 def padded_length(length: int, multiple: int) -> int:

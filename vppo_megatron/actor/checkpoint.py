@@ -23,8 +23,9 @@ HF_FILES = "hf"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".index.json")
 
 
-def read_metadata(ckpt_dir: str | Path) -> dict:
-    """The checkpoint's metadata; a clear error for a directory that is not a complete checkpoint of ours."""
+def read_metadata(ckpt_dir: str | Path, family: str | None = None) -> dict:
+    """The checkpoint's metadata; a clear error for a directory that is not a complete checkpoint of ours, or
+    (with `family`) one of another model family."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist")
@@ -39,6 +40,11 @@ def read_metadata(ckpt_dir: str | Path) -> dict:
         raise ValueError(f"{ckpt_dir}: checkpoint format {meta.get('format')!r}, this code reads {FORMAT!r}")
     if not (ckpt_dir / "metadata.json").exists() or not (ckpt_dir / HF_FILES / "config.json").exists():
         raise ValueError(f"{ckpt_dir} is incomplete: megatron metadata.json or {HF_FILES}/config.json missing")
+    if family is not None and meta.get("family") != family:
+        raise ValueError(
+            f"{ckpt_dir} holds a {meta.get('family')} checkpoint but the model is {family}: "
+            "wrong checkpoint (or set model.family and model.path to that family)"
+        )
     return meta
 
 
@@ -156,7 +162,7 @@ def load(model_chunks, ckpt_dir: str | Path) -> dict:
     """Loads the model weights (at this rank's layout; optimizer state, if any, is left alone)."""
     from megatron.core import dist_checkpointing
 
-    meta = read_metadata(ckpt_dir)
+    meta = read_metadata(ckpt_dir, model_chunks[0].family.model_type)
     load_model_state(model_chunks, dist_checkpointing.load(model_state(model_chunks), str(ckpt_dir)), ckpt_dir)
     return meta
 
@@ -239,7 +245,7 @@ def save_training(actor, out_dir: str | Path, hf_dir: str | Path, trainer_state:
         (tmp / TRAINER_STATE).write_text(json.dumps(full_state) + "\n")
         meta = {
             "format": FORMAT,
-            "family": "qwen2_5_vl",
+            "family": actor.hf_config.model_type,
             "written_at": layout_metadata(actor.groups.layout),
             "dtype": actor.cfg.model.dtype,
             "optimizer": True,
@@ -255,7 +261,7 @@ def load_training(actor, ckpt_dir: str | Path, optimizer: bool = True) -> dict:
     import torch
     from megatron.core import dist_checkpointing
 
-    read_metadata(ckpt_dir)
+    read_metadata(ckpt_dir, actor.hf_config.model_type)
     models = model_state(actor.chunks)
     state = dict(models)
     if optimizer:

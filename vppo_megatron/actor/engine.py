@@ -25,13 +25,14 @@ import torch
 import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from vppo_megatron import families
 from vppo_megatron.actor import batching, weights
 from vppo_megatron.actor.cp_attention import zigzag_positions
 from vppo_megatron.actor.model import build_chunks, layer_spec, layer_spec_name, transformer_config
 from vppo_megatron.actor.offload import ActorOffload
 from vppo_megatron.algo import loss as algo_loss
 from vppo_megatron.algo import perception, perturb, vocab_parallel
-from vppo_megatron.config import ACTOR_FAMILIES, Config, ConfigError
+from vppo_megatron.config import Config, ConfigError
 from vppo_megatron.parallel.layout import ParallelGroups
 from vppo_megatron.types import ActorSample
 
@@ -56,18 +57,16 @@ class Experience:
 
 
 def check_family(family: str, model_type: str, model_dir) -> None:
-    """The checkpoint is the configured family, and the actor implements that family."""
+    """The checkpoint is the configured family, and a registered one."""
     if model_type != family:
         raise ConfigError(
             f"model.family={family} but {model_dir}/config.json is model_type {model_type!r}; "
             f"set model.family={model_type} (or point model.path at a {family} checkpoint)"
         )
-    if family not in ACTOR_FAMILIES:
-        raise ConfigError(
-            f"model.family={family}: the Megatron actor implements {', '.join(ACTOR_FAMILIES)} only "
-            "(Qwen3-VL needs DeepStack feature injection, QK-norm and interleaved M-RoPE, not built yet); "
-            "`vppo train --dry-run` still validates its layout and memory"
-        )
+    try:
+        families.get(family)
+    except families.UnknownFamily as exc:
+        raise ConfigError(f"model.family={family}: {exc}") from None
 
 
 class MegatronActor:
@@ -93,13 +92,14 @@ class MegatronActor:
             text.num_attention_heads,
             text.num_key_value_heads,
             text.vocab_size,
+            deepstack_layers=families.Family.deepstack_layers(self.hf_config),
         )
         processor = AutoProcessor.from_pretrained(model_dir)
         self.image_processor = processor.image_processor
         self.pad_id = processor.tokenizer.pad_token_id
         self.spec_name = layer_spec_name(cfg)
         self.config = transformer_config(self.hf_config, cfg, groups.layout)
-        spec = layer_spec(cfg, self.config)
+        spec = layer_spec(cfg, self.config, families.get(self.hf_config.model_type))
         self.chunks = build_chunks(self.hf_config, self.config, spec, groups.layout.vpp)
         # megatron-core builds its layers on the current GPU; HF's vision tower is built on the host
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None

@@ -1,5 +1,16 @@
-"""Qwen2.5-VL as a Megatron model: HF's vision tower + merger on the first pipeline stage, megatron-core's
-GPTModel (M-RoPE, GQA, QKV bias, RMSNorm, SwiGLU, vocab-parallel embedding and output layer) for the language.
+"""A Qwen vision-language family as a Megatron model: HF's vision tower + merger on the first pipeline stage,
+megatron-core's GPTModel (M-RoPE, GQA, RMSNorm, SwiGLU, vocab-parallel embedding and output layer) for the
+language, built from the family's registry record (vppo_megatron/families): QKV bias (Qwen2.5-VL) or per-head
+QK-norm (Qwen3-VL), contiguous or interleaved M-RoPE sections, and DeepStack.
+
+DeepStack (Qwen3-VL): the vision tower also returns merged features of a few intermediate ViT layers; feature k
+is added to the output of LLM layer k at the image tokens. The features travel as the decoder's `context`
+argument, stacked densely as [S, B, K, H] with zeros away from the image tokens (x + 0 is exact, so this equals
+HF's masked add): megatron-core hands `context` to every layer and, under full recompute, through its checkpoint
+as an input, so the recomputed layers see the same micro-batch's features and the gradient reaches the vision
+tower. The dense tensor is split like the hidden states: zigzag chunks under CP, sequence shards under SP. The
+layers that receive features must be on the first stage's first chunk (ParallelLayout.validate refuses other
+splits): carrying the features along the pipeline would widen every p2p message by K hidden states.
 
 The vision tower is HF's own module (Megatron-Bridge's design), replicated over TP ranks; its gradients are
 identical across TP (every TP rank sees the same hidden-state gradient) and are averaged over TP by
@@ -16,12 +27,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from megatron.core.enums import ModelType
+from megatron.core.models.common.embeddings.rope_utils import get_pos_emb_on_this_cp_rank
+from megatron.core.models.common.embeddings.rotary_pos_embedding import MultimodalRotaryEmbedding
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel.mappings import scatter_to_sequence_parallel_region
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from vppo_megatron import families
 from vppo_megatron.actor.cp_attention import ContextParallelAttention, zigzag_positions
 from vppo_megatron.config import Config, ConfigError, transformer_engine_available
 from vppo_megatron.parallel.layout import ParallelLayout
@@ -38,7 +53,8 @@ def layer_spec_name(cfg: Config) -> str:
 
 
 def transformer_config(hf_config, cfg: Config, layout: ParallelLayout) -> TransformerConfig:
-    """megatron-core's TransformerConfig for the language model of an HF Qwen2.5-VL config."""
+    """megatron-core's TransformerConfig for the language model of an HF config of a registered family."""
+    family = families.get(hf_config.model_type)
     text = hf_config.text_config
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     te = layer_spec_name(cfg) == "transformer_engine"
@@ -56,13 +72,14 @@ def transformer_config(hf_config, cfg: Config, layout: ParallelLayout) -> Transf
         ffn_hidden_size=text.intermediate_size,
         num_attention_heads=text.num_attention_heads,
         num_query_groups=text.num_key_value_heads,
-        kv_channels=text.hidden_size // text.num_attention_heads,
+        kv_channels=family.head_dim(text),
         normalization="RMSNorm",
         layernorm_epsilon=text.rms_norm_eps,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=True,
+        add_qkv_bias=family.qkv_bias,
+        qk_layernorm=family.qk_layernorm,
         mrope_section=list(text.rope_parameters["mrope_section"]),
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -93,19 +110,53 @@ def transformer_config(hf_config, cfg: Config, layout: ParallelLayout) -> Transf
     )
 
 
-def layer_spec(cfg: Config, config: TransformerConfig):
+def layer_spec(cfg: Config, config: TransformerConfig, family: families.Family):
     if layer_spec_name(cfg) == "transformer_engine":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=False)
-    if config.context_parallel_size > 1:
-        spec.submodules.self_attention.submodules.core_attention = ContextParallelAttention
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=family.qk_layernorm)
+    else:
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=family.qk_layernorm)
+        if config.context_parallel_size > 1:
+            spec.submodules.self_attention.submodules.core_attention = ContextParallelAttention
+    spec.module = DeepStackLayer
     return spec
 
 
-class Qwen25VLModel(MegatronModule):
-    """One pipeline stage (or virtual stage) of the Qwen2.5-VL actor."""
+class DeepStackLayer(TransformerLayer):
+    """A transformer layer that adds DeepStack feature k (`context[:, :, k]`, [S, B, K, H]) to its output when it
+    is LLM layer k < K. With no features (`context` None: other families, text-only batches, later stages) it is
+    megatron-core's layer unchanged; its cross-attention slot is the identity, so `context` is read only here."""
+
+    def forward(self, *args, **kwargs):
+        output, context = super().forward(*args, **kwargs)
+        index = self.layer_number - 1
+        if context is not None and index < context.shape[2]:
+            output = output + context[:, :, index]
+        return output, context
+
+
+class InterleavedMRoPE(MultimodalRotaryEmbedding):
+    """Qwen3-VL's M-RoPE: rotary frequency j follows the height position when j % 3 == 1 and j < 3 * section[1],
+    the width position when j % 3 == 2 and j < 3 * section[2], the temporal one otherwise (transformers'
+    Qwen3VLTextRotaryEmbedding), instead of three contiguous sections. Same output layout and CP split as
+    megatron-core's MultimodalRotaryEmbedding, which it replaces in the GPTModel."""
+
+    def forward(self, position_ids: torch.Tensor, mrope_section: list[int], cp_group=None) -> torch.Tensor:
+        freqs_3BSF = position_ids.to(self.inv_freq.device, torch.float32)[..., None] * self.inv_freq
+        freqs_BSF = freqs_3BSF[0].clone()
+        for axis in (1, 2):
+            picked = slice(axis, 3 * mrope_section[axis], 3)
+            freqs_BSF[..., picked] = freqs_3BSF[axis, ..., picked]
+        emb = torch.cat((freqs_BSF, freqs_BSF), dim=-1)[..., None, :].transpose(0, 1).contiguous()  # [S, B, 1, D]
+        cp_group = cp_group if cp_group is not None else self.cp_group
+        if cp_group is not None and cp_group.size() > 1:
+            emb = get_pos_emb_on_this_cp_rank(emb, 0, cp_group)
+        return emb
+
+
+class VLModel(MegatronModule):
+    """One pipeline stage (or virtual stage) of the actor, for any registered family."""
 
     def __init__(
         self,
@@ -117,8 +168,7 @@ class Qwen25VLModel(MegatronModule):
         vp_stage: int | None = None,
     ):
         super().__init__(config=config)
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
-
+        self.family = families.get(hf_config.model_type)
         self.pre_process, self.post_process = pre_process, post_process
         self.model_type = ModelType.encoder_or_decoder  # read by the pipeline schedules
         self.image_token_id = hf_config.image_token_id
@@ -126,7 +176,7 @@ class Qwen25VLModel(MegatronModule):
         if pre_process:
             vision_config = hf_config.vision_config
             vision_config._attn_implementation = "sdpa"
-            self.vision = Qwen2_5_VisionTransformerPretrainedModel._from_config(vision_config)
+            self.vision = self.family.vision_tower()._from_config(vision_config)
             self.vision.to(config.params_dtype)
             if config.recompute_granularity == "full":
                 # the tower keeps ~2 MiB per patch for backward (a max-pixels image: ~10 GiB); checkpointing each
@@ -149,6 +199,11 @@ class Qwen25VLModel(MegatronModule):
             scatter_embedding_sequence_parallel=False,  # image embeddings are merged first, then scattered
             vp_stage=vp_stage,
         )
+        if self.family.mrope_interleaved:
+            base = self.language_model.rotary_pos_emb
+            self.language_model.rotary_pos_emb = InterleavedMRoPE(
+                config.kv_channels, 1.0, rotary_base=text.rope_parameters["rope_theta"], cp_group=base.cp_group
+            )
 
     # megatron-core's finalize_model_grads reads these off each model chunk (tied-embedding all-reduce over PP)
     @property
@@ -167,21 +222,41 @@ class Qwen25VLModel(MegatronModule):
         image_mask_BS: torch.Tensor | None,
         pixel_values: torch.Tensor | None,
         image_grid_thw: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Token embeddings with the vision tower's output placed at the image tokens, [S, B, H]."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token embeddings with the vision tower's output placed at the image tokens, [S, B, H], and the
+        DeepStack features at the same tokens, [S, B, K, H] (None without images or DeepStack)."""
         embeds_BSH = self.language_model.embedding(input_ids=input_ids_BS, position_ids=None).transpose(0, 1)
-        if pixel_values is not None:
-            image_embeds = self.vision(pixel_values.to(self.config.params_dtype), grid_thw=image_grid_thw)
-            image_embeds = image_embeds.pooler_output.to(embeds_BSH.dtype)
-            is_image_BS = image_mask_BS if image_mask_BS is not None else input_ids_BS == self.image_token_id
-            if int(is_image_BS.sum()) != image_embeds.shape[0]:
-                raise ValueError(
-                    f"{int(is_image_BS.sum())} image tokens but the vision tower produced "
-                    f"{image_embeds.shape[0]} embeddings: image_grid_thw does not match the prompt"
-                )
-            # scatter in [B, S] order: image embeddings are batch-major
-            embeds_BSH = embeds_BSH.masked_scatter(is_image_BS.unsqueeze(-1).expand_as(embeds_BSH), image_embeds)
-        return embeds_BSH.transpose(0, 1).contiguous()
+        if pixel_values is None:
+            return embeds_BSH.transpose(0, 1).contiguous(), None
+        vision = self.vision(pixel_values.to(self.config.params_dtype), grid_thw=image_grid_thw)
+        image_embeds = vision.pooler_output.to(embeds_BSH.dtype)
+        is_image_BS = image_mask_BS if image_mask_BS is not None else input_ids_BS == self.image_token_id
+        if int(is_image_BS.sum()) != image_embeds.shape[0]:
+            raise ValueError(
+                f"{int(is_image_BS.sum())} image tokens but the vision tower produced "
+                f"{image_embeds.shape[0]} embeddings: image_grid_thw does not match the prompt"
+            )
+        # scatter in [B, S] order: image embeddings are batch-major
+        where_BSH = is_image_BS.unsqueeze(-1).expand_as(embeds_BSH)
+        embeds_BSH = embeds_BSH.masked_scatter(where_BSH, image_embeds)
+        deepstack = getattr(vision, "deepstack_features", None)
+        deepstack_SBKH = None
+        if deepstack:
+            zeros_BSH = embeds_BSH.new_zeros(embeds_BSH.shape)
+            features = [zeros_BSH.masked_scatter(where_BSH, f.to(embeds_BSH.dtype)) for f in deepstack]
+            deepstack_SBKH = torch.stack(features, dim=2).transpose(0, 1).contiguous()
+        return embeds_BSH.transpose(0, 1).contiguous(), deepstack_SBKH
+
+    def _split_like_hidden_states(self, tensor_S: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a full-sequence [S, ...] tensor: its zigzag chunks under CP, its shard under SP."""
+        cp = self.config.context_parallel_size
+        if cp > 1:
+            from megatron.core import parallel_state
+
+            tensor_S = tensor_S[zigzag_positions(tensor_S.shape[0], cp, parallel_state.get_context_parallel_rank())]
+        if self.config.sequence_parallel:
+            tensor_S = scatter_to_sequence_parallel_region(tensor_S)
+        return tensor_S
 
     def forward(
         self,
@@ -194,23 +269,22 @@ class Qwen25VLModel(MegatronModule):
     ):
         """input_ids [B, S] and position_ids [3, B, S] are full sequences; with CP each rank keeps its zigzag
         chunks. Returns logits [B, S_local, V / tp] on the last stage, hidden states otherwise."""
-        decoder_input = None
+        decoder_input, block_kwargs = None, None
         if self.pre_process:
-            decoder_input = self.embed(input_ids, image_mask, pixel_values, image_grid_thw)
-            cp = self.config.context_parallel_size
-            if cp > 1:
-                from megatron.core import parallel_state
-
-                local = zigzag_positions(decoder_input.shape[0], cp, parallel_state.get_context_parallel_rank())
-                decoder_input = decoder_input[local]
-            if self.config.sequence_parallel:
-                decoder_input = scatter_to_sequence_parallel_region(decoder_input)
+            decoder_input, deepstack_SBKH = self.embed(input_ids, image_mask, pixel_values, image_grid_thw)
+            decoder_input = self._split_like_hidden_states(decoder_input)
+            if deepstack_SBKH is not None:
+                block_kwargs = {"context": self._split_like_hidden_states(deepstack_SBKH)}
         return self.language_model(
-            input_ids=None, position_ids=position_ids, attention_mask=attention_mask, decoder_input=decoder_input
+            input_ids=None,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            decoder_input=decoder_input,
+            extra_block_kwargs=block_kwargs,
         )
 
 
-def build_chunks(hf_config, config: TransformerConfig, spec, vpp: int) -> list[Qwen25VLModel]:
+def build_chunks(hf_config, config: TransformerConfig, spec, vpp: int) -> list[VLModel]:
     """This rank's model chunks: one per virtual pipeline stage (one chunk when vpp == 1), each told whether it
     holds the first stage's vision tower and embedding or the last stage's output layer."""
     from megatron.core import parallel_state
@@ -219,5 +293,5 @@ def build_chunks(hf_config, config: TransformerConfig, spec, vpp: int) -> list[Q
     for vp_stage in range(vpp) if vpp > 1 else [None]:
         first = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
         last = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
-        chunks.append(Qwen25VLModel(hf_config, config, spec, first, last, vp_stage))
+        chunks.append(VLModel(hf_config, config, spec, first, last, vp_stage))
     return chunks

@@ -3,7 +3,7 @@
 Parameters (`rehearse`): for each pipeline-stage role of the layout (memory.stages: first / middle / last, or
 only when PP = 1) a fresh process joins a fake process group of the target world size at one rank of that
 stage (`backend="fake"`: no communication), creates megatron-core's groups for the layout and builds the
-actor's own model (actor/model.py `transformer_config`, `layer_spec`, `Qwen25VLModel`, one per virtual stage,
+actor's own model (actor/model.py `transformer_config`, `layer_spec`, `VLModel`, one per virtual stage,
 then `Float16Module` as the actor's training setup does) for the real architecture on the meta device. The
 layer spec is the local one (Transformer Engine cannot import without CUDA); the TE spec has the same parameter
 shapes, only the RMSNorm weights live inside the fused linear (`linear_qkv.layer_norm_weight`, ...). Sequence
@@ -30,27 +30,25 @@ from pathlib import Path
 
 import torch
 
-from vppo_megatron import memory
+from vppo_megatron import families, memory
 from vppo_megatron.config import Config, ConfigError
 from vppo_megatron.parallel.layout import ParallelLayout
 
 
 def published_hf_config(cfg: Config, num_layers: int | None = None):
-    """transformers' Qwen2_5_VLConfig of `model.path`: its config.json on this host, else memory.PUBLISHED."""
-    from transformers import AutoConfig, Qwen2_5_VLConfig
+    """transformers' config of `model.path`: its config.json on this host, else the family's published excerpt."""
+    from transformers import AutoConfig
 
     path = Path(cfg.model.path)
     if (path / "config.json").exists():
         hf = AutoConfig.from_pretrained(path)
     elif path.name in memory.PUBLISHED:
-        excerpt = dict(memory.PUBLISHED[path.name])
-        if excerpt.pop("model_type") != "qwen2_5_vl":
-            raise ConfigError(f"model.path={cfg.model.path}: the actor implements qwen2_5_vl only")
-        hf = Qwen2_5_VLConfig(**excerpt)
+        excerpt = memory.PUBLISHED[path.name]
+        hf = families.get(excerpt["model_type"]).hf_config_from_excerpt(excerpt)
     else:
         raise ConfigError(
             f"model.path={cfg.model.path}: no config.json on this host and {path.name!r} is not in "
-            "vppo_megatron/memory.py PUBLISHED"
+            "published configs of vppo_megatron/families"
         )
     if num_layers is not None:
         hf.text_config.num_hidden_layers = num_layers
@@ -126,7 +124,7 @@ def build_role(cfg: Config, rank: int, world: int) -> dict:
     local = _local(cfg, sequence_parallel=False)
     hf = published_hf_config(cfg)
     config = transformer_config(hf, local, layout)
-    spec = layer_spec(local, config)
+    spec = layer_spec(local, config, families.get(hf.model_type))
     with torch.device("meta"):  # MegatronActor's own chunk builder
         chunks = [Float16Module(config, c) if config.bf16 else c for c in build_chunks(hf, config, spec, layout.vpp)]
     parts = {"layers": 0, "vision": 0, "embedding": 0, "output": 0, "replicated": 0}
@@ -157,6 +155,7 @@ _PRELOAD = [
     "vppo_megatron.actor.model",
     "megatron.core.optimizer.distrib_optimizer",
     "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
+    "transformers.models.qwen3_vl.modeling_qwen3_vl",
 ]
 
 
@@ -268,17 +267,17 @@ def _measure_case(cfg: Config, seq: int, micro_batch: int, recompute: str, seque
     """One layer at one TP rank's widths, forward + backward; megatron's groups are already initialised."""
     from megatron.core.transformer.module import Float16Module
 
-    from vppo_megatron.actor.model import Qwen25VLModel, layer_spec, transformer_config
+    from vppo_megatron.actor.model import VLModel, layer_spec, transformer_config
 
     tp = cfg.parallel.tp
     local = _local(cfg, sequence_parallel=sequence_parallel, pp=1, vpp=1, cp=1)
     local = dataclasses.replace(local, model=dataclasses.replace(local.model, recompute=recompute))
     hf = published_hf_config(cfg, num_layers=1)
     config = transformer_config(hf, local, ParallelLayout(tp=tp))
-    spec = layer_spec(local, config)
+    spec = layer_spec(local, config, families.get(hf.model_type))
     if sequence_parallel:
         spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = _SequenceParallelRMSNorm
-    model = Qwen25VLModel(hf, config, spec, pre_process=False, post_process=False)
+    model = VLModel(hf, config, spec, pre_process=False, post_process=False)
     model = Float16Module(config, model) if config.bf16 else model
     with torch.no_grad():  # perform_initialization=False leaves torch.empty memory: give it sane values
         for name, param in model.named_parameters():

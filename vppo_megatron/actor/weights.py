@@ -16,25 +16,29 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 
-from vppo_megatron.convert import mapping, qwen2_5_vl
+from vppo_megatron import families
+from vppo_megatron.convert import mapping
 
 _LAYER = re.compile(r"^language_model\.decoder\.layers\.(\d+)\.")
 
 
 def attention_dims(hf_config) -> mapping.AttentionDims:
     text = hf_config.text_config
-    return mapping.AttentionDims(
-        text.num_attention_heads, text.num_key_value_heads, text.hidden_size // text.num_attention_heads
-    )
+    return mapping.AttentionDims(text.num_attention_heads, text.num_key_value_heads, families.Family.head_dim(text))
 
 
 def family_rules(hf_config, spec: str) -> list[mapping.ExpandedRule]:
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
-
+    """The expanded rules of the checkpoint's family (its model_type) for a layer spec."""
+    family = families.get(hf_config.model_type)
     with torch.device("meta"):
-        vision_names = list(Qwen2_5_VisionTransformerPretrainedModel._from_config(hf_config.vision_config).state_dict())
-    rules = qwen2_5_vl.rules(spec, vision_names, hf_config.tie_word_embeddings)
+        vision_names = list(family.vision_tower()._from_config(hf_config.vision_config).state_dict())
+    rules = family.rules(spec, vision_names, tied_embeddings(hf_config))
     return mapping.expand_rules(rules, hf_config.text_config.num_hidden_layers)
+
+
+def tied_embeddings(hf_config) -> bool:
+    """Whether the output layer reuses the embedding (the top-level flag; Qwen3-VL also sets it on text_config)."""
+    return bool(getattr(hf_config, "tie_word_embeddings", False))
 
 
 def global_names(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -88,7 +92,7 @@ def load_hf_weights(
     problems += [f"no rule maps model parameter {name}" for name in sorted(set(params) - set(by_name))]
     if problems:
         raise KeyError(
-            f"{reader.model_dir} does not match the Qwen2.5-VL mapping: "
+            f"{reader.model_dir} does not match the {model.family.display} mapping: "
             + "; ".join(problems[:10])
             + (f" ... ({len(problems)} problems)" if len(problems) > 10 else "")
         )

@@ -1,9 +1,10 @@
 """The machinery behind every HF <-> Megatron weight mapping: rules, fusions and tensor-parallel sharding.
 
-A model family is a small table of `Rule`s (see qwen2_5_vl.py). A rule names one Megatron parameter (with `{i}`
-standing for the global layer index), the HF checkpoint tensors it is made of, how they fuse, and which
-dimension tensor parallelism splits. Conversion, the actor's weight loading and weight sync all go through
-`expand_rules`, so there is exactly one name table per family, and any name that no rule covers is an error.
+A model family is a small table of `Rule`s (vppo_megatron/families: one module per family). A rule names one
+Megatron parameter (with `{i}` standing for the global layer index), the HF checkpoint tensors it is made of, how
+they fuse, and which dimension tensor parallelism splits. Conversion, the actor's weight loading and weight sync
+all go through `expand_rules`, so there is exactly one name table per family, and any name that no rule covers is
+an error.
 
 "Full" Megatron tensors are the TP=1 layout; `shard`/`unshard` move between it and one TP rank's slice.
 """
@@ -16,24 +17,14 @@ from dataclasses import dataclass
 
 import torch
 
+from vppo_megatron.families import Rule
+
 
 @dataclass(frozen=True)
 class AttentionDims:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-
-
-@dataclass(frozen=True)
-class Rule:
-    megatron: str
-    """Megatron parameter name; `{i}` is the global transformer layer index."""
-    hf: tuple[str, ...]
-    """HF checkpoint tensor names, in fusion order."""
-    kind: str = "copy"
-    """copy | qkv (q, k, v fused per KV group) | gate_up (gate and up stacked, TP-interleaved)."""
-    tp_dim: int | None = None
-    """Dimension split across TP ranks (0 column/vocab parallel, 1 row parallel); None = replicated."""
 
 
 @dataclass(frozen=True)

@@ -48,8 +48,11 @@ class ParallelLayout:
         num_heads: int | None = None,
         num_kv_heads: int | None = None,
         vocab_size: int | None = None,
+        deepstack_layers: int = 0,
     ) -> None:
-        """Raises ConfigError naming the axis when the layout cannot run this model on `world_size` ranks."""
+        """Raises ConfigError naming the axis when the layout cannot run this model on `world_size` ranks.
+        `deepstack_layers`: how many of the first LLM layers receive DeepStack features (Qwen3-VL), which exist
+        only where the vision tower runs, so they must sit in the first pipeline stage's first model chunk."""
         if self.world_size != world_size:
             raise ConfigError(
                 f"parallel: tp*pp*cp*dp = {self.tp}*{self.pp}*{self.cp}*{self.dp} = {self.world_size} "
@@ -67,6 +70,21 @@ class ParallelLayout:
                     f"parallel.tp = {self.tp} does not divide the model's {name} = {value}; choose a divisor of {value}"
                 )
         self._validate_stage_layers(num_layers)
+        if deepstack_layers and num_layers is not None and self.first_chunk_layers(num_layers) < deepstack_layers:
+            raise ConfigError(
+                f"the model adds DeepStack vision features to its first {deepstack_layers} LLM layers, but the first "
+                f"pipeline stage's first model chunk holds {self.first_chunk_layers(num_layers)}: the features exist "
+                "only where the vision tower runs; give the first stage more layers (parallel.first_stage_layers), "
+                "or lower parallel.pp / parallel.vpp"
+            )
+
+    def first_chunk_layers(self, num_layers: int) -> int:
+        """Language-model layers of the first pipeline stage's first (virtual) chunk, the one with the vision tower."""
+        if self.first_stage_layers:
+            return self.first_stage_layers // self.vpp
+        if self.last_stage_layers:  # the rest spread evenly over the other pp - 1 stages
+            return (num_layers - self.last_stage_layers) // ((self.pp - 1) * self.vpp)
+        return num_layers // (self.pp * self.vpp)
 
     def _validate_stage_layers(self, num_layers: int | None) -> None:
         """The pipeline split of the language-model layers: even over pp * vpp chunks, or the given first/last

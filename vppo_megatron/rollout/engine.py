@@ -7,10 +7,14 @@ leaves the engine answering with the previous version and says so.
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
+
+from vppo_megatron import families
 
 EXTENSION = "vppo_megatron.rollout.extension.WeightSyncExtension"
 
@@ -56,6 +60,9 @@ class RolloutEngine:
                 # worker then binds this process's threads: in the fleet that process is the engine's own Ray
                 # actor.
                 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        model_type = json.loads((Path(model_dir) / "config.json").read_text())["model_type"]
+        # the family's vLLM class, whatever `architectures` the directory's config.json lists (an export, a merge)
+        kwargs["hf_overrides"] = {"architectures": [families.get(model_type).vllm_architecture]}
         self.llm = LLM(
             model=model_dir,
             dtype=dtype,

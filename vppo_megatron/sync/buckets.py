@@ -2,8 +2,9 @@
 
 vLLM fuses some checkpoint tensors into one layer (q/k/v -> qkv_proj, gate/up -> gate_up_proj) and processes a
 layer after loading; a bucket holding q but not k of a layer would leave that layer half-loaded. Buckets are
-therefore built from whole units: a transformer block (`model.layers.N.`, `visual.blocks.N.`) or one module
-(the name without its last component). A unit larger than the bound travels alone.
+therefore built from whole units: a transformer block (`...layers.N.` or `...blocks.N.`, whatever the family's
+prefix: `model.layers.N.` in Qwen2.5-VL, `model.language_model.layers.N.` in Qwen3-VL) or one module (the name
+without its last component). A unit larger than the bound travels alone.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-_BLOCK = re.compile(r"^((?:model\.layers|visual\.blocks)\.\d+)\.")
+_BLOCK = re.compile(r"^((?:[\w.]*\.)?(?:layers|blocks)\.\d+)\.")
 
 
 def unit_of(name: str) -> str:
