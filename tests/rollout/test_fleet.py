@@ -192,23 +192,9 @@ VOLATILE = ("time/", "rollout/generate_s", "rollout/tokens_per_s", "sync/megabyt
 def _trainer_command(tiny_model_dir, data, out):
     """`vppo train` under torchrun (2 ranks, TP=2) on the tiny model: small, deterministic, checkpointing at
     steps 2 and 4, logging to TensorBoard too."""
-    import sys
+    from trainer_run import torchrun_train
 
-    from trainer_run import tiny_overrides
-
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        "-m",
-        "vppo_megatron.train",
-        "--config",
-        "examples/configs/tiny_cpu.yaml",
-        *tiny_overrides(tiny_model_dir, data, out, STEPS),
-        "logging.tensorboard=true",
-    ]
+    return torchrun_train(tiny_model_dir, data, out, STEPS, "logging.tensorboard=true")
 
 
 def _step_metrics(out):

@@ -4,7 +4,6 @@ Megatron actor's weights synced into it (names from the family registry), and 2 
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import ray
@@ -41,25 +40,13 @@ def test_sync_from_tp2_actor_matches_engine_log_probs_for_qwen3_vl(fleet, tiny_q
 
 
 def test_two_vppo_steps_end_to_end_on_qwen3_vl_with_torchrun_tp2(fleet, tiny_qwen3_vl_dir, tmp_path):
-    from trainer_run import tiny_overrides
+    from trainer_run import torchrun_train
 
     from vppo_megatron.data.synthetic import write_dataset
 
     write_dataset(tmp_path / "data", ["count_shapes"], num_train=8, num_val=4, seed=0)
     out = tmp_path / "run"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        "-m",
-        "vppo_megatron.train",
-        "--config",
-        "examples/configs/tiny_cpu.yaml",
-        *tiny_overrides(tiny_qwen3_vl_dir, tmp_path / "data", out, 2),
-        FAMILY,
-    ]
+    command = torchrun_train(tiny_qwen3_vl_dir, tmp_path / "data", out, 2, FAMILY)
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
     proc = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-5000:]

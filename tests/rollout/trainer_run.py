@@ -24,3 +24,22 @@ def tiny_overrides(tiny_model_dir, data, out, steps: int) -> list[str]:
         "checkpoint.keep_last=1",
         "logging.tensorboard=false",
     ]
+
+
+def torchrun_train(tiny_model_dir, data, out, steps: int, *extra: str) -> list[str]:
+    """`vppo train` under torchrun (2 ranks, TP=2, examples/configs/tiny_cpu.yaml) with `tiny_overrides`."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "vppo_megatron.train",
+        "--config",
+        "examples/configs/tiny_cpu.yaml",
+        *tiny_overrides(tiny_model_dir, data, out, steps),
+        *extra,
+    ]
