@@ -17,6 +17,7 @@ from vppo_megatron.families.registry import Family, Rule
 L = "language_model.decoder.layers.{i}"
 H = "model.layers.{i}"
 MODELING = "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl"
+PATCH, MERGE = 14, 2  # the vision patch in pixels and the spatial merge per side
 
 
 def language_rules(h: str, embed: str, norm: str, qkv_bias: bool) -> list[Rule]:
@@ -158,8 +159,8 @@ def tiny_config(spec, token_ids: dict[str, int], vocab_size: int):
         intermediate_size=2 * spec.vision_hidden_size,
         num_heads=spec.vision_heads,
         out_hidden_size=spec.hidden_size,
-        patch_size=14,
-        spatial_merge_size=2,
+        patch_size=PATCH,
+        spatial_merge_size=MERGE,
         temporal_patch_size=2,
         window_size=112,
         fullatt_block_indexes=[spec.vision_depth - 1],
@@ -176,8 +177,8 @@ def tiny_processor(spec, tokenizer, chat_template: str):
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     size = {"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels}
-    image_processor = Qwen2VLImageProcessor(size=size, patch_size=14, merge_size=2, temporal_patch_size=2)
-    video_processor = Qwen2VLVideoProcessor(size=size, patch_size=14, merge_size=2, temporal_patch_size=2)
+    image_processor = Qwen2VLImageProcessor(size=size, patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2)
+    video_processor = Qwen2VLVideoProcessor(size=size, patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2)
     return Qwen2_5_VLProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -198,8 +199,8 @@ FAMILY = Family(
     qk_layernorm=False,
     qkv_bias=True,
     mrope_interleaved=False,
-    patch_size=14,
-    merge_size=2,
+    patch_size=PATCH,
+    merge_size=MERGE,
     vision_params=vision_params,
     published={
         "Qwen2.5-VL-7B-Instruct": published_config(28, 3584, 28, 4, 18944, 3420),

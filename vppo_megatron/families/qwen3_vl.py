@@ -23,6 +23,7 @@ from vppo_megatron.families.registry import Family, Rule
 
 H = "model.language_model.layers.{i}"
 MODELING = "transformers.models.qwen3_vl.modeling_qwen3_vl"
+PATCH, MERGE = 16, 2  # the vision patch in pixels and the spatial merge per side
 
 
 def rules(spec: str, vision_names: list[str], tie_word_embeddings: bool = False) -> list[Rule]:
@@ -113,8 +114,8 @@ def tiny_config(spec, token_ids: dict[str, int], vocab_size: int):
         intermediate_size=2 * spec.vision_hidden_size,
         num_heads=spec.vision_heads,
         out_hidden_size=spec.hidden_size,
-        patch_size=16,
-        spatial_merge_size=2,
+        patch_size=PATCH,
+        spatial_merge_size=MERGE,
         temporal_patch_size=2,
         in_channels=3,
         num_position_embeddings=64,  # an 8 x 8 learned grid, bilinearly resampled to each image
@@ -128,8 +129,12 @@ def tiny_processor(spec, tokenizer, chat_template: str):
 
     size = {"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels}
     half = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}  # Qwen3-VL's normalisation
-    image_processor = Qwen2VLImageProcessor(size=size, patch_size=16, merge_size=2, temporal_patch_size=2, **half)
-    video_processor = Qwen3VLVideoProcessor(size=size, patch_size=16, merge_size=2, temporal_patch_size=2, **half)
+    image_processor = Qwen2VLImageProcessor(
+        size=size, patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2, **half
+    )
+    video_processor = Qwen3VLVideoProcessor(
+        size=size, patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2, **half
+    )
     return Qwen3VLProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -150,8 +155,8 @@ FAMILY = Family(
     qk_layernorm=True,
     qkv_bias=False,
     mrope_interleaved=True,
-    patch_size=16,
-    merge_size=2,
+    patch_size=PATCH,
+    merge_size=MERGE,
     vision_params=vision_params,
     published={
         "Qwen3-VL-2B-Instruct": published_config((28, 2048, 16, 8, 6144), (24, 1024, 4096, (5, 11, 17)), True),
