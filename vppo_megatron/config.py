@@ -141,8 +141,13 @@ class AlgorithmConfig:
     """Fill value of the complete grey mask (grey)."""
     trajectory_shaping: Literal["advantage", "reward", "none"] = "advantage"
     """TAS: scale advantages (paper), scale rewards before normalisation (ablation), or off (TGF only)."""
-    tas_scope: Literal["micro_batch", "global", "group"] = "micro_batch"
-    """TAS statistics: per micro-batch (reference-exact), the whole global mini-batch, or each prompt group."""
+    tas_scope: Literal["segment", "global", "group"] = "segment"
+    """TAS statistics: min/max over this rank's mini-batch and the mean per segment of tas_segment rollouts
+    (reference-exact), over the whole global mini-batch (layout-independent), or within each prompt group."""
+    tas_segment: int = 16
+    """Rollouts per TAS segment (tas_scope=segment): the reference's update micro-batch, a statistic and not a
+    memory setting (16 in its 7B script, 4 in its 8B one). Consecutive rollouts of a rank's mini-batch; it must
+    divide that mini-batch's rollouts and hold at least 2 (one rollout has no range: alpha would always be 1)."""
     tas_range: Literal["dynamic", "fixed"] = "dynamic"
     """dynamic: beta_max chosen so mean alpha = 1 (reference); fixed: alpha in [beta_min, beta_max] (Table 3)."""
     beta_min: float = 0.9
@@ -344,7 +349,7 @@ class Config:
         """
         _check_ranges(self)
         _check_parallel(self.parallel, world_size or self.parallel.world_size)
-        _check_batches(self)
+        _check_batches(self, world_size or self.parallel.world_size)
         _check_precision(self.model, check_host)
         return self
 
@@ -469,16 +474,74 @@ def _check_parallel(p: ParallelConfig, world_size: int) -> None:
         )
 
 
-def _check_batches(cfg: Config) -> None:
-    t = cfg.trainer
+def _nearest_multiples(value: int, of: int) -> str:
+    below, above = value // of * of, (value // of + 1) * of
+    return " or ".join(str(v) for v in (below, above) if v >= 1)
+
+
+def _nearest_divisors(value: int, of: int) -> str:
+    """The divisors of `of` closest to `value` from below and above."""
+    divisors = [d for d in range(1, of + 1) if of % d == 0]
+    below = max((d for d in divisors if d <= value), default=None)
+    above = min((d for d in divisors if d >= value), default=None)
+    return " or ".join(str(v) for v in dict.fromkeys((below, above)) if v is not None)
+
+
+def _check_batches(cfg: Config, world_size: int) -> None:
+    """Every batch size divides the one above it exactly: nothing is floored, dropped or re-sized at run time.
+
+    step (prompts) = k x update (prompts); update = dp x groups per rank; a rank's update rollouts (groups x n) =
+    whole micro-batches (fixed count) and whole TAS segments."""
+    t, a, p = cfg.trainer, cfg.algorithm, cfg.parallel
     if t.prompts_per_step < 1 or t.prompts_per_update < 1:
         _fail("trainer.prompts_per_update", t.prompts_per_update, "prompt counts must be >= 1")
     if t.prompts_per_step % t.prompts_per_update:
         _fail(
             "trainer.prompts_per_update",
             t.prompts_per_update,
-            f"must divide trainer.prompts_per_step ({t.prompts_per_step})",
+            f"must divide trainer.prompts_per_step ({t.prompts_per_step}); nearest: "
+            f"{_nearest_divisors(t.prompts_per_update, t.prompts_per_step)}",
         )
+    segment = a.trajectory_shaping != "none" and a.tas_scope == "segment"
+    if segment and a.tas_segment < 2:
+        _fail(
+            "algorithm.tas_segment",
+            a.tas_segment,
+            "a TAS segment needs >= 2 rollouts (one rollout has no range, so alpha would always be 1)",
+        )
+    model_parallel = p.tp * p.pp * p.cp
+    if not world_size or world_size % model_parallel:
+        return
+    dp = p.dp or world_size // model_parallel
+    if t.prompts_per_update % dp:
+        _fail(
+            "trainer.prompts_per_update",
+            t.prompts_per_update,
+            f"must be a multiple of the data-parallel size {dp} (prompt groups stay whole on one rank); "
+            f"nearest: {_nearest_multiples(t.prompts_per_update, dp)}",
+        )
+    rollouts = t.prompts_per_update // dp * cfg.rollout.num_samples_per_prompt
+    if not t.max_tokens_per_micro_batch and rollouts % t.micro_batch_size:
+        _fail(
+            "trainer.micro_batch_size",
+            t.micro_batch_size,
+            f"must divide a rank's rollouts per update ({t.prompts_per_update} prompts / dp {dp} x "
+            f"{cfg.rollout.num_samples_per_prompt} samples = {rollouts}); nearest: "
+            f"{_nearest_divisors(t.micro_batch_size, rollouts)}",
+        )
+    if segment and rollouts % a.tas_segment:
+        _fail(
+            "algorithm.tas_segment",
+            a.tas_segment,
+            f"must divide a rank's rollouts per update ({rollouts}); "
+            f"nearest: {_nearest_divisors(a.tas_segment, rollouts)}",
+        )
+
+
+def engine_context_length(cfg: Config) -> int:
+    """Tokens a rollout engine must hold (its vLLM max_model_len): data.max_prompt_length (image tokens included)
+    + rollout.max_response_length."""
+    return cfg.data.max_prompt_length + cfg.rollout.max_response_length
 
 
 def transformer_engine_available() -> bool:
@@ -544,6 +607,13 @@ REPLACED = {
     "rollout.verify_sync_tolerance",
 }
 
+# Values earlier versions accepted, and what says the same now.
+REPLACED_VALUES = {
+    ("algorithm.tas_scope", "micro_batch"): "the reference's TAS statistic is now independent of the memory "
+    "micro-batch: set algorithm.tas_scope=segment and algorithm.tas_segment=<rollouts> (16 in the reference's 7B "
+    "script, 4 in its 8B one)",
+}
+
 
 def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     if not isinstance(raw, dict):
@@ -554,6 +624,8 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     for key, value in raw.items():
         if f"{prefix}{key}" in REPLACED:
             raise ConfigError(f"config key {prefix}{key} was replaced: {REPLACED[f'{prefix}{key}']}")
+        if isinstance(value, str) and (f"{prefix}{key}", value) in REPLACED_VALUES:
+            raise ConfigError(f"{prefix}{key}={value} was replaced: {REPLACED_VALUES[(f'{prefix}{key}', value)]}")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else ""

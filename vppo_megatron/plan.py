@@ -9,6 +9,7 @@ from __future__ import annotations
 
 def dry_run(cfg, rehearse: bool = False) -> int:
     from vppo_megatron import memory
+    from vppo_megatron.config import engine_context_length
     from vppo_megatron.parallel.layout import ParallelLayout
 
     world = cfg.parallel.world_size
@@ -23,7 +24,9 @@ def dry_run(cfg, rehearse: bool = False) -> int:
         f"config OK for {world} ranks: TP={layout.tp} PP={layout.pp} CP={layout.cp} DP={layout.dp} "
         f"VPP={layout.vpp}; {cfg.trainer.prompts_per_step} prompts x {cfg.rollout.num_samples_per_prompt} "
         f"rollouts per step, {updates} optimizer steps per rollout step; {cfg.rollout.num_engines} vLLM "
-        f"engines (TP {cfg.rollout.tensor_parallel_size}, {cfg.rollout.placement})"
+        f"engines (TP {cfg.rollout.tensor_parallel_size}, {cfg.rollout.placement}), each holding "
+        f"{engine_context_length(cfg)} tokens (max_model_len = data.max_prompt_length {cfg.data.max_prompt_length} "
+        f"+ rollout.max_response_length {cfg.rollout.max_response_length})"
     )
     text, fits = memory.report(cfg)
     print(text)

@@ -149,13 +149,16 @@ class Trainer:
         from vppo_megatron.rollout.collect import collect
 
         d = self.driver
-        return collect(d.fleet, d.loader, self.cfg, step, d.reward_fn)
+        groups, metrics = collect(d.fleet, d.loader, self.cfg, step, d.reward_fn)
+        groups, dropped = batching.trim_to_dp(groups, self.groups.layout.dp)
+        metrics.update({"rollout/kept_groups": float(len(groups)), "rollout/dropped_groups": float(dropped)})
+        return groups, metrics
 
     def distribute(self, groups: list | None, step: int) -> StepData:
         """Stage 2: this DP rank's groups (scattered from rank 0), cut into mini-batches and micro-batches once:
         images encoded once per view, positions computed once, for the experience pass and every update."""
         rollouts = batching.distribute(groups, self.groups)
-        groups_per_update = max(1, self.cfg.trainer.prompts_per_update // self.groups.layout.dp)
+        groups_per_update = self.cfg.trainer.prompts_per_update // self.groups.layout.dp  # exact: config.validate
         mini_batches = batching.mini_batches(rollouts, groups_per_update)
         prepared = self.actor.prepare(
             rollouts.samples, step, with_perception=self.cfg.algorithm.needs_perception, mini_batches=mini_batches
@@ -176,7 +179,7 @@ class Trainer:
         """Stage 4: GRPO advantages per group, shaped by TAS within each mini-batch; advantage_B."""
         from vppo_megatron.algo.pipeline import dependency_metrics, shaped_advantages
 
-        r, micro_ids_B = data.rollouts, data.prepared.micro_batch_ids_B
+        r = data.rollouts
         advantage_B = torch.zeros_like(r.reward_B)
         scale_B = torch.ones_like(r.reward_B)
         for rows in data.mini_batches:
@@ -186,7 +189,6 @@ class Trainer:
                 r.group_ids_B[rows],
                 experience.dependency_BT[rows],
                 experience.response_mask_BT[rows],
-                micro_ids_B[rows],
                 dp_group=self.groups.dp,
             )
         if not self.cfg.algorithm.needs_perception:
@@ -214,18 +216,20 @@ class Trainer:
         """Stage 6: algorithm.ppo_epochs passes, one optimizer step per mini-batch each; every pass reuses the
         step's old log-probs, dependency, advantages and mask."""
         self.lifecycle.enter("update")
-        metrics = {}
+        per_step = []
         for _ in range(self.cfg.algorithm.ppo_epochs):
             for rows in data.mini_batches:
-                metrics = self.actor.update(
-                    data.prepared,
-                    experience.old_logp_BT,
-                    advantage_B,
-                    mask_BT,
-                    experience.dependency_BT if self.cfg.algorithm.needs_perception else None,
-                    rows=rows,
+                per_step.append(
+                    self.actor.update(
+                        data.prepared,
+                        experience.old_logp_BT,
+                        advantage_B,
+                        mask_BT,
+                        experience.dependency_BT if self.cfg.algorithm.needs_perception else None,
+                        rows=rows,
+                    )
                 )
-        return dict(metrics, **{"actor/optimizer_steps": float(self.actor.updates)})
+        return dict(mean_over_steps(per_step), **{"actor/optimizer_steps": float(self.actor.updates)})
 
     def push_weights(self) -> dict[str, float]:
         """Stage 7: optimizer state (+ grads) leave, the engines' weights wake, the sync, then the engines' KV
@@ -263,6 +267,13 @@ class Trainer:
             curve = self.driver.logger.plot(Path(self.cfg.trainer.output_dir) / "accuracy.png")
             print(f"metrics: {self.driver.logger.path}\ncurve: {curve}", flush=True)
         self.sync.close()
+
+
+def mean_over_steps(per_step: list[dict[str, float]]) -> dict[str, float]:
+    """A rollout step's actor metrics: the mean of each over its optimizer steps (every epoch and mini-batch), as
+    the reference logs them."""
+    names = dict.fromkeys(name for metrics in per_step for name in metrics)
+    return {name: sum(m[name] for m in per_step if name in m) / sum(name in m for m in per_step) for name in names}
 
 
 class StageTimer:

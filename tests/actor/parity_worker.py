@@ -217,3 +217,64 @@ def te_vs_local(rank, world_size, model_dir, fp8):
         destroy()
     dist.barrier()
     return (logits["local"] - logits["transformer_engine"]).abs().max().item(), logits["local"].abs().max().item()
+
+
+def hf_bf16_vision_gap(rank, world_size, model_dir, cast_rotary=False):
+    """The bf16 actor (Float16Module, as it trains) against transformers loaded in bf16, on the largest image the
+    tiny processor keeps: (max |vision-tower output gap|, max |response log-prob gap|, rotary dtypes).
+    `cast_rotary`: cast the tower's rotary frequencies to bf16 as a plain `.to(bf16)` would (the defect)."""
+    from vppo_megatron import families
+    from vppo_megatron.actor import batching
+    from vppo_megatron.actor.engine import MegatronActor
+    from vppo_megatron.config import load
+    from vppo_megatron.parallel.layout import ParallelLayout, destroy, initialize
+
+    family = family_of(model_dir)
+    cfg = load(None, ["model.dtype=bfloat16", "model.transformer_impl=local", f"model.family={family}"])
+    actor = MegatronActor(cfg, initialize(ParallelLayout(), seed=1), model_dir)
+    vision = actor.chunks[0].vision
+    if cast_rotary:
+        for module in vision.modules():
+            if "inv_freq" in module._buffers:
+                module._buffers["inv_freq"] = module._buffers["inv_freq"].bfloat16()
+    hf = families.get(family).model_class().from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    processor = actor.image_processor
+    side = int(processor.size["longest_edge"] ** 0.5)  # the largest square image (pixels) the processor keeps
+    image = np.random.default_rng(SEED).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    sample = next(s for s in make_samples(model_dir) if 5 not in s.response_ids)
+    pixels, grid = batching.encode_images(processor, [image])
+    prompt_ids = processor_prompt(model_dir, image)
+    sample = type(sample)("big", prompt_ids, sample.response_ids, [image])
+    mb = batching.collate(actor.hf_config, [sample], [pixels], [grid], actor.pad_id)
+    ids = torch.tensor([sample.prompt_ids + sample.response_ids])
+    with torch.no_grad():
+        ours_vision = vision(pixels.to(torch.bfloat16), grid_thw=grid).pooler_output
+        hf_vision = hf.model.visual(pixels.to(torch.bfloat16), grid_thw=grid).pooler_output
+        ours = actor._forward(actor.model[0], mb)[:, : ids.shape[1]].float()
+        reference = hf(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=pixels,
+            image_grid_thw=grid,
+            mm_token_type_ids=mb.image_mask_BS[:, : ids.shape[1]].long(),
+        ).logits.float()
+    response = slice(len(sample.prompt_ids) - 1, ids.shape[1] - 1)  # positions that predict response tokens
+    targets = ids[0, response.start + 1 : response.stop + 1]
+
+    def token_logp(logits):
+        return torch.log_softmax(logits[0, response], -1).gather(-1, targets[:, None])
+
+    rotary = {str(b.dtype) for m in vision.modules() for n, b in m._buffers.items() if n == "inv_freq"}
+    vision_gap = (ours_vision.float() - hf_vision.float()).abs().max().item()
+    gaps = (vision_gap, (token_logp(ours) - token_logp(reference)).abs().max().item())
+    destroy()
+    return gaps, rotary
+
+
+def processor_prompt(model_dir, image):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return processor(text=[text], images=[image], return_tensors="pt")["input_ids"][0].tolist()

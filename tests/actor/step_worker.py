@@ -51,6 +51,7 @@ def _trainer(model_dir, out_dir, overrides):
             f"trainer.prompts_per_step={PROMPTS}",
             "trainer.prompts_per_update=2",
             "trainer.micro_batch_size=2",
+            "algorithm.tas_segment=4",  # a mini-batch: 2 prompts x 2 samples
             "parallel.tp=1",
             "parallel.world_size=1",
             *overrides,
@@ -124,7 +125,7 @@ def trainer_stages(rank, world_size, model_dir, out_dir):
     results["encoded_images"] = sum(calls)
     results["encode_calls"] = len(calls)
 
-    # fixed count vs token budget: TAS global scope (micro-batch scope legitimately depends on the split)
+    # fixed count vs token budget: TAS global scope (the segment scope would give the same: it ignores the split)
     common = ["algorithm.tas_scope=global"]
     fixed = _trainer(model_dir, f"{out_dir}/fixed", common)
     results["fixed"] = run_step(fixed, groups)

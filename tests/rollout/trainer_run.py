@@ -13,6 +13,7 @@ def tiny_overrides(tiny_model_dir, data, out, steps: int) -> list[str]:
         "trainer.prompts_per_update=1",
         "trainer.micro_batch_size=4",
         "rollout.num_samples_per_prompt=4",
+        "algorithm.tas_segment=4",  # one prompt's rollouts per rank and update
         "rollout.max_response_length=8",
         "trainer.val_every=0",
         "trainer.val_prompts=2",

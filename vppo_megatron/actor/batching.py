@@ -60,14 +60,6 @@ class StepBatch:
     perturbed: list[tuple[torch.Tensor | None, torch.Tensor | None]] | None
     """(pixel_values_NC, image_grid_thw) of each micro-batch's perturbed images; None without the dual pass."""
 
-    @property
-    def micro_batch_ids_B(self) -> torch.Tensor:
-        """Index of each row's micro-batch (TAS micro_batch scope reads the pass's own micro-batches)."""
-        ids = torch.empty(len(self.samples), dtype=torch.long)
-        for i, rows in enumerate(self.micro_rows):
-            ids[rows] = i
-        return ids
-
     def paired(self, i: int) -> MicroBatch:
         """Micro-batch i with its rollouts twice: original images, then perturbed (same ids and positions)."""
         mb, (pixels, grids) = self.views[i], self.perturbed[i]

@@ -133,10 +133,13 @@ def load_model_state(model_chunks, loaded: dict, ckpt_dir) -> None:
 
 
 def layout_metadata(layout) -> dict:
-    """How the layers were split when a checkpoint was written (informational: any split loads it)."""
+    """How the layers were split when a checkpoint was written: any split loads the weights; a dp_reshardable
+    optimizer state loads only at the same model-parallel split (`check_optimizer_layout`)."""
     return {
         "tp": layout.tp,
         "pp": layout.pp,
+        "cp": layout.cp,
+        "dp": layout.dp,
         "vpp": layout.vpp,
         "first_stage_layers": layout.first_stage_layers,
         "last_stage_layers": layout.last_stage_layers,
@@ -226,6 +229,92 @@ def export_hf(
 TRAINER_STATE = "trainer_state.json"
 STEP_PREFIX = "step_"
 
+# How the optimizer state is sharded in a checkpoint (recorded in its metadata, read back at load):
+# - model_space: the plain (not distributed) optimizer, one state tensor per parameter like the weights: any layout.
+# - dp_reshardable: megatron-core's distributed optimizer format: each rank writes its own slice of the flat
+#   gradient buckets, no gather. The buckets follow the model-parallel split, so it loads at any DP size but only
+#   at the TP / PP / CP / VPP split (and stage sizes) it was written at. (megatron-core 0.19's default for the
+#   distributed optimizer, fully_sharded_model_space, is deprecated and refused by its own validation.)
+# - unstepped: the plain optimizer before its first step holds no state; it is saved as nothing and resumes as a
+#   fresh optimizer, which is exactly what it was.
+MODEL_SPACE, DP_RESHARDABLE, UNSTEPPED = "model_space", "dp_reshardable", "unstepped"
+# the layout fields a dp_reshardable optimizer state must be loaded at (DP is free)
+MODEL_PARALLEL_FIELDS = ("tp", "pp", "cp", "vpp", "first_stage_layers", "last_stage_layers")
+
+
+def optimizer_sharding(actor) -> str:
+    return DP_RESHARDABLE if actor.cfg.optimizer.distributed_optimizer else MODEL_SPACE
+
+
+def _unstepped(optimizer) -> bool:
+    return not any(getattr(c, "optimizer", c).state for c in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def optimizer_sharded_state(actor, models: dict, sharding: str, is_loading: bool = False) -> dict:
+    """The optimizer's sharded state in `sharding`'s format (see MODEL_SPACE, DP_RESHARDABLE)."""
+    materialize_adam_state(actor.optimizer)
+    metadata = {"distrib_optim_sharding_type": DP_RESHARDABLE} if sharding == DP_RESHARDABLE else None
+    return actor.optimizer.sharded_state_dict(models, is_loading=is_loading, metadata=metadata)
+
+
+def materialize_adam_state(optimizer) -> None:
+    """Gives a torch Adam that has not stepped yet its initial state (step 0, zero moments), exactly what its
+    first step would create. megatron-core's distributed optimizer reads the step count from that state to save
+    or load, and fails on an empty one where the optimizer is torch's (no Apex / Transformer Engine: CPU hosts):
+    a checkpoint before the first optimizer step (every group filtered by dynamic sampling) or a resume into a
+    fresh process. Fused GPU optimizers keep their own state, and the plain optimizer saves an empty state as it
+    is: both are left alone."""
+    import torch
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(chained, "optimizer", None)
+        torch_adam = isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
+        if not isinstance(chained, DistributedOptimizer) or not torch_adam or inner.state:
+            continue
+        for group in inner.param_groups:
+            for param in group["params"]:
+                inner.state[param] = {
+                    "step": torch.tensor(0.0),
+                    "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+                }
+
+
+def restore_adam_steps(optimizer) -> None:
+    """Gives each parameter's torch Adam state its own step counter, at the saved count. Where the optimizer is
+    torch's (no Apex / Transformer Engine: CPU hosts), megatron-core's distributed optimizer loads ONE step tensor
+    shared by every parameter (torch increments each parameter's counter in place: one more step would add the
+    number of parameters to it) and then overwrites it with the loading side's own counter. The saved count is in
+    the loaded param groups' "step"."""
+    import torch
+
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(chained, "optimizer", None)
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in inner.param_groups:
+            for param in group["params"]:
+                state = inner.state.get(param, {})
+                if isinstance(state.get("step"), torch.Tensor):
+                    saved = group.get("step")
+                    state["step"] = torch.tensor(float(saved)) if saved is not None else state["step"].clone()
+
+
+def check_optimizer_layout(meta: dict, layout, ckpt_dir) -> None:
+    """A dp_reshardable optimizer state loads at the model-parallel split it was written at; else a clear error."""
+    if meta.get("optimizer_sharding", MODEL_SPACE) != DP_RESHARDABLE:
+        return
+    written = {"cp": 1, **meta["written_at"]}  # cp is recorded since dp_reshardable exists; before it, 1
+    now = layout_metadata(layout)
+    differ = [f"{k} {written[k]} -> {now[k]}" for k in MODEL_PARALLEL_FIELDS if written[k] != now[k]]
+    if differ:
+        raise ValueError(
+            f"{ckpt_dir}: its distributed-optimizer state (dp_reshardable) loads at any DP size but only at the "
+            f"model-parallel split it was written at ({', '.join(differ)}): resume at that split, or set "
+            "checkpoint.load_optimizer=false to resume the weights with fresh optimizer state"
+        )
+
 
 def save_training(actor, out_dir: str | Path, hf_dir: str | Path, trainer_state: dict) -> None:
     """A resumable checkpoint: model + optimizer (sharded), trainer state (step, data position, versions, RNG),
@@ -235,7 +324,12 @@ def save_training(actor, out_dir: str | Path, hf_dir: str | Path, trainer_state:
     check_output_dir(out_dir)
     tmp = atomic_directory(out_dir)
     models = model_state(actor.chunks)
-    state = {**models, "optimizer": actor.optimizer.sharded_state_dict(models)}
+    sharding = optimizer_sharding(actor)
+    if sharding == MODEL_SPACE and _unstepped(actor.optimizer):
+        sharding = UNSTEPPED
+    state = dict(models)
+    if sharding != UNSTEPPED:
+        state["optimizer"] = optimizer_sharded_state(actor, models, sharding)
     from megatron.core import dist_checkpointing
 
     dist_checkpointing.save(state, str(tmp))
@@ -249,6 +343,7 @@ def save_training(actor, out_dir: str | Path, hf_dir: str | Path, trainer_state:
             "written_at": layout_metadata(actor.groups.layout),
             "dtype": actor.cfg.model.dtype,
             "optimizer": True,
+            "optimizer_sharding": sharding,
             "step": trainer_state["step"],
         }
         (tmp / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
@@ -261,15 +356,26 @@ def load_training(actor, ckpt_dir: str | Path, optimizer: bool = True) -> dict:
     import torch
     from megatron.core import dist_checkpointing
 
-    read_metadata(ckpt_dir, actor.hf_config.model_type)
+    meta = read_metadata(ckpt_dir, actor.hf_config.model_type)
     models = model_state(actor.chunks)
     state = dict(models)
-    if optimizer:
-        state["optimizer"] = actor.optimizer.sharded_state_dict(models, is_loading=True)
+    sharding = meta.get("optimizer_sharding", MODEL_SPACE)
+    fresh = sharding == UNSTEPPED  # a fresh optimizer is exactly the saved one
+    if optimizer and not fresh:
+        if sharding != optimizer_sharding(actor):
+            raise ValueError(
+                f"{ckpt_dir}: its optimizer state is {sharding} but this run's optimizer.distributed_optimizer="
+                f"{str(actor.cfg.optimizer.distributed_optimizer).lower()} needs {optimizer_sharding(actor)}: "
+                "set optimizer.distributed_optimizer as it was when saved, or checkpoint.load_optimizer=false"
+            )
+        check_optimizer_layout(meta, actor.groups.layout, ckpt_dir)
+        state["optimizer"] = optimizer_sharded_state(actor, models, sharding, is_loading=True)
     loaded = dist_checkpointing.load(state, str(ckpt_dir))
     load_model_state(actor.chunks, loaded, ckpt_dir)
-    if optimizer:
-        actor.optimizer.load_state_dict(loaded["optimizer"])
+    if optimizer and not fresh:
+        with torch.no_grad():  # the distributed optimizer's fp32 main params are views of the trained weights
+            actor.optimizer.load_state_dict(loaded["optimizer"])
+        restore_adam_steps(actor.optimizer)
     else:  # mixed precision keeps fp32 main copies of the weights: refresh them from the loaded ones
         actor.optimizer.reload_model_params()
     trainer_state = json.loads((Path(ckpt_dir) / TRAINER_STATE).read_text())

@@ -24,6 +24,8 @@ attention when CP > 1 (megatron-core's local attention refuses CP).
 
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn.functional as F
 from megatron.core.enums import ModelType
@@ -136,6 +138,27 @@ class DeepStackLayer(TransformerLayer):
         return output, context
 
 
+ROTARY_BUFFERS = ("inv_freq", "original_inv_freq")  # transformers' rotary embeddings' frequency buffers
+
+
+def keep_rotary_fp32(module: torch.nn.Module) -> None:
+    """Keeps the rotary frequencies of `module`'s submodules fp32 through every later cast (`.to(bf16)`, megatron's
+    Float16Module), moving them between devices only. transformers and vLLM compute the vision tower's rotary
+    angles from fp32 frequencies; cast to bf16 they lose ~3 digits, and the angle error grows with the patch's
+    row / column, so the actor's log-probs would drift from the engine's, more for larger images."""
+    for sub in module.modules():
+        if any(isinstance(sub._buffers.get(name), torch.Tensor) for name in ROTARY_BUFFERS):
+            sub._apply = types.MethodType(_apply_keeping_rotary_fp32, sub)
+
+
+def _apply_keeping_rotary_fp32(self: torch.nn.Module, fn, recurse: bool = True):
+    kept = {name: self._buffers[name] for name in ROTARY_BUFFERS if isinstance(self._buffers.get(name), torch.Tensor)}
+    type(self)._apply(self, fn, recurse)
+    for name, fp32 in kept.items():
+        self._buffers[name] = fp32.to(self._buffers[name].device)
+    return self
+
+
 class InterleavedMRoPE(MultimodalRotaryEmbedding):
     """Qwen3-VL's M-RoPE: rotary frequency j follows the height position when j % 3 == 1 and j < 3 * section[1],
     the width position when j % 3 == 2 and j < 3 * section[2], the temporal one otherwise (transformers'
@@ -177,6 +200,7 @@ class VLModel(MegatronModule):
             vision_config = hf_config.vision_config
             vision_config._attn_implementation = "sdpa"
             self.vision = self.family.vision_tower()._from_config(vision_config)
+            keep_rotary_fp32(self.vision)
             self.vision.to(config.params_dtype)
             if config.recompute_granularity == "full":
                 # the tower keeps ~2 MiB per patch for backward (a max-pixels image: ~10 GiB); checkpointing each

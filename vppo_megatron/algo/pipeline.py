@@ -22,10 +22,10 @@ def shaped_advantages(
     group_ids_B: torch.Tensor,
     dependency_BT: torch.Tensor,
     response_mask_BT: torch.Tensor,
-    micro_batch_ids_B: torch.Tensor,
     dp_group=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(advantage_B, TAS scale alpha_B) of one mini-batch for `cfg` (the AlgorithmConfig); alpha = 1 without TAS."""
+    """(advantage_B, TAS scale alpha_B) of one mini-batch (this rank's rows, in order) for `cfg` (the
+    AlgorithmConfig); alpha = 1 without TAS. Segment scope: rows [0, tas_segment) are segment 0, and so on."""
     scale_B = torch.ones_like(reward_B)
     if cfg.trajectory_shaping != "none":
         scale_B = shaping.tas_scale(
@@ -35,7 +35,7 @@ def shaped_advantages(
             tas_range=cfg.tas_range,
             beta_min=cfg.beta_min,
             beta_max=cfg.beta_max,
-            micro_batch_ids_B=micro_batch_ids_B,
+            segment_ids_B=torch.arange(len(reward_B)) // cfg.tas_segment,
             group_ids_B=group_ids_B,
             dp_group=dp_group,
         ).to(reward_B.dtype)

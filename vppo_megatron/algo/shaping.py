@@ -7,8 +7,10 @@
     A'_i = alpha_i * A_i;  if hi - lo <= 1e-6 every alpha is 1.
 
 Scopes (`algorithm.tas_scope`) decide which rollouts lo, hi and mean(u) are taken over:
-- micro_batch: lo, hi over the rank's mini-batch, mean(u) per micro-batch (reference-exact; the micro-batch size
-  then bounds alpha <= beta_min + (1 - beta_min) * micro_batch_size: a defect kept for fidelity).
+- segment: lo, hi over the rank's mini-batch, mean(u) per segment of consecutive rollouts (reference-exact: the
+  reference's segment is its update micro-batch, 16 rollouts in the 7B script, 4 in the 8B one; the segment size
+  bounds alpha <= beta_min + (1 - beta_min) * segment size). Here it is `algorithm.tas_segment`, independent of the
+  memory micro-batch, so micro_batch_size=1 does not switch TAS off.
 - global: lo, hi and mean(u) over the whole global mini-batch, all-reduced over the data-parallel `dp_group`:
   the result does not depend on the parallel layout.
 - group: lo, hi and mean(u) within each prompt group (the caller keeps a group's rollouts on one rank).
@@ -64,11 +66,11 @@ def tas_scale(
     trajectory_dependency_B: torch.Tensor,
     valid_B: torch.Tensor,
     *,
-    scope: str = "micro_batch",
+    scope: str = "segment",
     tas_range: str = "dynamic",
     beta_min: float = 0.9,
     beta_max: float = 1.1,
-    micro_batch_ids_B: torch.Tensor | None = None,
+    segment_ids_B: torch.Tensor | None = None,
     group_ids_B: torch.Tensor | None = None,
     dp_group=None,
 ) -> torch.Tensor:
@@ -82,10 +84,8 @@ def tas_scale(
         lo_B, hi_B = lo.expand_as(s_B), hi.expand_as(s_B)
     else:
         stats_segment_B = group_ids_B if scope == "group" else torch.zeros_like(s_B, dtype=torch.long)
-        if scope not in ("micro_batch", "group") or stats_segment_B is None:
-            raise ValueError(
-                f"tas_scope={scope!r} needs group_ids_B (group) or is unknown; use micro_batch|global|group"
-            )
+        if scope not in ("segment", "group") or stats_segment_B is None:
+            raise ValueError(f"tas_scope={scope!r} needs group_ids_B (group) or is unknown; use segment|global|group")
         lo_B = _segment_reduce(s_B, stats_segment_B, valid_B, "amin")
         hi_B = _segment_reduce(s_B, stats_segment_B, valid_B, "amax")
     spread_B = hi_B - lo_B
@@ -96,9 +96,9 @@ def tas_scale(
         if scope == "global":
             mean_u_B = _global_mean(u_B, valid_B, dp_group).expand_as(u_B)
         else:
-            if scope == "micro_batch" and micro_batch_ids_B is None:
-                raise ValueError("tas_scope=micro_batch needs micro_batch_ids_B (which micro-batch each rollout is in)")
-            mean_segment_B = micro_batch_ids_B if scope == "micro_batch" else group_ids_B
+            if scope == "segment" and segment_ids_B is None:
+                raise ValueError("tas_scope=segment needs segment_ids_B (which TAS segment each rollout is in)")
+            mean_segment_B = segment_ids_B if scope == "segment" else group_ids_B
             mean_u_B = _segment_reduce(u_B, mean_segment_B, valid_B, "mean")
         alpha_B = beta_min + (1.0 - beta_min) * u_B / (mean_u_B + MEAN_EPS)
     alpha_B = torch.where((spread_B > RANGE_EPS) & valid_B, alpha_B, 1.0)

@@ -4,7 +4,8 @@ DAPO's dynamic sampling keeps a prompt group only if its mean accuracy is strict
 (accuracy_low, accuracy_high): all-correct and all-wrong groups have zero advantage. New prompts are drawn and
 sampled until `trainer.prompts_per_step` groups are kept or `algorithm.max_sampling_tries` rounds have run; the
 step then trains on what it has (counted in `rollout/kept_groups`). With `algorithm.dynamic_sampling` false one
-round runs and every group is kept.
+round runs and every group is kept. Responses cut by rollout.max_response_length are kept (their reward grades
+the text as it is) and counted in `rollout/truncated_fraction`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def score(groups_results, prompts: list[PromptSample], reward_fn) -> list[Group]
 SUMMED_METRICS = ("rollout/num_responses", "rollout/response_tokens", "rollout/generate_s")
 # The fleet's engine time per call; renamed because the trainer's `time/rollout_s` is the whole stage's wall time.
 FLEET_TIME_KEY = "time/rollout_s"
+LENGTH_LIMIT = "length"  # vLLM's finish_reason for a response cut at max_tokens (or at the engine's max_model_len)
 MIN_SECONDS = 1e-9  # guards tokens / seconds when a (replayed) fleet reports no time
 
 
@@ -51,7 +53,7 @@ def collect(fleet, loader, cfg, step: int, reward_fn) -> tuple[list[Group], dict
     r, a = cfg.rollout, cfg.algorithm
     kept: list[Group] = []
     seen, tries, totals = 0, 0, {}
-    accuracy_sum, responses = 0.0, 0
+    accuracy_sum, responses, truncated = 0.0, 0, 0
     while len(kept) < cfg.trainer.prompts_per_step and tries < a.max_sampling_tries:
         prompts = loader.next_batch()
         seed = cfg.trainer.seed * 1_000_003 + step * 1_009 + tries * 101  # distinct per (seed, step, round)
@@ -68,6 +70,7 @@ def collect(fleet, loader, cfg, step: int, reward_fn) -> tuple[list[Group], dict
             mean = sum(group.accuracies) / len(group.accuracies)
             accuracy_sum += sum(group.accuracies)
             responses += len(group.accuracies)
+            truncated += sum(r.finish_reason == LENGTH_LIMIT for r in group.rollouts)
             if not a.dynamic_sampling or a.accuracy_low < mean < a.accuracy_high:
                 kept.append(group)
         seen += len(prompts)
@@ -81,6 +84,7 @@ def collect(fleet, loader, cfg, step: int, reward_fn) -> tuple[list[Group], dict
             "rollout/tokens_per_s": totals.get("rollout/response_tokens", 0.0)
             / max(totals.get("rollout/generate_s", 0.0), MIN_SECONDS),
             "reward/accuracy": accuracy_sum / max(responses, 1),
+            "rollout/truncated_fraction": truncated / max(responses, 1),
             "rollout/kept_groups": float(len(kept)),
             "rollout/sampled_prompts": float(seen),
             "rollout/sampling_rounds": float(tries),

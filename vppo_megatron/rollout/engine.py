@@ -32,7 +32,7 @@ class RolloutEngine:
         *,
         tensor_parallel_size: int = 1,
         dtype: str = "float32",
-        max_model_len: int = 4096,
+        max_model_len: int,
         seed: int = 0,
         gpu_memory_utilization: float = 0.6,
         enable_sleep_mode: bool = False,

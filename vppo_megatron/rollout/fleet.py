@@ -22,7 +22,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from vppo_megatron.config import Config, ConfigError
+from vppo_megatron.config import Config, ConfigError, engine_context_length
 from vppo_megatron.rollout.engine import RolloutEngine
 from vppo_megatron.types import PromptSample, RolloutResult
 
@@ -54,9 +54,17 @@ def connect(address: str | None = None, namespace: str = "vppo", num_cpus: int |
 
 class RolloutFleet:
     def __init__(
-        self, cfg: Config, model_dir: str, *, name: str = "vppo-engine", max_model_len: int = 4096, start: bool = True
+        self,
+        cfg: Config,
+        model_dir: str,
+        *,
+        name: str = "vppo-engine",
+        max_model_len: int | None = None,
+        start: bool = True,
     ):
-        """Starts `rollout.num_engines` named engines (start=False: attach to running ones by name)."""
+        """Starts `rollout.num_engines` named engines (start=False: attach to running ones by name). Their context
+        is `max_model_len` tokens, by default the config's longest prompt plus longest response: a shorter one
+        would cut responses short (vLLM stops at it without an error) and reject the longest prompts."""
         import torch
 
         r = cfg.rollout
@@ -70,7 +78,7 @@ class RolloutFleet:
         self.engine_kwargs = dict(
             tensor_parallel_size=r.tensor_parallel_size,
             dtype=cfg.model.dtype if self.on_gpu else "float32",
-            max_model_len=max_model_len,
+            max_model_len=max_model_len or engine_context_length(cfg),
             seed=cfg.trainer.seed,
             gpu_memory_utilization=r.gpu_memory_utilization,
             enable_sleep_mode=self.on_gpu and r.placement == "colocated",
