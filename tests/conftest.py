@@ -24,6 +24,15 @@ def tiny_qwen3_vl_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen3_vl", tiny_spec("qwen3_vl"))
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl_tied_dir(tmp_path_factory):
+    """The tiny Qwen3-VL with tied embeddings (as Qwen3-VL 2B / 4B): at PP > 1 the last stage holds a copy."""
+    from vppo_megatron.tiny_model import build_tiny_model, tiny_spec
+
+    spec = tiny_spec("qwen3_vl", tie_word_embeddings=True)
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen3_vl-tied", spec)
+
+
 # model fixture of each family's tiny model: the family-parametrised tests (parity, conversion, sync) use it
 FAMILY_MODELS = {"qwen2_5_vl": "tiny_model_dir", "qwen3_vl": "tiny_qwen3_vl_dir"}
 

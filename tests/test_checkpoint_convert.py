@@ -150,6 +150,8 @@ SPLITS = {
         ["--last-stage-layers", 1],
     ),
     "pp2_vpp2": ("tiny_model_4l_dir", ["--vpp", 2], []),
+    # tied embeddings: the last stage's output layer is a copy of the embedding, loaded from it, never exported
+    "qwen3_vl_tied_pp2": ("tiny_qwen3_vl_tied_dir", [], []),
 }
 
 

@@ -67,6 +67,8 @@ class TinySpec:
     max_pixels: int = 28 * 28 * 64
     seed: int = 0
     family: str = "qwen2_5_vl"
+    tie_word_embeddings: bool = False
+    """The output layer reuses the embedding (as Qwen3-VL 2B / 4B do)."""
 
 
 def tiny_spec(family: str = "qwen2_5_vl", **overrides) -> TinySpec:

@@ -90,6 +90,9 @@ PIPELINE_SPLITS = {
     "pp2_vpp2": ("tiny_model_4l_dir", {"pp": 2, "vpp": 2}, 2),
     "tp2_pp2_vpp2": ("tiny_model_4l_dir", {"tp": 2, "pp": 2, "vpp": 2}, 4),
     "pp2_uneven_1_2": ("tiny_model_3l_dir", {"pp": 2, "first_stage_layers": 1, "last_stage_layers": 2}, 2),
+    # tied embeddings: the last stage's output layer is megatron-core's copy of the embedding (loaded from the
+    # embedding, both gradients all-reduced over the embedding group), so the step equals the serial one
+    "qwen3_vl_tied_pp2": ("tiny_qwen3_vl_tied_dir", {"pp": 2}, 2),
 }
 
 

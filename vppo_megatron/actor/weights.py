@@ -7,6 +7,7 @@ safetensors files, so host memory is bounded by the largest tensor, not the mode
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Iterator
@@ -55,6 +56,23 @@ def global_names(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return out
 
 
+TIED_HEAD = "language_model.output_layer.weight"
+EMBEDDING = "language_model.embedding.word_embeddings.weight"
+
+
+def stage_rules(rules, params: dict) -> tuple[dict[str, mapping.ExpandedRule], set[str]]:
+    """(Megatron name -> rule for this stage's parameters, the names that are copies HF does not hold). With tied
+    embeddings and pipeline stages, megatron-core keeps a copy of the embedding as the last stage's output layer
+    (kept equal by the all-reduce of both gradients over the embedding group): it loads from the embedding's HF
+    tensor and is never exported (the first stage exports the embedding)."""
+    by_name = {r.megatron: r for r in rules}
+    copies = set()
+    if TIED_HEAD in params and TIED_HEAD not in by_name and EMBEDDING in by_name:
+        by_name[TIED_HEAD] = dataclasses.replace(by_name[EMBEDDING], megatron=TIED_HEAD)
+        copies.add(TIED_HEAD)
+    return by_name, copies
+
+
 class SafetensorsReader:
     """Lazy access to the tensors of an HF checkpoint directory (single file or sharded with an index)."""
 
@@ -88,7 +106,7 @@ def load_hf_weights(
     needed_hf = {name for r in rules for name in r.hf}
     problems = [f"checkpoint lacks {name}" for name in sorted(needed_hf - reader.keys())]
     problems += [f"no rule maps checkpoint tensor {name}" for name in sorted(reader.keys() - needed_hf)]
-    by_name = {r.megatron: r for r in rules}
+    by_name, _ = stage_rules(rules, params)
     problems += [f"no rule maps model parameter {name}" for name in sorted(set(params) - set(by_name))]
     if problems:
         raise KeyError(
@@ -112,9 +130,12 @@ def load_hf_weights(
 def stage_hf_tensors(model: torch.nn.Module, rules, dims, tp_group) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, full tensor) for every parameter of this pipeline stage, gathered over TP (a collective: every
     TP rank of the stage must iterate it to the end)."""
-    by_name = {r.megatron: r for r in rules}
+    params = global_names(model)
+    by_name, copies = stage_rules(rules, params)
     tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
-    for name, param in global_names(model).items():
+    for name, param in params.items():
+        if name in copies:
+            continue
         rule = by_name[name]
         local = param.detach()
         if rule.rule.tp_dim is not None and tp_size > 1:

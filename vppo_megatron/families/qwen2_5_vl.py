@@ -133,17 +133,17 @@ def tiny_text_config(spec, token_ids: dict[str, int], vocab_size: int, mrope_sec
         bos_token_id=token_ids["<|endoftext|>"],
         eos_token_id=token_ids["<|im_end|>"],
         pad_token_id=token_ids["<|endoftext|>"],
-        tie_word_embeddings=False,
+        tie_word_embeddings=spec.tie_word_embeddings,
     )
 
 
-def special_token_config(token_ids: dict[str, int]) -> dict:
+def special_token_config(token_ids: dict[str, int], tie_word_embeddings: bool = False) -> dict:
     return dict(
         image_token_id=token_ids["<|image_pad|>"],
         video_token_id=token_ids["<|video_pad|>"],
         vision_start_token_id=token_ids["<|vision_start|>"],
         vision_end_token_id=token_ids["<|vision_end|>"],
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
 
 
@@ -169,7 +169,7 @@ def tiny_config(spec, token_ids: dict[str, int], vocab_size: int):
     return Qwen2_5_VLConfig(
         text_config=tiny_text_config(spec, token_ids, vocab_size, mrope_section),
         vision_config=vision,
-        **special_token_config(token_ids),
+        **special_token_config(token_ids, spec.tie_word_embeddings),
     )
 
 

@@ -121,7 +121,9 @@ def tiny_config(spec, token_ids: dict[str, int], vocab_size: int):
         num_position_embeddings=64,  # an 8 x 8 learned grid, bilinearly resampled to each image
         deepstack_visual_indexes=list(range(min(2, spec.vision_depth))),
     )
-    return Qwen3VLConfig(text_config=text, vision_config=vision, **special_token_config(token_ids))
+    return Qwen3VLConfig(
+        text_config=text, vision_config=vision, **special_token_config(token_ids, spec.tie_word_embeddings)
+    )
 
 
 def tiny_processor(spec, tokenizer, chat_template: str):
