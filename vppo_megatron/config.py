@@ -217,7 +217,8 @@ class ParallelConfig:
     last_stage_layers: int = 0
     """Language-model layers on the last pipeline stage (which also holds the output layer); 0 = even split."""
     sequence_parallel: bool = False
-    """Megatron sequence parallelism with TP (Transformer Engine only)."""
+    """Megatron sequence parallelism with TP: the norm / dropout regions split the sequence over the TP ranks
+    (Transformer Engine's norms on GPU, actor/model.py SequenceParallelNorm on the local spec)."""
     world_size: int = 0
     """Expected number of trainer ranks; 0 = the torchrun world size at start (set for --dry-run)."""
     device_memory_gib: float = 80.0

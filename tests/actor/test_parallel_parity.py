@@ -102,3 +102,20 @@ def test_virtual_and_uneven_pipelines_equal_serial(name, serial_of, request):
     model_fixture, layout, world_size = PIPELINE_SPLITS[name]
     result = _run(request.getfixturevalue(model_fixture), layout, world_size)
     _assert_equal(result, serial_of(model_fixture))
+
+
+# Sequence parallelism on the local spec (actor/model.py SequenceParallelNorm), in the layouts the recipes use it:
+# TP2 + SP (Qwen2.5-VL 7B / 32B) and TP2 x CP2 + SP (Qwen3-VL 8B, DeepStack features scattered like the tokens)
+SEQUENCE_PARALLEL = {
+    "qwen2_5_vl_tp2_sp": ("qwen2_5_vl", {"tp": 2}, 2),
+    "qwen3_vl_tp2_cp2_sp": ("qwen3_vl", {"tp": 2, "cp": 2}, 4),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SEQUENCE_PARALLEL))
+def test_sequence_parallel_equals_serial(name, serial_of, request):
+    family, layout, world_size = SEQUENCE_PARALLEL[name]
+    model_fixture = FAMILY_MODELS[family]
+    result = _run(request.getfixturevalue(model_fixture), layout, world_size, ["parallel.sequence_parallel=true"])
+    _assert_equal(result, serial_of(model_fixture))

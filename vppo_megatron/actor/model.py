@@ -35,6 +35,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel.mappings import scatter_to_sequence_parallel_region
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
@@ -121,6 +122,14 @@ def layer_spec(cfg: Config, config: TransformerConfig, family: families.Family):
         spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=family.qk_layernorm)
         if config.context_parallel_size > 1:
             spec.submodules.self_attention.submodules.core_attention = ContextParallelAttention
+        if config.sequence_parallel:
+            layer, attention = spec.submodules, spec.submodules.self_attention.submodules
+            for owner, name in [(layer, "input_layernorm"), (layer, "pre_mlp_layernorm")] + [
+                (attention, "q_layernorm"),
+                (attention, "k_layernorm"),
+            ]:
+                if getattr(owner, name) is WrappedTorchNorm:
+                    setattr(owner, name, SequenceParallelNorm)
     spec.module = DeepStackLayer
     return spec
 
@@ -136,6 +145,31 @@ class DeepStackLayer(TransformerLayer):
         if context is not None and index < context.shape[2]:
             output = output + context[:, :, index]
         return output, context
+
+
+class SequenceParallelNorm:
+    """megatron-core's torch norm (the local spec's norm without Apex) under sequence parallelism, which megatron's
+    own wrapper refuses. Each TP rank normalises its own slice of the sequence, so each holds a partial gradient
+    of the (replicated) norm weight: marked `sequence_parallel`, megatron-core's finalize_model_grads all-reduces
+    it over the TP group, as it does for Transformer Engine's and Apex's norms."""
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_) -> torch.nn.Module:
+        norms = {"RMSNorm": torch.nn.RMSNorm, "LayerNorm": torch.nn.LayerNorm}
+        norm = norms[config.normalization](normalized_shape=hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def block_spec(config: TransformerConfig, spec, vp_stage: int | None):
+    """The decoder's spec: the layer spec as it is, or under sequence parallelism on the local spec the same layers
+    with a final norm that accepts it (megatron-core would build its own wrapper, which refuses it)."""
+    if not config.sequence_parallel or spec.submodules.input_layernorm is not SequenceParallelNorm:
+        return spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=SequenceParallelNorm)
 
 
 ROTARY_BUFFERS = ("inv_freq", "original_inv_freq")  # transformers' rotary embeddings' frequency buffers
@@ -211,7 +245,7 @@ class VLModel(MegatronModule):
         text = hf_config.text_config
         self.language_model = GPTModel(
             config=config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=block_spec(config, spec, vp_stage),
             vocab_size=text.vocab_size,
             max_sequence_length=text.max_position_embeddings,
             pre_process=pre_process,
