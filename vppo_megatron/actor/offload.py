@@ -118,8 +118,10 @@ class ActorOffload:
             self.parked[kind] = parked
         if cuda:
             torch.cuda.synchronize()  # the copies landed, and no kernel still reads a storage about to go
-        for parked in (self.parked[kind] for kind in todo):
-            for p in parked:
+        for kind in todo:
+            for p in self.parked[kind]:
+                # an internal invariant: a storage ever exported to numpy (tensor.numpy()) is fixed for good
+                assert p.storage.resizable(), f"a {kind} storage of {p.nbytes} bytes was exported and cannot move"
                 p.storage.resize_(0)
         if cuda:
             torch.cuda.empty_cache()  # give the freed blocks back so vLLM's allocator can take them

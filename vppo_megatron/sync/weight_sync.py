@@ -49,7 +49,10 @@ def write_shared_bucket(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> 
     with open(path, "wb") as f:
         for name, tensor in tensors:
             data = tensor.detach().contiguous().cpu()
-            raw = data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
+            # a copy before numpy(): exporting a tensor to numpy fixes its storage for good, and a replicated
+            # weight arrives here as a view of the actor's own (with the distributed optimizer: the whole flat
+            # parameter buffer), which the lifecycle must be able to release while the engines generate
+            raw = data.view(torch.uint8).clone().numpy().tobytes() if data.numel() else b""
             f.write(raw)
             manifest.append((name, str(data.dtype).removeprefix("torch."), list(data.shape), offset, len(raw)))
             offset += len(raw)

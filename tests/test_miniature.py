@@ -1,0 +1,78 @@
+"""`vppo miniature`: every shipped recipe's miniatures keep its settings and cover its parallel axes (the plan,
+for every recipe), and recipes run end to end in miniature with every stage checked (the runs)."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from vppo_megatron import config as config_lib
+from vppo_megatron import miniature
+
+RECIPES = sorted(Path("examples/configs").glob("*.yaml"))
+# settings a miniature may change (miniature.plan's rules) and the run's own paths and cadence
+SHRUNK = {
+    "model.path", "model.dtype", "model.transformer_impl", "model.fp8",
+    "parallel.world_size", "parallel.tp", "parallel.pp", "parallel.cp", "parallel.dp", "parallel.vpp",
+    "parallel.first_stage_layers", "parallel.last_stage_layers", "parallel.sequence_parallel",
+    "rollout.num_engines", "rollout.tensor_parallel_size", "rollout.max_response_length",
+    "rollout.val_num_samples", "data.max_prompt_length", "data.min_pixels", "data.max_pixels",
+    "data.train_files", "data.val_files", "trainer.prompts_per_update", "trainer.prompts_per_step",
+    "trainer.total_steps", "trainer.val_every", "trainer.val_prompts", "trainer.output_dir",
+    "checkpoint.save_every", "checkpoint.resume", "logging.wandb_project", "logging.progress_bars",
+}  # fmt: skip
+
+
+def _leaves(cfg) -> dict:
+    return {name: value for name, value, _ in _walk(dataclasses.asdict(cfg))}
+
+
+def _walk(tree, prefix=""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _walk(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value, None
+
+
+def test_split_world_keeps_every_axis_at_2_on_at_most_4_ranks():
+    assert miniature.split_world({"tp": 2, "pp": 1, "cp": 1, "dp": 4}) == [{"tp": 2, "dp": 2}]
+    assert miniature.split_world({"tp": 2, "pp": 1, "cp": 2, "dp": 2}) == [{"tp": 2, "cp": 2}, {"tp": 2, "dp": 2}]
+    assert miniature.split_world({"tp": 8, "pp": 4, "cp": 1, "dp": 2}) == [{"tp": 2, "pp": 2}, {"tp": 2, "dp": 2}]
+    assert miniature.split_world({"tp": 1, "pp": 2, "cp": 2, "dp": 2}) == [{"pp": 2, "cp": 2}, {"dp": 2}]
+    assert miniature.split_world({"tp": 1, "pp": 1, "cp": 1, "dp": 1}) == [{}]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_miniatures_keep_every_recipe_setting_and_cover_its_axes(recipe):
+    cfg = config_lib.load(recipe)
+    minis = miniature.plan(cfg)
+    covered = {axis for m in minis for axis, size in m.layout.items() if size == 2}
+    wanted = {axis for axis, size in miniature._axes(cfg).items() if size > 1}
+    assert covered == wanted
+    recipe_leaves = _leaves(cfg)
+    for m in minis:
+        assert m.world_size <= miniature.MAX_RANKS
+        mini = config_lib.load(recipe, m.overrides).validate(m.world_size)  # runs on this host as it is
+        changed = {k for k, v in _leaves(mini).items() if v != recipe_leaves[k]}
+        assert changed <= SHRUNK, f"{m.name} changes {changed - SHRUNK}, which no shrinking rule names"
+        assert {row[0].split(" ")[0] for row in m.rows} >= {"model.dtype", "parallel.tp", "trainer.prompts_per_step"}
+        if cfg.parallel.sequence_parallel and m.layout.get("tp"):
+            assert mini.parallel.sequence_parallel  # never dropped where it can run
+
+
+# The miniatures CI runs in full: together they take every code path the recipes add to the demo's (TP x DP with
+# the distributed optimizer, sequence parallelism, full recompute, offload=all, micro-batch 1 with TAS segment 16;
+# Qwen3-VL with TP x CP and segment 4; an uneven interleaved pipeline). `vppo miniature` runs the others the same
+# way (see the README); each takes 2-3 minutes on 2 cores.
+RUN_IN_CI = ["qwen2_5_vl_7b"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RUN_IN_CI)
+def test_recipe_passes_its_miniature(recipe, tmp_path_factory, capsys):
+    out = tmp_path_factory.getbasetemp() / "miniature"
+    code = miniature.run(f"examples/configs/{recipe}.yaml", [], out)
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "[FAIL]" not in printed and printed.count("[PASS]") >= 6
