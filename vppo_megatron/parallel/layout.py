@@ -100,6 +100,13 @@ class ParallelLayout:
                     f"parallel.{name}={value}: must be a multiple of parallel.vpp={self.vpp} "
                     "(each virtual stage of the rank holds an equal share)"
                 )
+        if first and last and self.pp == 2 and self.vpp > 1:
+            # megatron-core's interleaved uneven split divides by the number of middle stages (0 here)
+            raise ConfigError(
+                f"parallel.first_stage_layers={first} with parallel.last_stage_layers={last} at pp=2 x vpp="
+                f"{self.vpp}: with no middle stage the two determine each other, and megatron-core's interleaved "
+                "split cannot take both; set only parallel.first_stage_layers (the last stage takes the rest)"
+            )
         if num_layers is None:
             return
         if not first and not last:
