@@ -4,7 +4,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test lint format demo clean-runs
+.PHONY: setup test lint format demo clean-runs miniatures
 
 setup:
 	@bash tools/setup_env.sh
@@ -21,6 +21,11 @@ format: setup
 # tests/conftest.py starts the slow files first. `pytest tests` alone runs the same tests in one process.
 test: setup lint
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
+
+# Every shipped recipe run end to end in miniature (`vppo miniature`), tiny models cached in runs/miniature:
+# 20-30 minutes on 2 cores, so not part of `make test`.
+miniatures: setup
+	VPPO_MINIATURES=1 VPPO_MINIATURE_OUT=runs/miniature $(PY) -m pytest -q tests/test_miniature.py
 
 # The main job on CPU: tiny model + synthetic data, SFT warm start and a VPPO run. FAMILY=qwen3_vl runs the same
 # on the tiny Qwen3-VL (in runs/demo-qwen3_vl).

@@ -30,6 +30,7 @@ LAYERS = {
     "plan": 4,
     "sft": 5,
     "evaluate": 5,
+    "miniature": 5,
     "resume": 4,
     "cli": 7,
 }
