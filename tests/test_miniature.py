@@ -25,7 +25,7 @@ SHRUNK = {
 
 
 def _leaves(cfg) -> dict:
-    return {name: value for name, value, _ in _walk(dataclasses.asdict(cfg))}
+    return dict(_walk(dataclasses.asdict(cfg)))
 
 
 def _walk(tree, prefix=""):
@@ -33,7 +33,7 @@ def _walk(tree, prefix=""):
         if isinstance(value, dict):
             yield from _walk(value, f"{prefix}{key}.")
         else:
-            yield f"{prefix}{key}", value, None
+            yield f"{prefix}{key}", value
 
 
 def test_split_world_keeps_every_axis_at_2_on_at_most_4_ranks():

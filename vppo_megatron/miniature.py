@@ -82,10 +82,6 @@ def split_world(axes: dict[str, int]) -> list[dict[str, int]]:
     return [dict.fromkeys(base + others[i : i + per], 2) for i in range(0, len(others), per)]
 
 
-def _lcm(*values: int) -> int:
-    return math.lcm(*values)
-
-
 def plan(cfg) -> list[Miniature]:
     """The miniatures of a loaded recipe (see the module docstring for the rules)."""
     from vppo_megatron import memory
@@ -98,7 +94,7 @@ def plan(cfg) -> list[Miniature]:
     segment = a.tas_segment if a.trajectory_shaping != "none" and a.tas_scope == "segment" else 1
     micro = 1 if t.max_tokens_per_micro_batch else t.micro_batch_size
     n = r.num_samples_per_prompt
-    groups_per_rank = _lcm(micro, segment, n) // n  # whole micro-batches and whole TAS segments
+    groups_per_rank = math.lcm(micro, segment, n) // n  # whole micro-batches and whole TAS segments
     updates_per_step = t.prompts_per_step // t.prompts_per_update
     response = max(16, PROMPT_TOKENS * r.max_response_length // cfg.data.max_prompt_length)
     out = []

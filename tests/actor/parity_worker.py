@@ -95,6 +95,18 @@ def run_layout(rank, world_size, model_dir, layout, overrides):
     }
 
 
+def hf_logits(hf, ids, pixels, grid, mb):
+    """transformers' logits for one sequence; it needs mm_token_type_ids, or it silently falls back to 1-D
+    positions."""
+    return hf(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        pixel_values=pixels,
+        image_grid_thw=grid,
+        mm_token_type_ids=mb.image_mask_BS[:, : ids.shape[1]].long(),
+    ).logits
+
+
 def hf_logit_gap(rank, world_size, model_dir, without_deepstack=False):
     """Max |Megatron logits - HF logits| on text + image inputs, weights through the mapping (serial).
     `without_deepstack`: also the gaps when the actor's layers ignore the DeepStack features (must be large)."""
@@ -119,14 +131,7 @@ def hf_logit_gap(rank, world_size, model_dir, without_deepstack=False):
         ids = torch.tensor([sample.prompt_ids + sample.response_ids])
         with torch.no_grad():
             ours = actor._forward(actor.model[0], mb)[:, : ids.shape[1]]
-            # transformers needs mm_token_type_ids, or it silently falls back to 1-D positions
-            reference = hf(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                pixel_values=pixels,
-                image_grid_thw=grid,
-                mm_token_type_ids=mb.image_mask_BS[:, : ids.shape[1]].long(),
-            ).logits
+            reference = hf_logits(hf, ids, pixels, grid, mb)
             if without_deepstack:
                 DeepStackLayer.forward, real = TransformerLayer.forward, DeepStackLayer.forward
                 plain = actor._forward(actor.model[0], mb)[:, : ids.shape[1]]
@@ -251,13 +256,7 @@ def hf_bf16_vision_gap(rank, world_size, model_dir, cast_rotary=False):
         ours_vision = vision(pixels.to(torch.bfloat16), grid_thw=grid).pooler_output
         hf_vision = hf.model.visual(pixels.to(torch.bfloat16), grid_thw=grid).pooler_output
         ours = actor._forward(actor.model[0], mb)[:, : ids.shape[1]].float()
-        reference = hf(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            pixel_values=pixels,
-            image_grid_thw=grid,
-            mm_token_type_ids=mb.image_mask_BS[:, : ids.shape[1]].long(),
-        ).logits.float()
+        reference = hf_logits(hf, ids, pixels, grid, mb).float()
     response = slice(len(sample.prompt_ids) - 1, ids.shape[1] - 1)  # positions that predict response tokens
     targets = ids[0, response.start + 1 : response.stop + 1]
 
