@@ -145,8 +145,9 @@ def _run_and_watch(commands, env, out: Path, token_of):
     return [p.returncode for p in procs], samples, list(tree.values()), time.monotonic() - started
 
 
-def _leftovers(processes, grace_s: float = 30.0) -> list[str]:
-    """Processes started by the launchers that outlive them (waits `grace_s` for teardown to finish)."""
+def _leftovers(processes, grace_s: float = 90.0) -> list[str]:
+    """Processes started by the launchers that outlive them (waits `grace_s` for teardown to finish: Ray's
+    dashboard agent has taken over 30 s to exit on a loaded 2-core host, and did exit)."""
     deadline = time.monotonic() + grace_s
     while True:
         alive = []
