@@ -53,6 +53,61 @@ def tiny_model_4l_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2_5_vl-4l", TinySpec(num_layers=4))
 
 
+# Held-out shapes: no other fixture has any of their traits, so code that only works on the default tiny shapes
+# (even layer counts, heads x head_dim == hidden, a vocabulary padded to 128, the default M-RoPE sections) fails
+# here. Both families, one tied and one untied. HF parity (test_actor), an uneven pipeline split (test_parallel_
+# parity) and a conversion round trip (test_checkpoint_convert) run on each.
+HELD_OUT_SPECS = {
+    # 5 layers; 6 heads over 2 KV heads (GQA groups of 3), head_dim 32; sections (8, 4, 4), not (4, 6, 6); tied
+    "qwen2_5_vl": dict(
+        num_layers=5,
+        hidden_size=192,
+        intermediate_size=320,
+        num_heads=6,
+        num_kv_heads=2,
+        mrope_section=(8, 4, 4),
+        tokenizer_vocab=1000,
+        vocab_multiple=2,
+        tie_word_embeddings=True,
+        seed=7,
+    ),
+    # 3 layers; 4 heads x head_dim 48 = 192 != hidden 160; interleaved sections (8, 8, 8), not (10, 7, 7);
+    # untied; DeepStack into layers 0 and 1, which an uneven pipeline split must keep on the first stage
+    "qwen3_vl": dict(
+        num_layers=3,
+        hidden_size=160,
+        intermediate_size=288,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=48,
+        mrope_section=(8, 8, 8),
+        tokenizer_vocab=1000,
+        vocab_multiple=2,
+        seed=7,
+    ),
+}
+
+
+def _held_out(tmp_path_factory, family):
+    from vppo_megatron.tiny_model import build_tiny_model, tiny_spec
+
+    spec = tiny_spec(family, **HELD_OUT_SPECS[family])
+    return build_tiny_model(tmp_path_factory.mktemp("models") / f"held-out-{family}", spec)
+
+
+@pytest.fixture(scope="session")
+def held_out_qwen2_5_vl_dir(tmp_path_factory):
+    return _held_out(tmp_path_factory, "qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def held_out_qwen3_vl_dir(tmp_path_factory):
+    return _held_out(tmp_path_factory, "qwen3_vl")
+
+
+HELD_OUT_MODELS = {"qwen2_5_vl": "held_out_qwen2_5_vl_dir", "qwen3_vl": "held_out_qwen3_vl_dir"}
+
+
 @pytest.fixture(scope="session")
 def tiny_processor(tiny_model_dir):
     from transformers import AutoProcessor

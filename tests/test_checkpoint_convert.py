@@ -152,6 +152,9 @@ SPLITS = {
     "pp2_vpp2": ("tiny_model_4l_dir", ["--vpp", 2], []),
     # tied embeddings: the last stage's output layer is a copy of the embedding, loaded from it, never exported
     "qwen3_vl_tied_pp2": ("tiny_qwen3_vl_tied_dir", [], []),
+    # the held-out shapes (conftest.HELD_OUT_SPECS), written and exported at different uneven splits
+    "held_out_qwen2_5_vl": ("held_out_qwen2_5_vl_dir", ["--first-stage-layers", 2], ["--first-stage-layers", 3]),
+    "held_out_qwen3_vl": ("held_out_qwen3_vl_dir", ["--first-stage-layers", 2], ["--last-stage-layers", 1]),
 }
 
 

@@ -111,3 +111,25 @@ def test_tiny_qwen3_vl_has_deepstack_qk_norm_and_interleaved_mrope(tiny_qwen3_vl
     again = build_tiny_model(tmp_path / "again", tiny_spec("qwen3_vl"))
     digest = [hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest() for d in (tiny_qwen3_vl_dir, again)]
     assert digest[0] == digest[1]
+
+
+def test_held_out_shapes_have_every_trait_no_other_fixture_has(held_out_qwen2_5_vl_dir, held_out_qwen3_vl_dir):
+    """conftest.HELD_OUT_SPECS: odd layer count, vocab not a multiple of 128, M-RoPE sections other than the
+    family's tiny default, heads x head_dim != hidden (Qwen3-VL), one tied and one untied."""
+    from vppo_megatron.tiny_model import tiny_spec
+
+    texts, tied = {}, {}
+    for family, model_dir in [("qwen2_5_vl", held_out_qwen2_5_vl_dir), ("qwen3_vl", held_out_qwen3_vl_dir)]:
+        config = json.loads((model_dir / "config.json").read_text())
+        text = texts[family] = config["text_config"]
+        tied[family] = config["tie_word_embeddings"]
+        default = tiny_spec(family)
+        assert text["num_hidden_layers"] % 2 == 1 and text["num_hidden_layers"] != default.num_layers
+        assert text["vocab_size"] % 128 != 0
+        head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+        sections = text["rope_parameters"]["mrope_section"]
+        share = {"qwen2_5_vl": 3 / 8, "qwen3_vl": 5 / 16}[family]  # the tiny default: H = W = share of head_dim / 2
+        assert sum(sections) == head_dim // 2 and sections[1] != int(share * head_dim // 2)
+    qwen3 = texts["qwen3_vl"]
+    assert qwen3["num_attention_heads"] * qwen3["head_dim"] != qwen3["hidden_size"]
+    assert tied == {"qwen2_5_vl": True, "qwen3_vl": False}

@@ -46,7 +46,6 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-VOCAB_MULTIPLE = 128  # padded vocab divides every TP size up to 128 without Megatron re-padding
 TINY_MARKER = "vppo_tiny_model.json"
 
 
@@ -69,6 +68,16 @@ class TinySpec:
     family: str = "qwen2_5_vl"
     tie_word_embeddings: bool = False
     """The output layer reuses the embedding (as Qwen3-VL 2B / 4B do)."""
+    head_dim: int = 0
+    """0: hidden_size / num_heads. Qwen3-VL only may differ (Qwen3-VL-32B: 64 heads x 128 != 5120)."""
+    mrope_section: tuple[int, ...] = ()
+    """(temporal, height, width) rotary frequencies, summing to head_dim / 2; () the family's tiny default."""
+    vocab_multiple: int = 128
+    """The vocabulary is the tokenizer's, padded to a multiple of this (128 divides every TP size up to 128)."""
+
+    @property
+    def attention_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
 
 
 def tiny_spec(family: str = "qwen2_5_vl", **overrides) -> TinySpec:
@@ -143,7 +152,7 @@ def build_tiny_model(out_dir: str | Path, spec: TinySpec | None = None, overwrit
     try:
         tokenizer = build_tokenizer(spec)
         token_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-        vocab_size = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+        vocab_size = -(-len(tokenizer) // spec.vocab_multiple) * spec.vocab_multiple
         config = family.tiny_config(spec, token_ids, vocab_size)
         torch.manual_seed(spec.seed)
         model = family.model_class()(config).to(torch.float32)

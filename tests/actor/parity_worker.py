@@ -4,6 +4,9 @@ Importable by spawned ranks (tests/actor is on sys.path while pytest runs), kept
 that ranks do not import pytest fixtures.
 """
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -18,6 +21,8 @@ def make_samples(model_dir):
 
     processor = AutoProcessor.from_pretrained(model_dir)
     rng = np.random.default_rng(SEED)
+    text = json.loads((Path(model_dir) / "config.json").read_text())["text_config"]
+    vocab = min(700, text["vocab_size"])  # a held-out model's vocabulary is smaller
     samples = []
     for i in range(NUM_SAMPLES):
         height, width = [(112, 112), (56, 84), (84, 112), (112, 56)][i]
@@ -26,16 +31,13 @@ def make_samples(model_dir):
         text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         prompt_ids = processor(text=[text], images=[image], return_tensors="pt")["input_ids"][0].tolist()
         # response tokens include <|image_pad|> (id 5) once: a sampled special token must stay text
-        response = rng.integers(8, 700, 3 + 2 * i).tolist() + ([5] if i == 1 else [])
+        response = rng.integers(8, vocab, 3 + 2 * i).tolist() + ([5] if i == 1 else [])
         samples.append(ActorSample(f"s{i}", prompt_ids, response, [image]))
     return samples
 
 
 def family_of(model_dir) -> str:
     """The checkpoint's model_type, which model.family must name."""
-    import json
-    from pathlib import Path
-
     return json.loads((Path(model_dir) / "config.json").read_text())["model_type"]
 
 

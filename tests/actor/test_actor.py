@@ -21,6 +21,16 @@ def test_serial_megatron_equals_hf_transformers_for_qwen3_vl_with_deepstack(tiny
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_held_out_shape_equals_hf_transformers(family, request):
+    """Odd layer count, heads x head_dim != hidden (Qwen3-VL), vocab not a multiple of 128, non-default M-RoPE
+    sections, tied (Qwen2.5-VL) and untied (Qwen3-VL) embeddings: conftest.HELD_OUT_SPECS."""
+    from conftest import HELD_OUT_MODELS
+
+    (gaps,) = run_distributed(hf_logit_gap, 1, str(request.getfixturevalue(HELD_OUT_MODELS[family])))
+    assert len(gaps) == 3 and max(gaps) <= 1e-5, gaps  # fp32: measured 7.2e-7 (Qwen2.5-VL), 7.7e-7 (Qwen3-VL)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 def test_bf16_actor_keeps_the_vision_rotary_fp32_like_transformers(family, request):
     """bf16 actor (Float16Module) vs transformers loaded in bf16, on the largest image the tiny processor keeps."""
     from conftest import FAMILY_MODELS

@@ -93,6 +93,10 @@ PIPELINE_SPLITS = {
     # tied embeddings: the last stage's output layer is megatron-core's copy of the embedding (loaded from the
     # embedding, both gradients all-reduced over the embedding group), so the step equals the serial one
     "qwen3_vl_tied_pp2": ("tiny_qwen3_vl_tied_dir", {"pp": 2}, 2),
+    # the held-out shapes (conftest.HELD_OUT_SPECS): 5 layers as 2 + 3 (tied), 3 as 2 + 1 (DeepStack's two layers
+    # stay on the first stage, where the vision tower runs; 1 + 2 is a ConfigError that says so)
+    "held_out_qwen2_5_vl_pp2_2_3": ("held_out_qwen2_5_vl_dir", {"pp": 2, "first_stage_layers": 2}, 2),
+    "held_out_qwen3_vl_pp2_2_1": ("held_out_qwen3_vl_dir", {"pp": 2, "first_stage_layers": 2}, 2),
 }
 
 

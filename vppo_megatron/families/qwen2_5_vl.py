@@ -150,9 +150,11 @@ def special_token_config(token_ids: dict[str, int], tie_word_embeddings: bool = 
 def tiny_config(spec, token_ids: dict[str, int], vocab_size: int):
     from transformers import Qwen2_5_VLConfig
 
+    if spec.attention_head_dim * spec.num_heads != spec.hidden_size:
+        raise ValueError(f"Qwen2.5-VL attention needs num_heads x head_dim == hidden_size: {spec}")
     # M-RoPE splits head_dim/2 rotary frequencies into (temporal, height, width) sections.
-    half = spec.hidden_size // spec.num_heads // 2
-    mrope_section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
+    half = spec.attention_head_dim // 2
+    mrope_section = list(spec.mrope_section) or [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
     vision = dict(
         depth=spec.vision_depth,
         hidden_size=spec.vision_hidden_size,

@@ -103,11 +103,11 @@ def tiny_config(spec, token_ids: dict[str, int], vocab_size: int):
     with a non-default section (head_dim 32: 16 frequencies, T 6 / H 5 / W 5)."""
     from transformers import Qwen3VLConfig
 
-    half = spec.hidden_size // spec.num_heads // 2
-    mrope_section = [half - 2 * (5 * half // 16), 5 * half // 16, 5 * half // 16]
+    half = spec.attention_head_dim // 2
+    mrope_section = list(spec.mrope_section) or [half - 2 * (5 * half // 16), 5 * half // 16, 5 * half // 16]
     text = tiny_text_config(spec, token_ids, vocab_size, mrope_section)
     text["rope_parameters"]["mrope_interleaved"] = True
-    text["head_dim"] = spec.hidden_size // spec.num_heads
+    text["head_dim"] = spec.attention_head_dim
     vision = dict(
         depth=spec.vision_depth,
         hidden_size=spec.vision_hidden_size,
