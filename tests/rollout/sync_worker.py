@@ -3,6 +3,9 @@
 import numpy as np
 import torch
 
+# the test fleets hold 1024 tokens: a run attaching to them must need no more
+FLEET_LIMITS = ["data.max_prompt_length=960", "rollout.max_response_length=64"]
+
 
 def probe_samples(model_dir):
     from transformers import AutoProcessor
@@ -29,7 +32,7 @@ def _trainer(rank, model_dir, ray_address, overrides=()):
     from vppo_megatron.parallel.layout import ParallelLayout, initialize
     from vppo_megatron.sync.weight_sync import WeightSync
 
-    cfg = load(None, ["model.dtype=float32", "rollout.sync_bucket_mb=1", *overrides])
+    cfg = load(None, ["model.dtype=float32", "rollout.sync_bucket_mb=1", *overrides, *FLEET_LIMITS])
     groups = initialize(ParallelLayout(tp=2), seed=1)
     actor = MegatronActor(cfg, groups, model_dir, training=False)
     fleet = None

@@ -32,6 +32,20 @@ def fleet(tiny_model_dir):
     ray.shutdown()
 
 
+def test_attaching_to_engines_with_a_shorter_context_is_refused(fleet, tiny_model_dir):
+    """A run joining running engines (RAY_ADDRESS, a long-lived fleet) needs their context to hold its longest
+    prompt + response: vLLM would cut its responses short without an error."""
+    from vppo_megatron.config import ConfigError, load
+    from vppo_megatron.rollout.fleet import RolloutFleet
+
+    fits = load(None, ["data.max_prompt_length=960", "rollout.max_response_length=64"])
+    attached = RolloutFleet(fits, str(tiny_model_dir), start=False)
+    assert attached.call_one(0, "ready")["pid"] == fleet.call_one(0, "ready")["pid"]  # the running engine
+    longer = load(None, ["data.max_prompt_length=960", "rollout.max_response_length=65"])
+    with pytest.raises(ConfigError, match="holds 1024 tokens, this run needs 1025"):
+        RolloutFleet(longer, str(tiny_model_dir), start=False)
+
+
 def _prompts(tiny_processor, count):
     from vppo_megatron.types import PromptSample
 

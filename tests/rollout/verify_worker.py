@@ -4,6 +4,9 @@ good sync, a sync measured against a tolerance below fp32 noise, and engines lef
 import numpy as np
 import torch
 
+# the test fleets hold 1024 tokens: a run attaching to them must need no more
+FLEET_LIMITS = ["data.max_prompt_length=960", "rollout.max_response_length=64"]
+
 
 def verify_rank(rank, world_size, model_dir, ray_address):
     from transformers import AutoProcessor
@@ -15,7 +18,7 @@ def verify_rank(rank, world_size, model_dir, ray_address):
     from vppo_megatron.sync.weight_sync import SyncError, WeightSync
     from vppo_megatron.types import PromptSample
 
-    cfg = load(None, ["model.dtype=float32", "rollout.verify_sync_every=2", "rollout.sync_bucket_mb=1"])
+    cfg = load(None, ["model.dtype=float32", "rollout.verify_sync_every=2", "rollout.sync_bucket_mb=1", *FLEET_LIMITS])
     actor = MegatronActor(cfg, initialize(ParallelLayout(), seed=1), model_dir, training=False)
     connect(ray_address)
     sync = WeightSync(cfg, actor, RolloutFleet(cfg, model_dir, start=False))

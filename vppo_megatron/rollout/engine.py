@@ -79,10 +79,16 @@ class RolloutEngine:
         self.asleep: set[str] = set()
         self.residency_events: list[tuple[float, str, int | None]] = []
         self.version = 0
+        self.max_model_len = max_model_len
         self.startup_s = time.perf_counter() - start
 
     def ready(self) -> dict:
-        return {"pid": os.getpid(), "startup_s": self.startup_s, "version": self.version}
+        return {
+            "pid": os.getpid(),
+            "startup_s": self.startup_s,
+            "version": self.version,
+            "max_model_len": self.max_model_len,
+        }
 
     def policy_version(self) -> int:
         return self.version

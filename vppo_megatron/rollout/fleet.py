@@ -32,10 +32,11 @@ STARTUP_TIMEOUT_S = 600.0  # a cold vLLM start compiles and profiles; 17 s for t
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 
 
-def connect(address: str | None = None, namespace: str = "vppo", num_cpus: int | None = None) -> None:
-    """Joins a Ray cluster (address, or RAY_ADDRESS) or starts a local one; idempotent."""
+def connect(address: str | None = None, namespace: str = "vppo", num_cpus: int | None = None) -> bool:
+    """Joins a Ray cluster (address, or RAY_ADDRESS) or starts a local one; idempotent: False when this process
+    was already connected."""
     if ray.is_initialized():
-        return
+        return False
     address = address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": dict(ENGINE_ENV)}
     if address:
@@ -50,6 +51,16 @@ def connect(address: str | None = None, namespace: str = "vppo", num_cpus: int |
             runtime_env=env,
             log_to_driver=False,
         )
+    return True
+
+
+def cluster_address() -> str:
+    """The connected cluster's address, for processes that should join it (their RAY_ADDRESS)."""
+    return ray.get_runtime_context().gcs_address
+
+
+def disconnect() -> None:
+    ray.shutdown()
 
 
 class RolloutFleet:
@@ -90,6 +101,7 @@ class RolloutFleet:
         self.restarts = 0
         if not start:
             self.engines = [ray.get_actor(f"{name}-{i}") for i in range(r.num_engines)]
+            self._check_attached()
             return
         for i in range(r.num_engines):
             self._start(i)
@@ -145,6 +157,17 @@ class RolloutFleet:
         if self.resync is not None:
             self.resync(i)
         self.restarts += 1
+
+    def _check_attached(self) -> None:
+        """Running engines serve this run only if their context holds its longest prompt and response."""
+        needed = self.engine_kwargs["max_model_len"]
+        for i, info in enumerate(ray.get([e.ready.remote() for e in self.engines], timeout=STARTUP_TIMEOUT_S)):
+            if info["max_model_len"] < needed:
+                raise ConfigError(
+                    f"the running engine {self.name}-{i} holds {info['max_model_len']} tokens, this run needs "
+                    f"{needed} (data.max_prompt_length + rollout.max_response_length): restart the fleet with "
+                    "a longer context or shorten the limits"
+                )
 
     def shutdown(self) -> None:
         for engine, group in zip(self.engines, self.groups):
