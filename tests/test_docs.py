@@ -130,3 +130,35 @@ def test_the_ablation_table_matches_ablations_py():
         "update the ablation table in docs/algorithm.md to vppo_megatron/algo/ablations.py: "
         f"missing {missing}, not in the code {extra}, different {differ}"
     )
+
+
+RECIPE_TABLE_RECIPES = ("qwen2_5_vl_7b", "qwen3_vl_8b")
+
+
+def _recipe_rows():
+    """(our key, our value per recipe) of docs/recipes.md's table, for rows that name a setting of ours."""
+    rows = []
+    for line in (REPO / "docs" / "recipes.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if len(cells) != 6 or not cells[3].startswith("`") or cells[3] == "`ours: key`":
+            continue
+        values = [v.strip() for v in cells[4].split(" / ")]
+        rows.append((cells[3].strip("`"), values if len(values) == 2 else values * 2))
+    return rows
+
+
+def test_the_recipe_provenance_table_states_the_recipes_values():
+    from vppo_megatron.config import load
+
+    rows = _recipe_rows()
+    assert len(rows) >= 25
+    recipes = [load(REPO / "examples" / "configs" / f"{name}.yaml") for name in RECIPE_TABLE_RECIPES]
+    for key, values in rows:
+        for cfg, stated in zip(recipes, values):
+            actual = cfg
+            for part in key.split("."):
+                actual = getattr(actual, part)
+            try:
+                assert float(stated) == float(actual), (key, stated, actual)
+            except (TypeError, ValueError):
+                assert str(actual).lower() == stated.lower(), (key, stated, actual)

@@ -59,3 +59,31 @@ def test_step_metrics_are_the_mean_over_every_optimizer_step():
     # a metric only some steps report is averaged over those steps
     assert mean_over_steps([{"a": 1.0}, {"a": 2.0, "b": 5.0}]) == {"a": 1.5, "b": 5.0}
     assert mean_over_steps([]) == {}
+
+
+def test_steps_that_train_on_nothing_warn_and_stop_the_run_after_the_configured_number(capsys):
+    from vppo_megatron.trainer import StalledRun
+
+    cfg = load(None, ["algorithm.max_skipped_steps=3"])
+    trainer = Trainer(cfg, None, None, None, None, driver=SimpleNamespace())  # rank 0: it warns
+    skipped = {
+        "actor/skipped_step": 1.0,
+        "reward/accuracy": 0.0,
+        "rollout/sampled_prompts": 24.0,
+        "rollout/sampling_rounds": 8.0,
+        "rollout/filtered_wrong_groups": 24.0,
+        "rollout/filtered_right_groups": 0.0,
+    }
+    trainer.check_skipped(0, skipped)
+    trainer.check_skipped(1, skipped)
+    trainer.check_skipped(2, {"actor/loss": 0.1})  # a step that trained: the count starts again
+    trainer.check_skipped(3, skipped)
+    trainer.check_skipped(4, skipped)
+    with pytest.raises(StalledRun, match="3 steps in a row trained on nothing .*step 5.* reward function"):
+        trainer.check_skipped(5, skipped)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 5
+    assert "kept no group of 24 prompts in 8 round(s): reward/accuracy 0.000, 24 group(s) all wrong" in warnings[0]
+    never = Trainer(load(None, ["algorithm.max_skipped_steps=0"]), None, None, None, None, None)
+    for step in range(20):
+        never.check_skipped(step, skipped)  # 0: warns only (on rank 0), never stops

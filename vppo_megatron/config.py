@@ -52,9 +52,10 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train_files: list[str] = field(default_factory=lambda: ["runs/data/train.parquet"])
-    """Training parquet/jsonl files with the ViRL39K schema (problem, answer, images)."""
+    """Training parquet/jsonl files with the ViRL39K schema (problem, answer, images): files, directories (their
+    data files, sorted) or globs (`hub/data/train-*.parquet`, shards as Hugging Face ships them)."""
     val_files: list[str] = field(default_factory=lambda: ["runs/data/validation.parquet"])
-    """Validation parquet/jsonl files, same schema."""
+    """Validation parquet/jsonl files, directories or globs, same schema."""
     prompt_key: str = "problem"
     """Column holding the question text with one `<image>` placeholder per image."""
     answer_key: str = "answer"
@@ -182,6 +183,9 @@ class AlgorithmConfig:
     """Dynamic sampling upper bound on a group's mean accuracy (exclusive)."""
     max_sampling_tries: int = 8
     """Rollout rounds allowed to fill one batch under dynamic sampling before training on what was kept."""
+    max_skipped_steps: int = 5
+    """Consecutive steps with no group kept (every group scored alike) before the run stops with an error naming
+    the likely causes; each skipped step warns. 0: never stop."""
     ppo_epochs: int = 1
     """Passes over each rollout batch; every pass reuses the step's old log-probs, dependency, TAS and TGF."""
     reward_function: str = "vppo_megatron.reward.math:compute_score"
@@ -397,6 +401,8 @@ def _check_ranges(cfg: Config) -> None:
     _check_base(a)
     if a.max_sampling_tries < 1:
         _fail("algorithm.max_sampling_tries", a.max_sampling_tries, "must be >= 1 (rollout rounds per step)")
+    if a.max_skipped_steps < 0:
+        _fail("algorithm.max_skipped_steps", a.max_skipped_steps, "must be >= 0 (0: never stop)")
     if a.ppo_epochs < 1:
         _fail("algorithm.ppo_epochs", a.ppo_epochs, "must be >= 1")
     if r.verify_sync_every < 0 or r.verify_sync_tolerance <= 0:

@@ -32,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-from vppo_megatron.trainer import StageTimer, Trainer  # noqa: E402 - after the environment defaults above
+from vppo_megatron.trainer import StageTimer, StalledRun, Trainer  # noqa: E402 - after the environment defaults above
 
 
 def train_step(t: Trainer, step: int) -> dict[str, float]:
@@ -85,6 +85,14 @@ def main(argv=None) -> int:
         metrics = trainer.validate() if t.val_every and step % t.val_every == 0 else {}
         metrics.update(train_step(trainer, step))
         trainer.log(step, metrics)
+        try:
+            trainer.check_skipped(step, metrics)
+        except StalledRun as exc:
+            trainer.progress.close()
+            trainer.sync.close()  # the shared memory the weight sync holds (what finish() would release)
+            if trainer.is_driver:
+                print(f"vppo train: error: {exc}", file=sys.stderr, flush=True)
+            return 2
         if every and (step + 1) % every == 0:
             trainer.progress.phase("checkpoint")
             trainer.checkpoint(step)

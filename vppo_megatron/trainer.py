@@ -10,6 +10,7 @@ Legend: B rollouts on this data-parallel rank, T response positions.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ class Trainer:
         self.cfg, self.groups, self.actor, self.sync, self.lifecycle = cfg, groups, actor, sync, lifecycle
         self.driver = driver
         self.start_step = 0
+        self.skipped_in_a_row = 0
         self.progress = Progress(cfg.trainer.total_steps, 0, "vppo train", enabled=False)  # main() sets the bars
 
     @property
@@ -259,6 +261,28 @@ class Trainer:
         if self.is_driver:
             self.driver.logger.log(step, metrics)
 
+    def check_skipped(self, step: int, metrics: dict[str, float]) -> None:
+        """A step that trained on nothing warns (rank 0) with the reason; algorithm.max_skipped_steps of them in a
+        row stop the run (StalledRun on every rank: each saw the same empty batch)."""
+        if not metrics.get("actor/skipped_step"):
+            self.skipped_in_a_row = 0
+            return
+        self.skipped_in_a_row += 1
+        reason = skip_reason(metrics) if self.is_driver else ""
+        if self.is_driver:
+            from tqdm import tqdm
+
+            tqdm.write(f"warning: step {step} trained on nothing: {reason}", file=sys.stderr)
+        limit = self.cfg.algorithm.max_skipped_steps
+        if limit and self.skipped_in_a_row >= limit:
+            last = reason or "see rank 0"
+            raise StalledRun(
+                f"{self.skipped_in_a_row} steps in a row trained on nothing (the last, step {step}: {last}). "
+                "Likely causes: the reward function (algorithm.reward_function) does not grade these "
+                "answers; the responses miss the answer format the prompt asks for (data.format_prompt); the model "
+                "is not warm-started (vppo sft). algorithm.max_skipped_steps=0 never stops"
+            )
+
     def finish(self) -> None:
         """Final validation and the accuracy curve (rank 0), then the sync's shared memory is released."""
         if self.is_driver:
@@ -267,6 +291,25 @@ class Trainer:
             curve = self.driver.logger.plot(Path(self.cfg.trainer.output_dir) / "accuracy.png")
             print(f"metrics: {self.driver.logger.path}\ncurve: {curve}", flush=True)
         self.sync.close()
+
+
+class StalledRun(RuntimeError):
+    """algorithm.max_skipped_steps steps in a row with no group kept: the run learns nothing."""
+
+
+def skip_reason(m: dict[str, float]) -> str:
+    """Why a step had no rollouts to train on, from its rollout metrics (rank 0)."""
+    if m.get("rollout/dropped_groups"):
+        return (
+            f"dynamic sampling kept {m['rollout/dropped_groups']:g} group(s), fewer than the data-parallel size "
+            "(more prompts per step, or a wider accuracy window, keep more)"
+        )
+    return (
+        f"dynamic sampling kept no group of {m.get('rollout/sampled_prompts', 0):g} prompts in "
+        f"{m.get('rollout/sampling_rounds', 0):g} round(s): reward/accuracy {m.get('reward/accuracy', 0):.3f}, "
+        f"{m.get('rollout/filtered_wrong_groups', 0):g} group(s) all wrong, "
+        f"{m.get('rollout/filtered_right_groups', 0):g} all right"
+    )
 
 
 def mean_over_steps(per_step: list[dict[str, float]]) -> dict[str, float]:

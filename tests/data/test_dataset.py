@@ -158,3 +158,46 @@ def test_prompt_length_is_what_the_engine_receives(synthetic_dir, tiny_processor
     dataset = _dataset([synthetic_dir / "train.parquet"], tiny_processor)
     for recorded in load_recorded():
         assert dataset._prompt_length(recorded.prompt) == len(recorded.rollouts[0].prompt_ids)
+
+
+def test_a_directory_of_parquet_shards_and_a_glob_load_as_one_training_set(tmp_path, tiny_processor):
+    """Hugging Face ships a split as data/train-0000N-of-0000M.parquet shards: a directory or a glob of them is one
+    set, in file order."""
+    shards = tmp_path / "hub" / "data"
+    shards.mkdir(parents=True)
+    for k in range(2):
+        rows = [
+            {"problem": f"<image>Shard {k} row {r}?", "answer": f"{k}{r}", "images": [_png(k * 10 + r)]}
+            for r in range(3)
+        ]
+        pq.write_table(pa.Table.from_pylist(rows), shards / f"train-0000{k}-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[:1]), shards / "test-00000-of-00001.parquet")
+    answers = ["00", "01", "02", "10", "11", "12"]
+    by_glob = _dataset([shards / "train-*.parquet"], tiny_processor)
+    assert [s.answer for s in by_glob.head(0)] == answers
+    train_only = tmp_path / "train_only"
+    train_only.mkdir()
+    for shard in sorted(shards.glob("train-*")):
+        (train_only / shard.name).write_bytes(shard.read_bytes())
+    (train_only / "README.md").write_text("not data")
+    assert [s.answer for s in _dataset([train_only], tiny_processor).head(0)] == answers
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        _dataset([shards / "validation-*.parquet"], tiny_processor)
+    with pytest.raises(FileNotFoundError, match="holds no .parquet"):
+        _dataset([tmp_path / "hub"], tiny_processor)
+
+
+def test_answers_that_are_not_strings_follow_one_rule(tmp_path, tiny_processor):
+    """A number is graded as written, a list of one as that one; several answers, a bool or a dict skip the row,
+    counted with the row named (they could never match)."""
+    answers = ["A", 3, 2.5, 4.0, ["B"], [7], ["A", "B"], True, {"x": 1}]
+    path = tmp_path / "answers.jsonl"
+    rows = [{"problem": f"<image>Q{i}?", "answer": a, "images": ["img.png"]} for i, a in enumerate(answers)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "img.png").write_bytes(_png())
+    dataset = _dataset([path], tiny_processor)
+    assert [s.answer for s in dataset.head(0)] == ["A", "3", "2.5", "4", "B", "7"]
+    counts = dataset.report.counts
+    assert counts["'answer' is a list of 2 values: one answer (a string, a number, or a list of one) per row"] == 1
+    assert counts["'answer' is bool: one answer (a string, a number, or a list of one) per row"] == 1
+    assert counts["'answer' is dict: one answer (a string, a number, or a list of one) per row"] == 1

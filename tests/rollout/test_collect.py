@@ -121,3 +121,22 @@ def test_rollout_metrics_add_up_over_every_round():
     assert "time/rollout_s" not in metrics  # the trainer's own wall time of the stage keeps that name
     # every recorded response but p7's third ran into max_tokens (finish_reason "length"): cut, counted
     assert metrics["rollout/truncated_fraction"] == 31 / 32
+
+
+def test_filtered_groups_are_counted_all_wrong_and_all_right():
+    _, metrics, _ = _collect(["trainer.prompts_per_step=3"], batch_size=3)
+    # rounds 1-2 sampled p0..p5: p0 all right; p2 and p5 all wrong
+    assert metrics["rollout/filtered_right_groups"] == 1.0 and metrics["rollout/filtered_wrong_groups"] == 2.0
+
+
+@pytest.mark.parametrize(
+    "result", [True, float("nan"), {"overall": 1.0}, [1.0]], ids=["bool", "nan", "missing_key", "list"]
+)
+def test_a_reward_function_result_is_checked_on_the_training_path(result):
+    cfg = load(None, ["trainer.prompts_per_step=2", "trainer.prompts_per_update=1", "rollout.num_samples_per_prompt=4"])
+
+    def reward(text, ground_truth):
+        return {"overall": result, "accuracy": 0.0} if not isinstance(result, dict | list) else result
+
+    with pytest.raises(ValueError, match=r"Reward function .*reward returned .* for sample 0"):
+        collect(ReplayFleet(), ReplayLoader(2), cfg.validate(), STEP, reward)

@@ -252,6 +252,38 @@ def test_kill_and_resume_gives_the_uninterrupted_metrics(fleet, trainer_runs, ti
     assert [p.name for p in (killed / "checkpoints").iterdir()] == ["step_4"]  # keep_last=1
 
 
+def test_a_run_that_trains_on_nothing_warns_each_step_then_stops(fleet, trainer_runs, tiny_model_dir, tmp_path):
+    """A reward that grades everything wrong: dynamic sampling keeps no group, each step warns with the reason, and
+    algorithm.max_skipped_steps steps in a row stop the run with an error naming the likely causes."""
+    import subprocess
+
+    from trainer_run import torchrun_train
+
+    zero = Path(__file__).parent.parent / "fixtures" / "zero_reward.py"
+    command = torchrun_train(
+        tiny_model_dir,
+        trainer_runs.data,
+        tmp_path / "stalled",
+        STEPS,
+        "algorithm.dynamic_sampling=true",
+        "algorithm.max_sampling_tries=1",
+        "algorithm.max_skipped_steps=2",
+        f"algorithm.reward_function={zero}:compute_score",
+        "parallel.tp=1",
+        "parallel.world_size=1",
+    )
+    command[command.index("--nproc-per-node=2")] = "--nproc-per-node=1"  # no update runs: one rank is enough
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900, env=trainer_runs.env)
+    assert proc.returncode != 0
+    warnings = [line for line in proc.stderr.splitlines() if "trained on nothing:" in line]
+    assert [w.split(" trained")[0] for w in warnings] == ["warning: step 0", "warning: step 1"], proc.stderr[-3000:]
+    assert "kept no group of 2 prompts in 1 round(s): reward/accuracy 0.000, 2 group(s) all wrong" in warnings[0]
+    assert "vppo train: error: 2 steps in a row trained on nothing" in proc.stderr
+    assert "algorithm.reward_function" in proc.stderr and "vppo sft" in proc.stderr
+    rows = [json.loads(line) for line in (tmp_path / "stalled" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1] and all(r["actor/skipped_step"] == 1.0 for r in rows)
+
+
 def test_killed_engine_is_restarted_and_results_are_complete(fleet, tiny_processor):
     import ray
 

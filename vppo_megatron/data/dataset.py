@@ -120,6 +120,46 @@ def _open_jsonl(path: Path, cfg: DataConfig) -> _Source:
     )
 
 
+DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
+GLOB_CHARS = "*?["
+
+
+def expand_files(entries: list[str]) -> list[Path]:
+    """`data.*_files` entries as files: a file as is; a directory, its data files (sorted, not recursive: Hugging
+    Face's `data/` holds every split's shards); a glob (`data/train-*.parquet`), its matches, sorted."""
+    import glob
+
+    out = []
+    for entry in entries:
+        path = Path(entry)
+        if any(c in entry for c in GLOB_CHARS):
+            matches = sorted(Path(m) for m in glob.glob(entry) if Path(m).is_file())
+            if not matches:
+                raise FileNotFoundError(f"data files {entry!r}: the pattern matches no file")
+            out += matches
+        elif path.is_dir():
+            matches = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES)
+            if not matches:
+                raise FileNotFoundError(f"data directory {path} holds no {', '.join(DATA_SUFFIXES)} file")
+            out += matches
+        else:
+            out.append(path)
+    return out
+
+
+def answer_text(answer: Any) -> str | None:
+    """The ground truth a reward function grades: a string (stripped); a number as written (3, 2.5); a list of
+    exactly one of these, that one. None for anything else (several answers, a bool, a dict): the row is skipped."""
+    if isinstance(answer, list | tuple) and len(answer) == 1:
+        answer = answer[0]
+    if isinstance(answer, bool) or not isinstance(answer, str | int | float):
+        return None
+    if isinstance(answer, float) and answer.is_integer():
+        answer = int(answer)
+    text = str(answer).strip()
+    return text or None
+
+
 def open_source(path: str | Path, cfg: DataConfig) -> _Source:
     path = Path(path)
     if not path.is_file():
@@ -136,6 +176,9 @@ def _structural_problem(problem: Any, answer: Any, num_images: int, cfg: DataCon
         return f"missing or empty '{cfg.prompt_key}'"
     if answer is None or (isinstance(answer, str) and not answer.strip()):
         return f"missing or empty '{cfg.answer_key}'"
+    if answer_text(answer) is None:
+        kind = f"a list of {len(answer)} values" if isinstance(answer, list | tuple) else type(answer).__name__
+        return f"'{cfg.answer_key}' is {kind}: one answer (a string, a number, or a list of one) per row"
     if num_images == 0:
         return f"no image in '{cfg.image_key}'"
     placeholders = problem.count(IMAGE_PLACEHOLDER)
@@ -164,7 +207,7 @@ class PromptDataset:
         self.decoder = decoder or make_decoder(
             cfg.image_decoder, patch_size * merge_size, cfg.min_pixels, cfg.max_pixels
         )
-        self.sources = [open_source(f, cfg) for f in files]
+        self.sources = [open_source(f, cfg) for f in expand_files(files)]
         self.index: list[tuple[int, int]] = []  # (source, row) of every structurally valid row
         for s, source in enumerate(self.sources):
             for r in range(len(source)):
@@ -225,7 +268,7 @@ class PromptDataset:
             uid=extra.get("uid") or f"{source.path.stem}-{r}",
             prompt_text=render_prompt(self.tokenizer, problem, len(images), self.cfg.format_prompt),
             images=images,
-            answer=str(source.answers[r]).strip(),
+            answer=answer_text(source.answers[r]),
             problem=problem,
             extra=extra,
         )

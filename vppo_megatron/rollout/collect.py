@@ -26,9 +26,13 @@ class Group:
 
 
 def score(groups_results, prompts: list[PromptSample], reward_fn) -> list[Group]:
+    """Each rollout's reward, checked (a dict with finite float "overall" and "accuracy"; a bool, a NaN or another
+    type is an error naming the function)."""
+    from vppo_megatron.reward.loading import score_batch
+
     out = []
     for prompt, results in zip(prompts, groups_results):
-        scores = [reward_fn(r.text, prompt.answer) for r in results]
+        scores = score_batch(reward_fn, [r.text for r in results], [prompt.answer] * len(results))
         out.append(Group(prompt, results, [s["overall"] for s in scores], [s["accuracy"] for s in scores]))
     return out
 
@@ -53,7 +57,7 @@ def collect(fleet, loader, cfg, step: int, reward_fn) -> tuple[list[Group], dict
     r, a = cfg.rollout, cfg.algorithm
     kept: list[Group] = []
     seen, tries, totals = 0, 0, {}
-    accuracy_sum, responses, truncated = 0.0, 0, 0
+    accuracy_sum, responses, truncated, all_wrong, all_right = 0.0, 0, 0, 0, 0
     while len(kept) < cfg.trainer.prompts_per_step and tries < a.max_sampling_tries:
         prompts = loader.next_batch()
         seed = cfg.trainer.seed * 1_000_003 + step * 1_009 + tries * 101  # distinct per (seed, step, round)
@@ -73,6 +77,9 @@ def collect(fleet, loader, cfg, step: int, reward_fn) -> tuple[list[Group], dict
             truncated += sum(r.finish_reason == LENGTH_LIMIT for r in group.rollouts)
             if not a.dynamic_sampling or a.accuracy_low < mean < a.accuracy_high:
                 kept.append(group)
+            else:
+                all_wrong += mean <= a.accuracy_low
+                all_right += mean >= a.accuracy_high
         seen += len(prompts)
         tries += 1
         if not a.dynamic_sampling:
@@ -86,6 +93,8 @@ def collect(fleet, loader, cfg, step: int, reward_fn) -> tuple[list[Group], dict
             "reward/accuracy": accuracy_sum / max(responses, 1),
             "rollout/truncated_fraction": truncated / max(responses, 1),
             "rollout/kept_groups": float(len(kept)),
+            "rollout/filtered_wrong_groups": float(all_wrong),  # mean accuracy <= algorithm.accuracy_low
+            "rollout/filtered_right_groups": float(all_right),  # mean accuracy >= algorithm.accuracy_high
             "rollout/sampled_prompts": float(seen),
             "rollout/sampling_rounds": float(tries),
         },
