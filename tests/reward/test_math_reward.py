@@ -25,8 +25,12 @@ class TestExtractLastBoxed:
             (r"\boxed{ 3 }", "3"),
             # The last box wins.
             (r"\boxed{2} then \boxed{3}", "3"),
-            # \fbox is read like \boxed, and it is the last box here.
-            (r"\boxed{2} \fbox{7}", "7"),
+            # \fbox is read only without a braced \boxed (the reference reads only \boxed{)
+            (r"\boxed{2} \fbox{7}", "2"),
+            (r"\fbox{7}", "7"),
+            # a bare \boxed after the braced one has no argument: the braced box stays the answer
+            (r"\boxed{5} (I put it in \boxed.)", "5"),
+            (r"\boxed 4 and then \boxed{5}", "5"),
             # Space-separated token form, ended by `$`.
             (r"$\boxed 42$", "42"),
             # A space between the command and its braces is allowed in LaTeX.

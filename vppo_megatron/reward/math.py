@@ -7,11 +7,15 @@ Contract of every scorer here: ``fn(response, ground_truth) -> {"overall": float
 equal (1.0 or 0.0). Scorers never raise on model output: a missing, empty, unbalanced, oversized or unparsable answer
 scores 0.0.
 
-`compute_score` reproduces the reference (EasyR1 fork):
-``grade_answer(extract_boxed_content(response), ground_truth)`` from mathruler, with these deliberate differences:
+`compute_score` reproduces the reference (EasyR1 fork, `compute_score_wo_format`): whitespace around ``<``, ``>``
+and ``/`` removed from the response, then ``grade_answer(extract_boxed_content(response), ground_truth)`` from
+mathruler, with these deliberate differences:
 
 - no box yields no answer (mathruler returns the string ``"None"``, which would match a ground truth of "None");
-- escaped braces ``\\{`` / ``\\}`` inside the box do not count as structure, and ``\\boxed 5`` / ``\\fbox{}`` are read;
+- escaped braces ``\\{`` / ``\\}`` inside the box do not count as structure; ``\\boxed {5}`` (a space before the
+  brace, which LaTeX accepts) is read; ``\\fbox{...}`` is read when the response has no ``\\boxed{...}``, and
+  ``\\boxed 5`` when it has neither (the reference reads only the last ``\\boxed{``, so a braced ``\\boxed`` always
+  wins over both, as there);
 - a blank ground truth never matches (mathruler says ``\\boxed{}`` equals ``""``);
 - candidates longer than `MAX_ANSWER_CHARS`, or containing ``**`` / ``!`` (which can make sympy compute huge numbers,
   e.g. ``9**9**9`` or ``(10!)!``), are compared by mathruler's normalised strings only, without sympy.
@@ -33,7 +37,10 @@ MAX_ANSWER_CHARS = 512
 # math-verify's limit per parse / comparison; only enforceable in the main thread (it uses SIGALRM).
 MATH_VERIFY_TIMEOUT_SECONDS = 5
 
-_BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+# a box command, then its opening brace (group 2) or the whitespace of the bare form `\boxed 5`
+_BOX_COMMAND = re.compile(r"\\(boxed|fbox)(?![A-Za-z])(\s*\{|\s+)?")
+# the reference removes whitespace around these before extracting and grading (for Qwen2.5-VL-32B's spacing)
+_SPACED_DELIMITER = re.compile(r"\s*(<|>|/)\s*")
 # A backslash escapes the next character, so `\{`, `\}` and `\\` are skipped as units.
 _BRACE_TOKEN = re.compile(r"\\.|[{}]", re.DOTALL)
 _BARE_TOKEN = re.compile(r"[^\s$]+")
@@ -54,25 +61,28 @@ def _braced_content(text: str, open_index: int) -> str | None:
 
 
 def extract_last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``, or ``\\boxed 5``) in ``text``, stripped.
+    """Content of the last ``\\boxed{...}`` in ``text``, stripped; without one, of the last ``\\fbox{...}``; without
+    either, the token after the last bare ``\\boxed 5`` / ``\\fbox 5``.
 
-    Nested braces are matched. Returns None when there is no box or the last box is unbalanced (an earlier, balanced
-    box is not used as a fallback, as in mathruler).
+    Nested braces are matched. Returns None when there is no box or the chosen box is unbalanced (an earlier,
+    balanced box is not used as a fallback, as in mathruler).
     """
     if not text:
         return None
-    last = None
-    for last in _BOX_COMMAND.finditer(text):  # noqa: B007 - only the last match is wanted
-        pass
-    if last is None:
-        return None
-    index = last.end()
-    while index < len(text) and text[index].isspace():
-        index += 1
-    if index < len(text) and text[index] == "{":
-        return _braced_content(text, index)
-    if index > last.end():
-        token = _BARE_TOKEN.match(text, index)
+    braced: dict[str, re.Match] = {}
+    bare = None
+    for match in _BOX_COMMAND.finditer(text):
+        if match.group(2) is None:
+            continue  # `\boxed.` or `\boxed` at the end: no argument
+        if match.group(2).endswith("{"):
+            braced[match.group(1)] = match
+        else:
+            bare = match
+    chosen = braced.get("boxed") or braced.get("fbox")
+    if chosen is not None:
+        return _braced_content(text, chosen.end() - 1)
+    if bare is not None:
+        token = _BARE_TOKEN.match(text, bare.end())
         return token.group() if token else None
     return None
 
@@ -104,9 +114,15 @@ def _score(correct: bool) -> dict[str, float]:
     return {"overall": value, "accuracy": value}
 
 
+def answer_of(response: str) -> str | None:
+    """The answer a response gives, as the reference reads it: whitespace around ``<``, ``>`` and ``/`` removed,
+    then the last box's content."""
+    return extract_last_boxed(_SPACED_DELIMITER.sub(r"\1", response) if response else response)
+
+
 def compute_score(response: str, ground_truth: str) -> dict[str, float]:
     """VPPO reward: 1.0 if the last boxed answer in ``response`` grades equal to ``ground_truth``, else 0.0."""
-    return _score(grade_answer(extract_last_boxed(response), ground_truth))
+    return _score(grade_answer(answer_of(response), ground_truth))
 
 
 def _math_verify_equal(given: str | None, ground_truth: str) -> bool:
@@ -125,4 +141,4 @@ def _math_verify_equal(given: str | None, ground_truth: str) -> bool:
 
 def compute_score_math_verify(response: str, ground_truth: str) -> dict[str, float]:
     """Same contract as `compute_score`, grading the last boxed answer with math-verify's parse + verify."""
-    return _score(_math_verify_equal(extract_last_boxed(response), ground_truth))
+    return _score(_math_verify_equal(answer_of(response), ground_truth))
