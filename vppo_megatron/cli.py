@@ -61,9 +61,8 @@ def cmd_preview_data(args: argparse.Namespace) -> None:
 
     cfg = config_lib.load(args.config, args.overrides).validate()
     processor = AutoProcessor.from_pretrained(cfg.model.path)
-    ip = processor.image_processor
     start = time.perf_counter()
-    dataset = PromptDataset(cfg.data.train_files, cfg.data, processor.tokenizer, ip.patch_size, ip.merge_size)
+    dataset = PromptDataset.for_processor(cfg.data.train_files, cfg.data, processor)
     loader = PromptLoader(dataset, args.batch_size, cfg.trainer.seed, cfg.data.shuffle)
     batch = loader.next_batch()
     elapsed = time.perf_counter() - start

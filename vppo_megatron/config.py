@@ -73,6 +73,9 @@ class DataConfig:
     """Largest image area (pixels) after smart resize; images above are downscaled (VPPO recipe: 1,003,520)."""
     max_prompt_length: int = 4096
     """Prompts longer than this many tokens (image tokens included) are skipped and counted."""
+    image_resize: Literal["reference", "smart"] = "reference"
+    """reference: the reference code's two steps (scale into min..max_pixels, then the processor's rounding to the
+    patch grid; its image token counts); smart: Qwen2-VL's smart_resize within min..max_pixels at once."""
     image_decoder: Literal["auto", "dali", "pillow"] = "auto"
     """Image decoding backend: DALI CPU/GPU pipelines when installed (auto), or Pillow."""
     shuffle: bool = True

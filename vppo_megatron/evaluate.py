@@ -31,8 +31,7 @@ def evaluate(cfg, model_dir: str) -> dict:
     if not (Path(model_dir) / "config.json").exists():
         raise FileNotFoundError(f"{model_dir} has no config.json: pass an HF model directory with --model")
     processor = AutoProcessor.from_pretrained(model_dir)
-    ip = processor.image_processor
-    val = PromptDataset(cfg.data.val_files, cfg.data, processor.tokenizer, ip.patch_size, ip.merge_size)
+    val = PromptDataset.for_processor(cfg.data.val_files, cfg.data, processor)
     samples = val.head(cfg.trainer.val_prompts)
     reward_fn = load_reward_function(cfg.algorithm.reward_function)
     connect()

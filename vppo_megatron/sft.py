@@ -56,8 +56,7 @@ def main(argv=None) -> int:
     loader = logger = processor = None
     if dist.get_rank() == 0:
         processor = AutoProcessor.from_pretrained(cfg.model.path)
-        ip = processor.image_processor
-        dataset = PromptDataset(cfg.data.train_files, cfg.data, processor.tokenizer, ip.patch_size, ip.merge_size)
+        dataset = PromptDataset.for_processor(cfg.data.train_files, cfg.data, processor)
         loader = PromptLoader(dataset, cfg.sft.batch_size, cfg.trainer.seed, cfg.data.shuffle)
         logger = MetricsLogger(cfg, Path(cfg.sft.output_dir + ".logs"))
     dp, dp_rank, cache = groups.layout.dp, groups.dp_rank, {}

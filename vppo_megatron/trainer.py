@@ -111,9 +111,8 @@ class Trainer:
         from vppo_megatron.rollout.fleet import RolloutFleet, connect
 
         processor = AutoProcessor.from_pretrained(cfg.model.path)
-        ip = processor.image_processor
-        train = PromptDataset(cfg.data.train_files, cfg.data, processor.tokenizer, ip.patch_size, ip.merge_size)
-        val = PromptDataset(cfg.data.val_files, cfg.data, processor.tokenizer, ip.patch_size, ip.merge_size)
+        train = PromptDataset.for_processor(cfg.data.train_files, cfg.data, processor)
+        val = PromptDataset.for_processor(cfg.data.val_files, cfg.data, processor)
         connect()
         driver = Driver(
             fleet=RolloutFleet.create_or_attach(cfg, cfg.model.path),

@@ -201,3 +201,22 @@ def test_answers_that_are_not_strings_follow_one_rule(tmp_path, tiny_processor):
     assert counts["'answer' is a list of 2 values: one answer (a string, a number, or a list of one) per row"] == 1
     assert counts["'answer' is bool: one answer (a string, a number, or a list of one) per row"] == 1
     assert counts["'answer' is dict: one answer (a string, a number, or a list of one) per row"] == 1
+
+
+def test_a_processor_narrower_than_the_data_limits_is_reconciled_and_counted_as_the_model_sees_it(
+    tmp_path, tiny_processor, caplog
+):
+    """The tiny processor keeps images within 3136..50176 pixels; the recipes' data range is 200704..1003520.
+    Images are sized within both (as the processor would size them: it then keeps them as they are), the narrowing
+    is logged, and the prompt-length filter counts the image tokens the model receives."""
+    cfg = DataConfig(min_pixels=200704, max_pixels=1003520, max_prompt_length=4096)
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps({"problem": "<image>How many?", "answer": "2", "images": ["img.png"]}))
+    (tmp_path / "img.png").write_bytes(_png(size=300))
+    with caplog.at_level("WARNING"):
+        dataset = PromptDataset.for_processor([str(path)], cfg, tiny_processor)
+    assert any("narrower than data.min_pixels" in r.getMessage() for r in caplog.records)
+    (sample,) = dataset.head(0)
+    assert sample.images[0].shape == (224, 224, 3)  # scaled up to 448^2 by the data range, then into 50176
+    served = tiny_processor(text=[sample.prompt_text], images=sample.images)
+    assert dataset._prompt_length(sample) == len(served["input_ids"][0])

@@ -104,3 +104,58 @@ def test_unknown_decoder_is_an_error_naming_the_choices(backend):
     with pytest.raises(ValueError) as err:
         make_decoder(backend, 28, 3136, 50176)
     assert str(err.value) == f"data.image_decoder={backend!r} is not one of auto | dali | pillow"
+
+
+# Qwen2.5-VL's processor limits (its preprocessor_config.json) and the VPPO recipes' data range
+QWEN_PROCESSOR = (3136, 12845056)
+RECIPE_PIXELS = (200704, 1003520)
+
+
+@pytest.mark.parametrize(
+    "h, w, rule, tokens",
+    [
+        # the reference: 2000^2 scaled into the range (1001^2), then the processor's rounding: 36 x 36 tokens
+        (2000, 2000, "reference", 1296),
+        # the reference: 200 x 300 scaled up to 365 x 548, rounded to 364 x 560: 13 x 20 tokens
+        (200, 300, "reference", 260),
+        # one smart_resize within the range: floor to 980^2 (35 x 35), ceil to 392 x 560 (14 x 20)
+        (2000, 2000, "smart", 1225),
+        (200, 300, "smart", 280),
+    ],
+)
+def test_resize_rules_give_the_reference_image_token_counts(h, w, rule, tokens):
+    plan = images.ResizePlan(28, *RECIPE_PIXELS, rule, QWEN_PROCESSOR)
+    height, width = plan.size(h, w)
+    assert height % 28 == 0 and width % 28 == 0
+    assert (height // 28) * (width // 28) == tokens
+    assert smart_resize(height, width, 28, *QWEN_PROCESSOR) == (height, width)  # the processor keeps it
+
+
+@pytest.mark.parametrize("backend", ["pillow", "dali"])
+def test_the_decoders_size_images_by_the_reference_rule(backend):
+    decoder = make_decoder(backend, 28, *RECIPE_PIXELS, "reference", QWEN_PROCESSOR)
+    (out,) = decoder.decode([_encode(200, 300, "JPEG")])
+    assert out.shape == (364, 560, 3)
+
+
+def _exif_rotated_jpeg(orientation=6):
+    """A 56 x 112 JPEG stored sideways: EXIF orientation 6 says to display it turned a quarter (112 x 56)."""
+    array = np.zeros((56, 112, 3), np.uint8)
+    array[:, :50] = 255
+    array[:10] = [255, 0, 0]
+    image = Image.fromarray(array)
+    exif = image.getexif()
+    exif[images.EXIF_ORIENTATION] = orientation
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", exif=exif.tobytes(), quality=95)
+    return buf.getvalue()
+
+
+def test_an_exif_rotated_jpeg_gives_the_same_pixels_through_dali_and_pillow():
+    data = _exif_rotated_jpeg()
+    dali, pillow = (make_decoder(b, 28, 3136, 50176) for b in ("dali", "pillow"))
+    a, b = dali.decode([data])[0], pillow.decode([data])[0]
+    assert a.shape == b.shape == (112, 56, 3)  # planned after the rotation: no resize (not 56 x 112 squashed)
+    np.testing.assert_array_equal(a, b)  # both decoders turn it the same way
+    upright = make_decoder("pillow", 28, 3136, 50176).decode([_exif_rotated_jpeg(orientation=1)])[0]
+    assert upright.shape == (56, 112, 3)

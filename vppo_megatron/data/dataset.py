@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vppo_megatron.config import DataConfig
-from vppo_megatron.data.images import ImageDecoder, ImageError, make_decoder, read_source
+from vppo_megatron.data.images import ImageDecoder, ImageError, make_decoder, processor_pixels, read_source
 from vppo_megatron.data.prompts import IMAGE_PLACEHOLDER, render_prompt
 from vppo_megatron.types import PromptSample
 
@@ -199,13 +200,19 @@ class PromptDataset:
         merge_size: int,
         report: SkipReport | None = None,
         decoder: ImageDecoder | None = None,
+        processor_limits: tuple[float, float] = (0, math.inf),
     ):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.patch_size, self.merge_size = patch_size, merge_size
         self.report = report or SkipReport()
         self.decoder = decoder or make_decoder(
-            cfg.image_decoder, patch_size * merge_size, cfg.min_pixels, cfg.max_pixels
+            cfg.image_decoder,
+            patch_size * merge_size,
+            cfg.min_pixels,
+            cfg.max_pixels,
+            cfg.image_resize,
+            processor_limits,
         )
         self.sources = [open_source(f, cfg) for f in expand_files(files)]
         self.index: list[tuple[int, int]] = []  # (source, row) of every structurally valid row
@@ -221,6 +228,24 @@ class PromptDataset:
                 f"no usable rows in {', '.join(map(str, files))} ({self.report.summary()}); "
                 f"expected columns {cfg.prompt_key!r}, {cfg.answer_key!r}, {cfg.image_key!r}"
             )
+
+    @classmethod
+    def for_processor(cls, files: list[str], cfg: DataConfig, processor) -> PromptDataset:
+        """The rows of `files` as the model's processor will see them: its tokenizer, patch grid and pixel limits
+        (images it would resize again are sized as it would; a narrower range than the data's is logged once)."""
+        ip = processor.image_processor
+        limits = processor_pixels(ip)
+        if limits[0] > cfg.min_pixels or limits[1] < cfg.max_pixels:
+            logger.warning(
+                "the model's image processor keeps images within %s..%s pixels, narrower than data.min_pixels.."
+                "data.max_pixels (%d..%d): images are sized within both, as the processor would (widen "
+                "preprocessor_config.json's limits to use the data's range)",
+                limits[0],
+                limits[1],
+                cfg.min_pixels,
+                cfg.max_pixels,
+            )
+        return cls(files, cfg, processor.tokenizer, ip.patch_size, ip.merge_size, processor_limits=limits)
 
     def __len__(self) -> int:
         return len(self.index)

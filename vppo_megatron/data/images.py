@@ -1,9 +1,20 @@
 """Image decoding and smart resizing: a DALI pipeline (CPU, or GPU where available) with a Pillow fallback.
 
 Both backends return, per image, an RGB `uint8` array of shape [H, W, 3] whose sides are multiples of
-`factor` (patch size x spatial merge size: 28 for Qwen2.5-VL, 32 for Qwen3-VL) and whose area lies in
-[min_pixels, max_pixels] — Qwen2-VL's `smart_resize`. The processor's own resize is then the identity, and image
-perturbations applied to these arrays never change the number of image tokens.
+`factor` (patch size x spatial merge size: 28 for Qwen2.5-VL, 32 for Qwen3-VL), sized by one of two rules
+(`data.image_resize`):
+
+- `reference` (default), the reference VPPO code's two steps: its dataset scales an image whose area is outside
+  [min_pixels, max_pixels] into it (sides x sqrt(bound / area), truncated to integers), then the model's processor
+  applies Qwen2-VL's `smart_resize` within its own limits (sides rounded to multiples of `factor`). A 2000 x 2000
+  image becomes 1008 x 1008 (1,296 image tokens at 28 px) and a 200 x 300 one 364 x 560 (260), as there. Here the
+  pixels are interpolated once, to the final size.
+- `smart`: Qwen2-VL's `smart_resize` within [min_pixels, max_pixels] in one step (1,225 and 280 tokens above).
+
+Either way the last step is the processor's own `smart_resize` within its limits, so the processor (the actor's
+and vLLM's) keeps every image as it is: the image tokens counted here are the ones the model sees, and image
+perturbations never change their number. EXIF orientation is applied (DALI does; Pillow is made to) and the size is
+planned for the rotated image.
 
 A corrupt image never raises out of `decode`: its slot holds an `ImageError` saying what went wrong, so the
 caller can skip that sample, count it and carry on.
@@ -19,7 +30,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 MAX_ASPECT_RATIO = 200  # Qwen2-VL's smart_resize refuses more extreme aspect ratios
 RESAMPLE = Image.Resampling.BICUBIC  # what Qwen2-VL's image processor uses
@@ -63,11 +74,34 @@ def read_source(source: bytes | str | Path | dict) -> bytes:
     return Path(source).read_bytes()
 
 
-def _target_size(data: bytes, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """Reads only the header (no pixel decode) to plan the resize."""
-    with Image.open(io.BytesIO(data)) as image:
-        width, height = image.size
-    return smart_resize(height, width, factor, min_pixels, max_pixels)
+EXIF_ORIENTATION = 0x0112
+TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # a quarter turn (with or without a mirror): width and height swap
+RESIZE_RULES = ("reference", "smart")
+
+
+def scale_into(height: int, width: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """The reference dataset's step: an area outside [min_pixels, max_pixels] scaled to the bound it crossed,
+    sides truncated to integers; an area inside unchanged."""
+    area = height * width
+    if area > max_pixels:
+        factor = math.sqrt(max_pixels / area)
+    elif area < min_pixels:
+        factor = math.sqrt(min_pixels / area)
+    else:
+        return height, width
+    return max(1, int(height * factor)), max(1, int(width * factor))
+
+
+def oriented_size(image: Image.Image) -> tuple[int, int]:
+    """(height, width) of the image as displayed: after its EXIF orientation (read from the header only)."""
+    width, height = image.size
+    try:
+        orientation = image.getexif().get(EXIF_ORIENTATION)
+    except Exception:  # a truncated file: its pixel decode reports it (as corrupt data)
+        orientation = None
+    if orientation in TRANSPOSED_ORIENTATIONS:
+        width, height = height, width
+    return height, width
 
 
 class ImageDecoder(Protocol):
@@ -81,12 +115,24 @@ class ResizePlan:
     factor: int
     min_pixels: int
     max_pixels: int
+    rule: str = "reference"
+    processor_pixels: tuple[float, float] = (0, math.inf)
+    """The model processor's own [min, max] area: its smart_resize is the last step (see the module docstring)."""
+
+    def size(self, height: int, width: int) -> tuple[int, int]:
+        if self.rule == "reference":
+            height, width = scale_into(height, width, self.min_pixels, self.max_pixels)
+        else:
+            height, width = smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+        return smart_resize(height, width, self.factor, *self.processor_pixels)
 
     def sizes(self, encoded: list[bytes]) -> list[tuple[int, int] | ImageError]:
+        """Planned from the headers alone (no pixel decode)."""
         out: list[tuple[int, int] | ImageError] = []
         for data in encoded:
             try:
-                out.append(_target_size(data, self.factor, self.min_pixels, self.max_pixels))
+                with Image.open(io.BytesIO(data)) as image:
+                    out.append(self.size(*oriented_size(image)))
             except Exception as exc:  # any header/format problem makes the image unusable
                 out.append(ImageError("unreadable image header", str(exc)))
         return out
@@ -109,7 +155,7 @@ class PillowDecoder:
             return size
         try:
             with Image.open(io.BytesIO(data)) as image:
-                rgb = image.convert("RGB")
+                rgb = ImageOps.exif_transpose(image).convert("RGB")  # as DALI's decoder orients it
                 if rgb.size != (size[1], size[0]):
                     rgb = rgb.resize((size[1], size[0]), RESAMPLE)
                 return np.asarray(rgb, dtype=np.uint8)
@@ -179,12 +225,29 @@ def dali_available() -> bool:
 DECODER_BACKENDS = ("auto", "dali", "pillow")
 
 
-def make_decoder(backend: str, factor: int, min_pixels: int, max_pixels: int) -> ImageDecoder:
-    """backend: auto (DALI when installed), dali, or pillow."""
+def processor_pixels(image_processor) -> tuple[int, int]:
+    """The [min, max] image area a Qwen2-VL-style image processor resizes into (its `size` or min/max_pixels)."""
+    size = getattr(image_processor, "size", None) or {}
+    low = getattr(image_processor, "min_pixels", None) or size.get("shortest_edge")
+    high = getattr(image_processor, "max_pixels", None) or size.get("longest_edge")
+    return int(low or 0), int(high) if high else math.inf
+
+
+def make_decoder(
+    backend: str,
+    factor: int,
+    min_pixels: int,
+    max_pixels: int,
+    rule: str = "reference",
+    processor_limits: tuple[float, float] = (0, math.inf),
+) -> ImageDecoder:
+    """backend: auto (DALI when installed), dali, or pillow; rule: reference or smart (module docstring)."""
     if backend not in DECODER_BACKENDS:
         # Checked first: an unknown name used to fall through to DALI, hiding a typo such as "pil".
         raise ValueError(f"data.image_decoder={backend!r} is not one of {' | '.join(DECODER_BACKENDS)}")
-    plan = ResizePlan(factor, min_pixels, max_pixels)
+    if rule not in RESIZE_RULES:
+        raise ValueError(f"data.image_resize={rule!r} is not one of {' | '.join(RESIZE_RULES)}")
+    plan = ResizePlan(factor, min_pixels, max_pixels, rule, processor_limits)
     if backend == "pillow" or (backend == "auto" and not dali_available()):
         return PillowDecoder(plan)
     if not dali_available():
