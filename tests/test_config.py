@@ -121,6 +121,11 @@ def test_bad_values_name_the_field(override, words):
             ["algorithm.tas_segment=12", "divide a rank's rollouts per update (16)", "nearest: 8 or 16"],
         ),
         (["trainer.prompts_per_step=10", "trainer.prompts_per_update=4"], None, ["nearest: 2 or 5"]),
+        (
+            ["trainer.prompts_per_step=8", "trainer.prompts_per_update=4", "algorithm.tas_range_rollouts=24"],
+            1,  # a rank's update: 4 x 8 = 32 rollouts, segments of 16
+            ["algorithm.tas_range_rollouts=24", "whole TAS segments (16)", "per update (32)", "nearest: 16 or 32"],
+        ),
     ],
 )
 def test_validate_rejects_inconsistent_settings(overrides, world_size, words):

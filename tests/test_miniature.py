@@ -21,6 +21,7 @@ SHRUNK = {
     "data.train_files", "data.val_files", "trainer.prompts_per_update", "trainer.prompts_per_step",
     "trainer.total_steps", "trainer.val_every", "trainer.val_prompts", "trainer.output_dir",
     "checkpoint.save_every", "checkpoint.resume", "logging.wandb_project", "logging.progress_bars",
+    "algorithm.tas_range_rollouts",
 }  # fmt: skip
 
 

@@ -13,7 +13,7 @@ from vppo_megatron.trainer import StepData, Trainer, mean_over_steps
 GROUPS, SAMPLES = 4, 8  # 32 rollouts on one rank, one mini-batch
 
 
-def _advantages(micro_batch_size: int, tas_segment: int = 16):
+def _advantages(micro_batch_size: int, tas_segment: int = 16, tas_range_rollouts: int = 0):
     cfg = load(
         None,
         [
@@ -21,6 +21,7 @@ def _advantages(micro_batch_size: int, tas_segment: int = 16):
             "trainer.prompts_per_update=4",
             f"trainer.micro_batch_size={micro_batch_size}",
             f"algorithm.tas_segment={tas_segment}",
+            f"algorithm.tas_range_rollouts={tas_range_rollouts}",
         ],
     ).validate(1)
     generator = torch.Generator().manual_seed(0)
@@ -51,6 +52,27 @@ def test_tas_segment_not_the_memory_micro_batch_sets_the_statistic():
     assert metrics["vppo/shaping_scale_max"] == pytest.approx(alpha_B.max().item())
     four, _, _ = _advantages(micro_batch_size=16, tas_segment=4)
     assert not torch.equal(one, four)  # the segment is what changes it
+
+
+def test_the_tas_range_window_is_the_reference_per_gpu_mini_batch():
+    """tas_range_rollouts=16 of a rank's 32: each half takes its own min and max, as the reference's per-GPU
+    mini-batch would if its 32 rollouts were on two GPUs."""
+    windowed, _, experience = _advantages(micro_batch_size=4, tas_segment=8, tas_range_rollouts=16)
+    trajectory_B = experience.dependency_BT.mean(-1)
+    valid = torch.ones(16, dtype=torch.bool)
+    halves = [
+        tas_scale(trajectory_B[rows], valid, segment_ids_B=torch.arange(16) // 8)
+        for rows in (slice(0, 16), slice(16, 32))
+    ]
+    whole, _, _ = _advantages(micro_batch_size=4, tas_segment=8)
+    full_window, _, _ = _advantages(micro_batch_size=4, tas_segment=8, tas_range_rollouts=32)
+    assert torch.equal(whole, full_window)  # a window of the whole mini-batch is the default
+    alpha_B = torch.cat(halves)
+    ratio = windowed / whole.where(whole != 0, torch.ones_like(whole))
+    assert not torch.equal(windowed, whole)
+    whole_alpha = tas_scale(trajectory_B, torch.ones(32, dtype=torch.bool), segment_ids_B=torch.arange(32) // 8)
+    nonzero = whole != 0
+    torch.testing.assert_close(ratio[nonzero], (alpha_B / whole_alpha).float()[nonzero])
 
 
 def test_step_metrics_are_the_mean_over_every_optimizer_step():

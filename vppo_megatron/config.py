@@ -152,6 +152,11 @@ class AlgorithmConfig:
     """Rollouts per TAS segment (tas_scope=segment): the reference's update micro-batch, a statistic and not a
     memory setting (16 in its 7B script, 4 in its 8B one). Consecutive rollouts of a rank's mini-batch; it must
     divide that mini-batch's rollouts and hold at least 2 (one rollout has no range: alpha would always be 1)."""
+    tas_range_rollouts: int = 0
+    """Rollouts whose trajectory dependency sets TAS's range (min, max) under tas_scope=segment: consecutive
+    windows of a rank's mini-batch, whole TAS segments each; 0 = the rank's whole mini-batch. The reference's window
+    is its per-GPU mini-batch: prompts per update x samples / GPUs (128 in its 7B and 8B scripts on 8 GPUs), which
+    a model-parallel layout (fewer data-parallel ranks) would otherwise widen."""
     tas_range: Literal["dynamic", "fixed"] = "dynamic"
     """dynamic: beta_max chosen so mean alpha = 1 (reference); fixed: alpha in [beta_min, beta_max] (Table 3)."""
     beta_min: float = 0.9
@@ -489,9 +494,9 @@ def _nearest_multiples(value: int, of: int) -> str:
     return " or ".join(str(v) for v in (below, above) if v >= 1)
 
 
-def _nearest_divisors(value: int, of: int) -> str:
-    """The divisors of `of` closest to `value` from below and above."""
-    divisors = [d for d in range(1, of + 1) if of % d == 0]
+def _nearest_divisors(value: int, of: int, multiple_of: int = 1) -> str:
+    """The divisors of `of` (multiples of `multiple_of`) closest to `value` from below and above."""
+    divisors = [d for d in range(1, of + 1) if of % d == 0 and d % multiple_of == 0]
     below = max((d for d in divisors if d <= value), default=None)
     above = min((d for d in divisors if d >= value), default=None)
     return " or ".join(str(v) for v in dict.fromkeys((below, above)) if v is not None)
@@ -513,6 +518,8 @@ def _check_batches(cfg: Config, world_size: int) -> None:
             f"{_nearest_divisors(t.prompts_per_update, t.prompts_per_step)}",
         )
     segment = a.trajectory_shaping != "none" and a.tas_scope == "segment"
+    if a.tas_range_rollouts < 0:
+        _fail("algorithm.tas_range_rollouts", a.tas_range_rollouts, "must be >= 0 (0: the rank's whole mini-batch)")
     if segment and a.tas_segment < 2:
         _fail(
             "algorithm.tas_segment",
@@ -545,6 +552,14 @@ def _check_batches(cfg: Config, world_size: int) -> None:
             a.tas_segment,
             f"must divide a rank's rollouts per update ({rollouts}); "
             f"nearest: {_nearest_divisors(a.tas_segment, rollouts)}",
+        )
+    window = a.tas_range_rollouts
+    if segment and window and (window % a.tas_segment or rollouts % window):
+        _fail(
+            "algorithm.tas_range_rollouts",
+            window,
+            f"must be whole TAS segments ({a.tas_segment}) and divide a rank's rollouts per update ({rollouts}); "
+            f"nearest: {_nearest_divisors(window, rollouts, a.tas_segment)}",
         )
 
 

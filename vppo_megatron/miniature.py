@@ -95,6 +95,7 @@ def plan(cfg) -> list[Miniature]:
     micro = 1 if t.max_tokens_per_micro_batch else t.micro_batch_size
     n = r.num_samples_per_prompt
     groups_per_rank = math.lcm(micro, segment, n) // n  # whole micro-batches and whole TAS segments
+    window = min(a.tas_range_rollouts, groups_per_rank * n) if a.tas_range_rollouts else 0
     updates_per_step = t.prompts_per_step // t.prompts_per_update
     response = max(16, PROMPT_TOKENS * r.max_response_length // cfg.data.max_prompt_length)
     out = []
@@ -151,6 +152,12 @@ def plan(cfg) -> list[Miniature]:
                 str(ppu * updates_per_step),
                 f"{updates_per_step} updates per step, as the recipe",
             ),
+            (
+                "algorithm.tas_range_rollouts",
+                str(a.tas_range_rollouts),
+                str(window),
+                "the recipe's, or a rank's rollouts per update where it holds fewer",
+            ),
             ("data.max_prompt_length", str(cfg.data.max_prompt_length), str(PROMPT_TOKENS), "tiny prompts"),
             ("rollout.max_response_length", str(r.max_response_length), str(response), "the recipe's ratio"),
             (
@@ -179,6 +186,7 @@ def plan(cfg) -> list[Miniature]:
             "rollout.tensor_parallel_size=1",
             f"trainer.prompts_per_update={ppu}",
             f"trainer.prompts_per_step={ppu * updates_per_step}",
+            f"algorithm.tas_range_rollouts={window}",
             f"data.max_prompt_length={PROMPT_TOKENS}",
             f"rollout.max_response_length={response}",
             "data.min_pixels=3136",

@@ -220,3 +220,10 @@ def test_a_processor_narrower_than_the_data_limits_is_reconciled_and_counted_as_
     assert sample.images[0].shape == (224, 224, 3)  # scaled up to 448^2 by the data range, then into 50176
     served = tiny_processor(text=[sample.prompt_text], images=sample.images)
     assert dataset._prompt_length(sample) == len(served["input_ids"][0])
+
+
+def test_the_problem_is_trimmed_before_the_format_instruction_as_the_reference_template_does():
+    from vppo_megatron.data.prompts import build_messages
+
+    (message,) = build_messages("\n  <image>How many?  \n", 1, "Think, then box.")
+    assert message["content"] == [{"type": "image"}, {"type": "text", "text": "How many?\n\nThink, then box."}]

@@ -97,6 +97,13 @@ DEVIATIONS = [
     (r"\boxed {5}", "5", 0, 1, "LaTeX accepts a space before the brace"),
     (r"\fbox{5}", "5", 0, 1, "\\fbox is a box too, read when there is no \\boxed{...}"),
     (r"$\boxed 42$", "42", 0, 1, "\\boxed 42 is a box too, read when there is no braced box"),
+    # consequences of the rules above
+    (r"\boxed{3} then \boxed {5}", "3", 1, 0, "the space before the brace is read: the last box is 5"),
+    (r"\boxed{2} and \boxed{3", "None", 1, 0, "an unbalanced last box is no answer, which never matches 'None'"),
+    (r"\boxed{}", "{}", 1, 0, "an empty answer matches nothing"),
+    (r"\boxed{\left\{x\right.}", r"\left\{x\right.", 0, 1, "escaped braces are content, not structure"),
+    (r"\boxed{x**2}", "x^2", 1, 0, "** skips sympy (9**9**9 would hang the grader): compared as text"),
+    (r"\boxed{\frac{1}{2!}}", "0.5", 1, 0, "! skips sympy ((10!)! would hang the grader): compared as text"),
 ]
 
 

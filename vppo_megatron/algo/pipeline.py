@@ -25,7 +25,8 @@ def shaped_advantages(
     dp_group=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantage_B, TAS scale alpha_B) of one mini-batch (this rank's rows, in order) for `cfg` (the
-    AlgorithmConfig); alpha = 1 without TAS. Segment scope: rows [0, tas_segment) are segment 0, and so on."""
+    AlgorithmConfig); alpha = 1 without TAS. Segment scope: rows [0, tas_segment) are segment 0, and so on; the
+    range is taken per window of tas_range_rollouts rows (0: all of them)."""
     scale_B = torch.ones_like(reward_B)
     if cfg.trajectory_shaping != "none":
         scale_B = shaping.tas_scale(
@@ -37,6 +38,7 @@ def shaped_advantages(
             beta_max=cfg.beta_max,
             segment_ids_B=torch.arange(len(reward_B)) // cfg.tas_segment,
             group_ids_B=group_ids_B,
+            range_ids_B=torch.arange(len(reward_B)) // cfg.tas_range_rollouts if cfg.tas_range_rollouts else None,
             dp_group=dp_group,
         ).to(reward_B.dtype)
     advantage_B = shaping.shaped_advantages(reward_B, group_ids_B, scale_B, cfg.trajectory_shaping, cfg.advantage_eps)

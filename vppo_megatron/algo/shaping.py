@@ -7,7 +7,8 @@
     A'_i = alpha_i * A_i;  if hi - lo <= 1e-6 every alpha is 1.
 
 Scopes (`algorithm.tas_scope`) decide which rollouts lo, hi and mean(u) are taken over:
-- segment: lo, hi over the rank's mini-batch, mean(u) per segment of consecutive rollouts (reference-exact: the
+- segment: lo, hi over a window of the rank's mini-batch (`algorithm.tas_range_rollouts`; the reference's is its
+  per-GPU mini-batch, 0 here = the rank's whole mini-batch), mean(u) per segment of consecutive rollouts (the
   reference's segment is its update micro-batch, 16 rollouts in the 7B script, 4 in the 8B one; the segment size
   bounds alpha <= beta_min + (1 - beta_min) * segment size). Here it is `algorithm.tas_segment`, independent of the
   memory micro-batch, so micro_batch_size=1 does not switch TAS off.
@@ -72,6 +73,7 @@ def tas_scale(
     beta_max: float = 1.1,
     segment_ids_B: torch.Tensor | None = None,
     group_ids_B: torch.Tensor | None = None,
+    range_ids_B: torch.Tensor | None = None,
     dp_group=None,
 ) -> torch.Tensor:
     """shaping_scale_B = alpha_i of TAS (see the module docstring for the formulas and scopes)."""
@@ -83,7 +85,10 @@ def tas_scale(
         lo, hi = _global_stats(s_B, valid_B, dp_group)
         lo_B, hi_B = lo.expand_as(s_B), hi.expand_as(s_B)
     else:
-        stats_segment_B = group_ids_B if scope == "group" else torch.zeros_like(s_B, dtype=torch.long)
+        if scope == "group":
+            stats_segment_B = group_ids_B
+        else:  # segment: the range window each rollout is in (one window: the whole mini-batch)
+            stats_segment_B = range_ids_B if range_ids_B is not None else torch.zeros_like(s_B, dtype=torch.long)
         if scope not in ("segment", "group") or stats_segment_B is None:
             raise ValueError(f"tas_scope={scope!r} needs group_ids_B (group) or is unknown; use segment|global|group")
         lo_B = _segment_reduce(s_B, stats_segment_B, valid_B, "amin")

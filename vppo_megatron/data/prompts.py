@@ -11,6 +11,7 @@ def build_messages(problem: str, num_images: int, format_prompt: str) -> list[di
     A problem without placeholders gets its images in front of the text (the common convention of
     multimodal chat templates); a problem with placeholders must have exactly one per image.
     """
+    problem = problem.strip()  # the reference's template renders `content | trim`
     text = f"{problem}\n\n{format_prompt}" if format_prompt else problem
     pieces = text.split(IMAGE_PLACEHOLDER)
     if len(pieces) == 1:

@@ -94,7 +94,7 @@ def _equal_without_sympy(given: str, ground_truth: str) -> bool:
 
 
 def _is_gradable(given: str | None, ground_truth: str | None) -> bool:
-    return bool(given and given.strip() and ground_truth and ground_truth.strip()) and len(given) <= MAX_ANSWER_CHARS
+    return bool(given and given.strip() and ground_truth and ground_truth.strip())
 
 
 def grade_answer(given: str | None, ground_truth: str) -> bool:
@@ -102,7 +102,7 @@ def grade_answer(given: str | None, ground_truth: str) -> bool:
     if not _is_gradable(given, ground_truth):
         return False
     try:
-        if _SYMPY_HAZARD.search(given.replace("\\!", "")):  # `\!` is a LaTeX thin space, not a factorial
+        if len(given) > MAX_ANSWER_CHARS or _SYMPY_HAZARD.search(given.replace("\\!", "")):  # `\!`: a thin space
             return _equal_without_sympy(given, ground_truth)
         return bool(_mathruler_grade_answer(given, ground_truth))
     except Exception:
@@ -126,7 +126,7 @@ def compute_score(response: str, ground_truth: str) -> dict[str, float]:
 
 
 def _math_verify_equal(given: str | None, ground_truth: str) -> bool:
-    if not _is_gradable(given, ground_truth):
+    if not _is_gradable(given, ground_truth) or len(given) > MAX_ANSWER_CHARS:  # parse time grows with length
         return False
     # signal.alarm is only usable in the main thread; elsewhere run without math-verify's timeout.
     timeout = MATH_VERIFY_TIMEOUT_SECONDS if threading.current_thread() is threading.main_thread() else None
