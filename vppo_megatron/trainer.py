@@ -267,16 +267,16 @@ class Trainer:
             self.skipped_in_a_row = 0
             return
         self.skipped_in_a_row += 1
-        reason = skip_reason(metrics) if self.is_driver else ""
+        reason = "see rank 0"  # the rollout metrics that say why live on the driver
         if self.is_driver:
             from tqdm import tqdm
 
+            reason = skip_reason(metrics)
             tqdm.write(f"warning: step {step} trained on nothing: {reason}", file=sys.stderr)
         limit = self.cfg.algorithm.max_skipped_steps
         if limit and self.skipped_in_a_row >= limit:
-            last = reason or "see rank 0"
             raise StalledRun(
-                f"{self.skipped_in_a_row} steps in a row trained on nothing (the last, step {step}: {last}). "
+                f"{self.skipped_in_a_row} steps in a row trained on nothing (the last, step {step}: {reason}). "
                 "Likely causes: the reward function (algorithm.reward_function) does not grade these "
                 "answers; the responses miss the answer format the prompt asks for (data.format_prompt); the model "
                 "is not warm-started (vppo sft). algorithm.max_skipped_steps=0 never stops"

@@ -23,9 +23,6 @@ def _is_cuda(device) -> bool:
     return isinstance(device, int) and not isinstance(device, bool)  # bare ints are CUDA ordinals in mcore
 
 
-_REDIRECTED = frozenset({torch.Tensor.cuda, torch.Tensor.pin_memory, torch.Tensor.type, torch.Tensor.to})
-
-
 class _CudaToCpu(TorchFunctionMode):
     """P4: `device="cuda"`, integer device ordinals and `.cuda()` in schedules, p2p communication, DDP buffers,
     the optimizer and dist_checkpointing become CPU. P6: `tensor.type()` reports `torch.cuda.*Tensor`, because the
@@ -33,12 +30,6 @@ class _CudaToCpu(TorchFunctionMode):
     memory (`pin_memory=True`, `.pin_memory()`, e.g. the CP slice of rotary embeddings) needs a CUDA driver."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        # every torch call of the process passes here: the common one (no device, no pinning) returns at once
-        if not kwargs:
-            if func not in _REDIRECTED:
-                return func(*args)
-        elif "device" not in kwargs and "pin_memory" not in kwargs and func not in _REDIRECTED:
-            return func(*args, **kwargs)
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
             return args[0]
