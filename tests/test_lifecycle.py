@@ -4,7 +4,7 @@ engine are checked end to end in tests/rollout/test_fleet.py and tests/actor/tes
 import pytest
 
 from vppo_megatron.config import ConfigError, load
-from vppo_megatron.lifecycle import OFFLOAD_KINDS, resident, resolve_offload, step_order
+from vppo_megatron.lifecycle import OFFLOAD_KINDS, resident, resolve_offload, startup_order, step_order
 
 
 def test_auto_offloads_everything_only_when_colocated_on_cuda():
@@ -53,3 +53,42 @@ def test_disaggregated_keeps_the_actor_resident_and_refuses_offload():
     with pytest.raises(ConfigError, match="actor.offload"):
         load(None, ["rollout.placement=disaggregated", "actor.offload=optimizer"]).validate()
     load(None, ["rollout.placement=disaggregated", "actor.offload=auto"]).validate()
+
+
+def _walk(calls: list[str]):
+    """Replays recorded calls on a model of one colocated GPU: the engines' awake parts and the actor's resident
+    kinds after each call (engines are born awake; the actor holds everything once built)."""
+    engines, actor, states = {"weights", "kv_cache"}, set(), []
+    for call in calls:
+        if call == "engines.sleep(level=1)":
+            engines = set()
+        elif call.startswith("engines.wake_up("):
+            engines.add(call.removeprefix("engines.wake_up(").rstrip(")"))
+        elif call in ("actor.build", "actor.onload"):
+            actor = {"optimizer", "grads", "weights"}
+        elif call.startswith("actor.offload("):
+            actor -= set(call.removeprefix("actor.offload(").rstrip(")").split("+"))
+        states.append((call, frozenset(engines), frozenset(actor)))
+    return states
+
+
+@pytest.mark.parametrize("offload", list(OFFLOAD_KINDS))
+@pytest.mark.parametrize("resumed", [False, True])
+def test_start_up_never_holds_the_awake_engines_and_the_whole_actor(offload, resumed):
+    """The documented start-up (docs/scaling.md): the engines sleep before the actor is built (and a checkpoint
+    loaded); the first sync is the step's own; afterwards the rollout state of every step."""
+    order = startup_order(offload, "colocated", resumed)
+    assert order[:2] == ["engines.sleep(level=1)", "actor.build"]
+    assert ("actor.load(checkpoint)" in order) == resumed
+    assert order.index("sync.push") > order.index("engines.wake_up(weights)")
+    states = _walk(order + step_order(offload, "colocated") * 2)
+    for call, engines, actor in states:
+        if actor == {"optimizer", "grads", "weights"} and offload != "none":
+            assert not engines, f"after {call}: engines {set(engines)} awake next to the whole actor"
+        if "kv_cache" in engines:
+            assert not actor & set(OFFLOAD_KINDS[offload]), call  # the rollout state: offloaded kinds gone
+    rollout = resident("rollout", offload, "colocated")
+    _, engines, actor = states[len(order) - 1]
+    assert engines == {"weights", "kv_cache"}
+    assert actor == {k for k in ("optimizer", "grads", "weights") if rollout[f"actor_{k}"]}
+    assert startup_order(offload, "disaggregated", resumed)[-1] == "sync.push"

@@ -275,3 +275,26 @@ def test_a_token_budget_sizes_the_activation_estimate_by_the_rows_it_admits():
     # 4096 prompt + 2048 response tokens at most: a 20,000-token budget admits 3 such rows, 1,000 still one
     assert rollouts_per_micro_batch(load(None, ["trainer.max_tokens_per_micro_batch=20000"])) == 3
     assert rollouts_per_micro_batch(load(None, ["trainer.max_tokens_per_micro_batch=1000"])) == 1
+
+
+def test_every_phase_and_the_host_are_planned_and_an_over_budget_recipe_is_refused(capsys):
+    """The dry run prints every phase of a run (start-up, resume, rollout, experience, update, checkpoint, sync)
+    and the busiest node's host memory; a recipe that does not fit is refused naming the phase, what it holds and
+    the setting to change."""
+    from vppo_megatron.memory import GIB, PHASES, next_power_of_two
+
+    status, out = _vppo_train_dry_run(capsys, "examples/configs/qwen2_5_vl_7b.yaml")
+    assert status == 0, out
+    assert all(f"  {phase} " in out for phase in PHASES)
+    assert "host memory of the busiest node (trainer rank 0's, 8 ranks; GiB): offload_buffers" in out
+    assert "engine_sleep_copies" in out and "sync_staging" in out and "step_batch" in out
+    # the 7B recipe on 48 GB devices: loading the Adam state beside the built actor does not fit
+    status, out = _vppo_train_dry_run(capsys, "examples/configs/qwen2_5_vl_7b.yaml", "parallel.device_memory_gib=48")
+    assert status == 2
+    assert "error: the resume phase needs" in out and "loaded optimizer state 12.5" in out
+    assert "parallel.device_memory_gib=48; raise parallel.tp" in out
+    # the 72B recipe on nodes of 512 GiB: vLLM's sleep copies and the sync's staging alone are half a terabyte
+    status, out = _vppo_train_dry_run(capsys, "examples/configs/qwen2_5_vl_72b.yaml", "parallel.host_memory_gib=512")
+    assert status == 2
+    assert "error: the host memory of a node needs" in out and "parallel.host_memory_gib=512" in out
+    assert next_power_of_two(8.4 * GIB) == 16 * GIB  # the caching host allocator's rounding of a pinned buffer

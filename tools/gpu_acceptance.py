@@ -100,10 +100,9 @@ def _cuda_micro_batch(actor, samples, length_multiple: int):
     mb = batching.collate(
         actor.hf_config, samples, [e[0] for e in encoded], [e[1] for e in encoded], actor.pad_id, length_multiple
     )
-    for name in ("input_ids_BS", "position_ids_3BS", "labels_BS", "response_mask_BS", "image_mask_BS"):
-        setattr(mb, name, getattr(mb, name).cuda())
-    mb.pixel_values_NC, mb.image_grid_thw = mb.pixel_values_NC.cuda(), mb.image_grid_thw.cuda()
-    return mb
+    import torch
+
+    return mb.materialize(torch.device("cuda"))
 
 
 def _perturb(actor) -> None:

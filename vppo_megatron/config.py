@@ -116,7 +116,12 @@ class RolloutConfig:
     verify_sync_tolerance: float = 0.05
     """Largest engine-vs-actor per-token log-prob difference verify_sync_every accepts."""
     request_timeout_s: float = 600.0
-    """Timeout of any single remote call to an engine; a call past it raises instead of hanging."""
+    """Deadline of one control call to an engine (sleep, wake, a weight-sync bucket, its version, a progress
+    probe); a call past it raises instead of hanging. Generation has no overall deadline: see stall_timeout_s."""
+    stall_timeout_s: float = 300.0
+    """An engine whose generation makes no progress (not one engine step) for this long, or does not answer a
+    progress probe, is hung: killed, restarted, re-synced, its requests retried. A long round that keeps
+    producing tokens (a 200-prompt x 8-sample validation) never trips it."""
 
 
 DAPO_CLIP_HIGH = 0.28  # DAPO's clip-higher epsilon (the reference recipe)
@@ -235,6 +240,15 @@ class ParallelConfig:
     """Expected number of trainer ranks; 0 = the torchrun world size at start (set for --dry-run)."""
     device_memory_gib: float = 80.0
     """Memory of one accelerator; `--dry-run` fails when the estimated actor peak exceeds 90% of it (0: no check)."""
+    gpus_per_node: int = 8
+    """Accelerators (trainer ranks) per node: how many ranks share one node's host memory."""
+    host_memory_gib: float = 1024.0
+    """Host memory of one node; `--dry-run` fails when the busiest node's estimate (pinned offload buffers,
+    vLLM sleep copies, the weight sync's staging, the step batch) exceeds 90% of it (0: no check)."""
+    timeout_s: float = 3600.0
+    """Deadline of every collective between trainer ranks (the process groups' timeout): a rank that waits longer
+    fails naming the stage it waited in. The other ranks wait for trainer rank 0's rollout, validation and
+    engine restarts: keep it above the longest of those."""
 
 
 @dataclass
@@ -413,6 +427,13 @@ def _check_ranges(cfg: Config) -> None:
         _fail("algorithm.max_skipped_steps", a.max_skipped_steps, "must be >= 0 (0: never stop)")
     if a.ppo_epochs < 1:
         _fail("algorithm.ppo_epochs", a.ppo_epochs, "must be >= 1")
+    for path, value in [
+        ("rollout.request_timeout_s", r.request_timeout_s),
+        ("rollout.stall_timeout_s", r.stall_timeout_s),
+        ("parallel.timeout_s", cfg.parallel.timeout_s),
+    ]:
+        if value <= 0:
+            _fail(path, value, "must be > 0 seconds")
     if r.verify_sync_every < 0 or r.verify_sync_tolerance <= 0:
         _fail("rollout.verify_sync_every", r.verify_sync_every, "needs every >= 0 and verify_sync_tolerance > 0")
     if cfg.trainer.max_tokens_per_micro_batch < 0:

@@ -13,6 +13,15 @@ Colocated placement (engines share the trainer's GPUs), one step:
 
 Disaggregated placement: the engines own their GPUs; nothing sleeps and nothing offloads (NCCL sync).
 
+Start-up (`start_up`, then `first_sync`), so that the awake engines and the whole actor never share a device:
+
+    engines.start   trainer rank 0 starts the engines (vLLM profiles a device the actor has not touched yet)
+    engines.sleep   level 1 -> barrier: no rank allocates before every engine has let go of its device memory
+    actor.build     weights, gradient buffers, optimizer (the update phase's state, without activations)
+    actor.load      on resume: the checkpoint's weights and optimizer state, into the resident actor
+    sync            as every step ends: optimizer [+ grads] offloaded -> engines wake their weights -> the sync
+                    -> weights offloaded (offload=all) -> engines wake the KV cache: the rollout state
+
 Level 1 sleep keeps the engine's weights in host memory, so a failed sync can still roll the engines back. The
 barriers matter on GPU: memory must be released on every rank of a node before anything on it grows again.
 `resident()` is the same table as data, so the memory estimate (memory.py) and the code that runs agree.
@@ -21,6 +30,7 @@ barriers matter on GPU: memory must be released on every rank of a node before a
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -58,16 +68,30 @@ def resident(phase: str, offload: str, placement: str) -> dict[str, bool]:
     }
 
 
+def _sync_calls(kinds: tuple[str, ...], push: bool) -> list[str]:
+    """The colocated sync's calls: optimizer [+ grads] leave, engines wake their weights, [the sync,] the weights
+    leave (offload=all), the engines wake their KV cache."""
+    first = "+".join(k for k in kinds if k != "weights")
+    calls = ([f"actor.offload({first})"] if first else []) + ["engines.wake_up(weights)"]
+    calls += (["sync.push"] if push else []) + (["actor.offload(weights)"] if "weights" in kinds else [])
+    return calls + ["engines.wake_up(kv_cache)"]
+
+
 def step_order(offload: str, placement: str) -> list[str]:
     """The documented sequence of residency calls of one step (what `Lifecycle.calls` records)."""
     if placement != "colocated":
         return []
     kinds = OFFLOAD_KINDS[offload]
-    first = [k for k in kinds if k != "weights"]
-    calls = ["engines.sleep(level=1)"] + (["actor.onload"] if kinds else [])
-    calls += ([f"actor.offload({'+'.join(first)})"] if first else []) + ["engines.wake_up(weights)"]
-    calls += (["actor.offload(weights)"] if "weights" in kinds else []) + ["engines.wake_up(kv_cache)"]
-    return calls
+    return ["engines.sleep(level=1)"] + (["actor.onload"] if kinds else []) + _sync_calls(kinds, push=False)
+
+
+def startup_order(offload: str, placement: str, resumed: bool) -> list[str]:
+    """The documented sequence of calls of a start-up (what `Lifecycle.calls` records, rank 0's log): the engines
+    asleep while the actor builds (and loads a checkpoint), then the step's sync transitions around the push."""
+    colocated = placement == "colocated"
+    calls = (["engines.sleep(level=1)"] if colocated else []) + ["actor.build"]
+    calls += ["actor.load(checkpoint)"] if resumed else []
+    return calls + (_sync_calls(OFFLOAD_KINDS[offload], push=True) if colocated else ["sync.push"])
 
 
 class Lifecycle:
@@ -88,12 +112,34 @@ class Lifecycle:
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.calls: list[str] = []
-        self.phase = "update"  # at start-up everything is resident and the engines are awake
+        self.phase = "start"  # engines awake (born so), no actor yet
 
-    def start(self) -> dict[str, float]:
-        """After the start-up weight sync: the rollout state (engines are born awake)."""
-        self.phase = "rollout"
-        return self._offload(self.kinds, "start")
+    def start_up(self, build: Callable[[], object], load: Callable[[object], object]) -> tuple[object, object]:
+        """The engines (started and loaded by trainer rank 0 before this call) go to sleep; only then does every
+        rank build the actor (`build()`) and, on resume, load its checkpoint (`load(actor)`, None when there is
+        nothing to resume): the whole actor is resident, the engines hold no device memory (the update phase's
+        state without its activations). Returns (actor, what `load` returned); `first_sync` follows."""
+        assert self.phase == "start", self.phase
+        if self.placement == "colocated":
+            self._engines("sleep", 1)
+        else:
+            self.barrier()  # the engines have their own GPUs; the ranks still start together
+        self.actor = build()
+        self._record("actor.build")
+        restored = load(self.actor)
+        if restored is not None:
+            self._record("actor.load(checkpoint)")
+        self.phase = "update"
+        return self.actor, restored
+
+    def first_sync(self, push: Callable[[], dict]) -> dict[str, float]:
+        """The start-up sync, under the same transitions as every step's: the actor's optimizer state [+ grads]
+        leave, the engines' weights wake, `push()` serves the actor's weights, then the rollout state."""
+        metrics = self.enter("sync")
+        metrics.update(push())
+        self._record("sync.push")
+        metrics.update(self.enter("rollout"))
+        return metrics
 
     def enter(self, phase: str) -> dict[str, float]:
         """Moves memory for `phase`; returns lifecycle metrics (bytes moved, seconds) for rank 0's log."""
@@ -159,8 +205,14 @@ class Lifecycle:
         return {"lifecycle/onloaded_mib": sum(restored.values()) / 2**20, "time/onload_s": time.perf_counter() - start}
 
     def _record(self, call: str, sizes: dict[str, int] | None = None) -> None:
+        """Rank 0's log line: the call, the bytes it moved, then what the actor holds after it (bytes per kind and
+        of host buffers: what the memory plan's state parts predict, `resident=weights:N,grads:N,...`)."""
         self.calls.append(call)
         if self.log_path is not None:
             detail = " ".join(f"{k}={v / 2**20:.2f}MiB" for k, v in (sizes or {}).items())
+            residency = getattr(self.actor, "residency", None)
+            if residency is not None:
+                held = residency.resident_bytes()
+                detail += " resident=" + ",".join(f"{k}:{v}" for k, v in held.items())
             with open(self.log_path, "a") as f:
-                f.write(f"{time.time():.3f} phase={self.phase} {call} {detail}".rstrip() + "\n")
+                f.write(f"{time.time():.3f} phase={self.phase} {call} {detail.strip()}".rstrip() + "\n")

@@ -29,11 +29,12 @@ headroom covers them): pipeline p2p buffers, NCCL buffers, the CUDA context (~2-
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from vppo_megatron import families
-from vppo_megatron.lifecycle import resident, resolve_offload
+from vppo_megatron.lifecycle import OFFLOAD_KINDS, resident, resolve_offload
 
 GIB = 2**30
 FP32 = 4
@@ -328,26 +329,92 @@ def engine_gib_per_gpu(cfg) -> float:
     return workers_per_gpu * r.gpu_memory_utilization * cfg.parallel.device_memory_gib
 
 
+def optimizer_bytes_per_param(weight_bytes: int) -> int:
+    """Adam's bytes per parameter: exp_avg and exp_avg_sq in fp32, plus an fp32 master copy of bf16 weights (an
+    fp32 weight is its own master)."""
+    return 2 * FP32 + (FP32 if weight_bytes != FP32 else 0)
+
+
+def experience_bytes(
+    arch: Arch, seq: int, micro_batch: int, tp: int, sequence_parallel: bool, impl: str, dtype_bytes: int, last: bool
+) -> float:
+    """Bytes the experience pass holds beyond the actor's state, no_grad: one micro-batch of both views (2b rows)
+    passes one layer at a time (that layer's working set, the hidden states in and out), and on the last stage
+    the fp32 logits of both views with their log-softmax and the estimator's difference (3 x 4 B x 2b x s x V/TP)."""
+    rows = 2 * micro_batch
+    layer = sum(layer_activation_bytes(arch, seq, rows, tp, sequence_parallel, "none", impl, dtype_bytes).values())
+    hidden = 2 * rows * seq * arch.hidden * dtype_bytes
+    logits = 3 * FP32 * rows * seq * arch.vocab / tp if last else 0
+    return layer + hidden + logits
+
+
 def phase_peaks(cfg, parts: dict[str, float]) -> dict[str, float]:
-    """GiB on one trainer GPU in each phase of a step, from lifecycle.py's residency table (the code that runs):
-    rollout (engines awake, the actor's offloaded parts gone), update (engines asleep, everything of the actor),
-    sync (the engines' weights awake, no KV cache yet; the actor's weights resident). `actor.offload: auto` is
-    resolved as on the target's CUDA hosts."""
+    """GiB on one trainer GPU in each phase of a run, from lifecycle.py's residency table (the code that runs):
+    startup (engines asleep, the actor's state built), resume (that plus the checkpoint's optimizer state loaded
+    beside it, then copied in; the weights load in place), rollout (engines awake, the actor's offloaded parts gone),
+    experience (engines asleep, the state plus one micro-batch of both views in flight), update (everything of
+    the actor), checkpoint (engines asleep, the state; the writer copies to host), sync (the engines' weights
+    awake, no KV cache yet; the actor's weights resident). `actor.offload: auto` is resolved as on the target's
+    CUDA hosts."""
     placement = cfg.rollout.placement
     offload = resolve_offload(cfg.actor.offload, placement, cuda=True)
     state = {"actor_weights": "weights", "actor_grads": "gradients", "actor_optimizer": "optimizer"}
-    peaks = {}
-    for phase in ("rollout", "update", "sync"):
+    whole = parts["weights"] + parts["gradients"] + parts["optimizer"]
+    peaks = {
+        "startup_phase": whole,
+        "resume_phase": whole + parts["optimizer"],  # weights load in place; the optimizer state beside it
+        "checkpoint_phase": whole,
+    }
+    for phase in ("rollout", "experience", "update", "sync"):
         held = resident(phase, offload, placement)
         gib = sum(parts[part] for key, part in state.items() if held[key])
         if held["actor_activations"]:
             gib += parts["activations"] + parts["logits"] + parts["vision_activations"]
+        elif phase == "experience":
+            gib += parts["experience_activations"]
         if held["engine_kv_cache"]:
             gib += engine_gib_per_gpu(cfg)
         elif held["engine_weights"]:
             gib += parts["vllm_weights"] + cfg.rollout.sync_bucket_mb / 1024  # + one bucket of the sync
         peaks[f"{phase}_phase"] = gib
     return peaks
+
+
+def next_power_of_two(nbytes: float) -> float:
+    return 2 ** math.ceil(math.log2(nbytes)) if nbytes > 0 else 0.0
+
+
+def host_per_node(cfg, arch: Arch, parts: dict[str, float]) -> dict[str, float]:
+    """GiB of host memory on the busiest node (trainer rank 0's), by item:
+    - `offload_buffers`: each rank's host copies of what actor.offload moves (weights, optimizer; gradients are
+      dropped, not copied), pinned on CUDA hosts, where the caching host allocator rounds each buffer up to a
+      power of two (estimated per kind and model chunk: one buffer each);
+    - `engine_sleep_copies`: vLLM's level-1 sleep keeps every colocated engine's weights (bf16) in host memory;
+    - `sync_staging`: the weight sync's full-model copy on trainer rank 0 and its /dev/shm snapshot for rollback
+      and engine restarts (two copies of the model in the engines' dtype);
+    - `step_batch`: each rank's encoded pixels of the step's prompts (fp32, once per prompt) and its data loader's
+      images of the step (uint8).
+    The heaviest pipeline-stage role's state stands for every rank of the node."""
+    p, r = cfg.parallel, cfg.rollout
+    ranks = min(p.gpus_per_node, p.world_size or 1)
+    offload = resolve_offload(cfg.actor.offload, r.placement, cuda=True)
+    kinds = [k for k in OFFLOAD_KINDS[offload] if k != "grads"] if r.placement == "colocated" else []
+    gib = {"weights": parts["weights"], "optimizer": parts["optimizer"]}
+    chunks = p.vpp
+    per_rank = sum(chunks * next_power_of_two(gib[k] * GIB / chunks) / GIB for k in kinds)
+    model = arch.total_params() * 2 / GIB
+    engines = -(-ranks // r.tensor_parallel_size) if r.placement == "colocated" else 0
+    patches = cfg.data.max_pixels // arch.vision_patch**2
+    pixel_bytes = patches * 3 * 2 * arch.vision_patch**2 * FP32  # C x temporal patch x patch^2 per patch, fp32
+    dp = p.world_size // (p.tp * p.pp * p.cp) if p.world_size else 1
+    prompts = cfg.trainer.prompts_per_step / dp
+    step = ranks * prompts * (pixel_bytes + cfg.data.max_pixels * 3) / GIB
+    return {
+        "offload_buffers": ranks * per_rank,
+        "engine_sleep_copies": engines * model if r.placement == "colocated" else 0.0,
+        "sync_staging": 2 * model,
+        "step_batch": step,
+    }
 
 
 def estimate_stages(cfg, arch: Arch) -> dict[str, dict[str, float]]:
@@ -376,13 +443,16 @@ def estimate_stages(cfg, arch: Arch) -> dict[str, dict[str, float]]:
         parts = {
             "weights": params * weight_bytes / GIB,
             "gradients": params * FP32 / GIB,
-            "optimizer": params * ADAM_BYTES / sharding / GIB,
+            "optimizer": params * optimizer_bytes_per_param(weight_bytes) / sharding / GIB,
             "activations": (chunks * (stage.layers // vpp * held + per_micro_batch) + recomputed) / GIB,
             "logits": 3 * FP32 * seq * b * arch.vocab / tp / GIB if stage.last else 0.0,
         }
         vision = first_chunks * b * vision_activation_bytes(arch, patches, full, weight_bytes) if stage.first else 0
         parts["vision_activations"] = vision / GIB
         parts["actor_peak"] = sum(parts.values())
+        parts["experience_activations"] = (
+            experience_bytes(arch, seq, b, tp, p.sequence_parallel, impl, weight_bytes, stage.last) / GIB
+        )
         parts["vllm_weights"] = arch.total_params() * 2 / cfg.rollout.tensor_parallel_size / GIB
         parts.update(phase_peaks(cfg, parts))
         result[stage.role] = parts
@@ -400,12 +470,51 @@ def estimate(cfg, arch: Arch, role: str | None = None) -> dict[str, float]:
 HEADROOM = 0.9  # CUDA context, NCCL buffers and allocator fragmentation take the rest
 
 
-PHASES = ("rollout_phase", "update_phase", "sync_phase")
+PHASES = (
+    "startup_phase",
+    "resume_phase",
+    "rollout_phase",
+    "experience_phase",
+    "update_phase",
+    "checkpoint_phase",
+    "sync_phase",
+)
+FIXES = {
+    "startup_phase": "raise parallel.tp / parallel.pp, or set optimizer.distributed_optimizer=true",
+    "resume_phase": "raise parallel.tp / parallel.pp, or set optimizer.distributed_optimizer=true",
+    "checkpoint_phase": "raise parallel.tp / parallel.pp, or set optimizer.distributed_optimizer=true",
+    "rollout_phase": "set actor.offload=all or lower rollout.gpu_memory_utilization",
+    "experience_phase": "lower trainer.micro_batch_size (or trainer.max_tokens_per_micro_batch), or raise parallel.tp",
+    "update_phase": "lower trainer.micro_batch_size, set parallel.sequence_parallel=true or model.recompute=full, "
+    "or raise parallel.tp / parallel.pp",
+    "sync_phase": "lower rollout.sync_bucket_mb, or raise rollout.tensor_parallel_size",
+}
+STATE_PARTS = ("weights", "gradients", "optimizer")
+
+
+def _resident_items(cfg, parts: dict[str, float], phase: str) -> str:
+    """The largest items a phase holds on one GPU, for the refusal message."""
+    items = {k: parts[k] for k in STATE_PARTS}
+    if phase == "resume_phase":
+        items["loaded optimizer state"] = parts["optimizer"]
+    elif phase == "experience_phase":
+        items["experience_activations"] = parts["experience_activations"]
+    elif phase == "update_phase":
+        items.update({k: parts[k] for k in ("activations", "logits", "vision_activations")})
+    elif phase in ("rollout_phase", "sync_phase"):
+        offload = resolve_offload(cfg.actor.offload, cfg.rollout.placement, cuda=True)
+        held = resident(phase.removesuffix("_phase"), offload, cfg.rollout.placement)
+        keys = {"weights": "actor_weights", "gradients": "actor_grads", "optimizer": "actor_optimizer"}
+        items = {k: v for k, v in items.items() if held[keys[k]]}
+        items["engines"] = parts[phase] - sum(items.values())
+    top = sorted(((k, v) for k, v in items.items() if v > 0), key=lambda kv: -kv[1])[:5]
+    return ", ".join(f"{k} {v:.1f}" for k, v in top)
 
 
 def report(cfg) -> tuple[str, bool]:
-    """The dry-run's memory section (one column per pipeline-stage role) and whether every phase of the heaviest
-    stage fits `parallel.device_memory_gib`."""
+    """The dry-run's memory section: every phase of a run per pipeline-stage role (one column each) on one GPU,
+    the host memory of the busiest node, and whether every phase fits `parallel.device_memory_gib` and the host
+    fits `parallel.host_memory_gib`."""
     found = resolve_arch(cfg.model.path)
     if found is None:
         return (
@@ -425,26 +534,39 @@ def report(cfg) -> tuple[str, bool]:
     lines = [
         f"memory estimate per GPU ({arch.total_params() / 1e9:.2f}B params from {source}; GiB per pipeline-stage "
         f"role; {cfg.rollout.placement} engines, actor.offload={offload}):",
-        f"  {'stage':<19}" + "".join(f"{f'{role} ({counts[role]} layers)':>22}" for role in per_stage),
+        f"  {'stage':<22}" + "".join(f"{f'{role} ({counts[role]} layers)':>22}" for role in per_stage),
     ]
     for name in parts:
-        lines.append(f"  {name:<19}" + "".join(f"{values[name]:22.1f}" for values in per_stage.values()))
+        lines.append(f"  {name:<22}" + "".join(f"{values[name]:22.1f}" for values in per_stage.values()))
     lines.append(
         f"  heaviest: {heaviest} stage, {phase.removesuffix('_phase')} phase, {parts[phase]:.1f} GiB. "
         "actor_peak is the update (engines asleep); rollout_phase adds the awake engines' "
         "rollout.gpu_memory_utilization of the device to what actor.offload leaves resident (lifecycle.py)"
     )
     budget = p.device_memory_gib * HEADROOM
-    fits = not budget or parts[phase] <= budget
-    if not fits:
-        fix = (
-            "set actor.offload=all or lower rollout.gpu_memory_utilization"
-            if phase == "rollout_phase"
-            else "lower trainer.micro_batch_size, set parallel.sequence_parallel=true or model.recompute=full, "
-            "or raise parallel.tp / parallel.pp"
-        )
+    fits = True
+    for name in PHASES:
+        role = max(per_stage, key=lambda r: per_stage[r][name])
+        need = per_stage[role][name]
+        if budget and need > budget:
+            fits = False
+            lines.append(
+                f"error: the {name.replace('_', ' ')} needs {need:.1f} GiB on the {role} stage "
+                f"({_resident_items(cfg, per_stage[role], name)} GiB), more than {HEADROOM:.0%} of "
+                f"parallel.device_memory_gib={p.device_memory_gib:g}; {FIXES[name]}"
+            )
+    host = host_per_node(cfg, arch, parts)
+    total = sum(host.values())
+    lines.append(
+        f"host memory of the busiest node (trainer rank 0's, {min(p.gpus_per_node, p.world_size or 1)} ranks; "
+        f"GiB): " + ", ".join(f"{k} {v:.1f}" for k, v in host.items()) + f"; total {total:.1f}"
+    )
+    if p.host_memory_gib and total > p.host_memory_gib * HEADROOM:
+        fits = False
+        top = sorted(host.items(), key=lambda kv: -kv[1])
         lines.append(
-            f"error: the {phase.replace('_', ' ')} needs {parts[phase]:.1f} GiB on the {heaviest} stage, more than "
-            f"{HEADROOM:.0%} of parallel.device_memory_gib={p.device_memory_gib:g}; {fix}"
+            f"error: the host memory of a node needs {total:.1f} GiB ({', '.join(f'{k} {v:.1f}' for k, v in top)} "
+            f"GiB), more than {HEADROOM:.0%} of parallel.host_memory_gib={p.host_memory_gib:g}; set "
+            "actor.offload=optimizer+grads (no pinned weight copies) or spread the engines (rollout.placement)"
         )
     return "\n".join(lines), fits

@@ -32,7 +32,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-from vppo_megatron.trainer import StageTimer, StalledRun, Trainer  # noqa: E402 - after the environment defaults above
+from vppo_megatron.trainer import (  # noqa: E402 - after the environment defaults above
+    StageTimer,
+    StalledRun,
+    Trainer,
+    collective_timeout,
+)
 
 
 def train_step(t: Trainer, step: int) -> dict[str, float]:
@@ -64,7 +69,6 @@ def train_step(t: Trainer, step: int) -> dict[str, float]:
 
 def main(argv=None) -> int:
     from vppo_megatron.config import load
-    from vppo_megatron.metrics import Progress
 
     args = parse_args(argv)
     try:
@@ -76,6 +80,20 @@ def main(argv=None) -> int:
     except ValueError as exc:  # ConfigError, or a model config.json the memory estimate cannot read
         print(f"vppo train: error: {exc}", file=sys.stderr)
         return 2
+    try:
+        return run(cfg)
+    except RuntimeError as exc:  # a collective past parallel.timeout_s: one line naming the stage it waited in
+        message = collective_timeout(exc, cfg.parallel.timeout_s)
+        if message is None:
+            raise
+        print(f"vppo train: error: {message}", file=sys.stderr, flush=True)
+        return 1
+
+
+def run(cfg) -> int:
+    """Builds the trainer and runs every step (main's body once the config is valid)."""
+    from vppo_megatron.metrics import Progress
+
     trainer = Trainer.build(cfg)
     t, every = cfg.trainer, cfg.checkpoint.save_every
     bars = cfg.logging.progress_bars and trainer.is_driver

@@ -10,6 +10,7 @@ Legend: B rollouts on this data-parallel rank, T response positions.
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +24,49 @@ from vppo_megatron.metrics import Progress
 from vppo_megatron.resume import Restored, resume, save
 
 SYNC_PROBE_PROMPTS = 2  # validation prompts in the fixed verify_sync probe set
+_stage = ["start-up"]  # the stage this rank is in (`stage`): what a collective timeout names
+WAITS_FOR = {
+    "start-up": "the engines to start and sleep (trainer rank 0), the checkpoint load or the first weight sync",
+    "validation": "trainer rank 0's validation round",
+    "rollout": "trainer rank 0's rollout, reward and dynamic sampling",
+    "distribute": "trainer rank 0's rollout, reward and dynamic sampling, then the scatter of the rollouts",
+    "experience": "the engines to sleep, then the other ranks' experience pass",
+    "advantages": "the other data-parallel ranks' TAS statistics",
+    "update": "the other ranks' forward / backward and the optimizer step",
+    "sync": "the weight sync (engines waking, buckets loading) or the verify_sync probe",
+    "checkpoint": "the other ranks writing their checkpoint shards",
+}
+
+
+def stage(name: str):
+    """Marks a Trainer method as stage `name`: while it runs, a collective that times out names it."""
+
+    def mark(method):
+        @functools.wraps(method)
+        def run(self, *args, **kwargs):
+            _stage[0] = name
+            return method(self, *args, **kwargs)
+
+        return run
+
+    return mark
+
+
+def collective_timeout(exc: BaseException, timeout_s: float) -> str | None:
+    """One line naming the stage this rank waited in, when `exc` is a collective that timed out (gloo: "Timed
+    out waiting", "Application timeout"; NCCL: "Watchdog caught collective operation timeout"); else None."""
+    text = str(exc)
+    if "timed out" not in text.lower() and "timeout" not in text.lower():
+        return None
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    name = _stage[0]
+    return (
+        f"trainer rank {rank} waited more than parallel.timeout_s={timeout_s:g} s for the other ranks in stage "
+        f"'{name}' (waiting for {WAITS_FOR.get(name, 'the other ranks')}); if that stage is this slow, raise "
+        f"parallel.timeout_s; otherwise a rank failed or hung there: see its log. ({text.splitlines()[0][:200]})"
+    )
 
 
 @dataclass
@@ -81,24 +125,28 @@ class Trainer:
         from vppo_megatron.parallel.layout import ParallelLayout, init_distributed, initialize
         from vppo_megatron.sync.weight_sync import WeightSync
 
+        _stage[0] = "start-up"
         if alongside is None:
-            init_distributed()
+            init_distributed(timeout_s=cfg.parallel.timeout_s)
             cfg.validate(dist.get_world_size())
-            groups = initialize(ParallelLayout.from_config(cfg.parallel, dist.get_world_size()), cfg.trainer.seed)
+            layout = ParallelLayout.from_config(cfg.parallel, dist.get_world_size())
+            groups = initialize(layout, cfg.trainer.seed, cfg.parallel.timeout_s)
             driver = cls._driver(cfg) if dist.get_rank() == 0 else None
         else:
             cfg.validate(dist.get_world_size())
             groups, driver = alongside.groups, alongside.driver
-        actor = MegatronActor(cfg, groups, cfg.model.path)
+        # start-up order (lifecycle.py): the engines (started by _driver) sleep before any rank builds the actor
+        lifecycle = Lifecycle(cfg, None, driver.fleet if driver else None, dist.barrier)
+        actor, restored = lifecycle.start_up(
+            lambda: MegatronActor(cfg, groups, cfg.model.path), lambda actor: resume(cfg, actor)
+        )
         sync = WeightSync(cfg, actor, driver.fleet if driver else None)
         if cfg.rollout.verify_sync_every:
             probe = driver.val_samples[:SYNC_PROBE_PROMPTS] if driver else None
             sync.set_probe(probe, driver.processor if driver else None)
-        trainer = cls(cfg, groups, actor, sync, None, driver)
-        trainer.restore(resume(cfg, actor))
-        sync.push()  # engines serve exactly the actor's weights from the first rollout on
-        trainer.lifecycle = Lifecycle(cfg, actor, sync.fleet, dist.barrier)
-        trainer.lifecycle.start()  # rollout state: engines awake, the actor holds what actor.offload leaves
+        trainer = cls(cfg, groups, actor, sync, lifecycle, driver)
+        trainer.restore(restored)
+        lifecycle.first_sync(sync.push)  # engines serve exactly the actor's weights from the first rollout on
         return trainer
 
     @staticmethod
@@ -135,6 +183,7 @@ class Trainer:
             weights = "" if restored.optimizer else " (weights only: checkpoint.load_optimizer=false)"
             print(f"resumed from {restored.path} at step {restored.step}{weights}", flush=True)
 
+    @stage("checkpoint")
     def checkpoint(self, step: int) -> Path:
         """A resumable checkpoint after `step` (collective), with everything resident while it is written."""
         with self.lifecycle.everything_resident():
@@ -143,6 +192,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ the stages
 
+    @stage("rollout")
     def rollout(self, step: int) -> tuple[list | None, dict[str, float]]:
         """Stage 1 (rank 0): rollouts on the fleet, rewards and dynamic sampling until the batch is full."""
         if not self.is_driver:
@@ -155,6 +205,7 @@ class Trainer:
         metrics.update({"rollout/kept_groups": float(len(groups)), "rollout/dropped_groups": float(dropped)})
         return groups, metrics
 
+    @stage("distribute")
     def distribute(self, groups: list | None, step: int) -> StepData:
         """Stage 2: this DP rank's groups (scattered from rank 0), cut into mini-batches and micro-batches once:
         images encoded once per view, positions computed once, for the experience pass and every update."""
@@ -166,6 +217,7 @@ class Trainer:
         )
         return StepData(rollouts, prepared, mini_batches)
 
+    @stage("experience")
     def experience(self, data: StepData):
         """Stage 3: the experience pass; the dual pass (both views in one schedule) when TAS or TGF reads token
         dependency, a plain log-prob pass otherwise. Engines sleep and the actor's state comes back first."""
@@ -176,6 +228,7 @@ class Trainer:
         )
         return experience, metrics
 
+    @stage("advantages")
     def advantages(self, data: StepData, experience) -> tuple[torch.Tensor, dict[str, float]]:
         """Stage 4: GRPO advantages per group, shaped by TAS within each mini-batch; advantage_B."""
         from vppo_megatron.algo.pipeline import dependency_metrics, shaped_advantages
@@ -213,6 +266,7 @@ class Trainer:
             seed=self.cfg.trainer.seed * 7919 + step,
         )
 
+    @stage("update")
     def update(self, data: StepData, experience, advantage_B, mask_BT) -> dict[str, float]:
         """Stage 6: algorithm.ppo_epochs passes, one optimizer step per mini-batch each; every pass reuses the
         step's old log-probs, dependency, advantages and mask."""
@@ -232,6 +286,7 @@ class Trainer:
                 )
         return dict(mean_over_steps(per_step), **{"actor/optimizer_steps": float(self.actor.updates)})
 
+    @stage("sync")
     def push_weights(self) -> dict[str, float]:
         """Stage 7: optimizer state (+ grads) leave, the engines' weights wake, the sync, then the engines' KV
         cache wakes (and the weights leave, offload=all); every rollout.verify_sync_every syncs, the probe."""
@@ -247,6 +302,7 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- around a step
 
+    @stage("validation")
     def validate(self) -> dict[str, float]:
         """avg@k on the validation prompts (rank 0 drives the fleet; nothing elsewhere)."""
         if not self.is_driver:

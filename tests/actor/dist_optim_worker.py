@@ -28,9 +28,9 @@ def _trainer(model_dir, out_dir, world_size, overrides):
         ],
     ).validate(world_size)
     groups = initialize(ParallelLayout.from_config(cfg.parallel, world_size), seed=1)
-    actor = MegatronActor(cfg, groups, model_dir)
-    lifecycle = Lifecycle(cfg, actor, None, dist.barrier)
-    lifecycle.start()
+    lifecycle = Lifecycle(cfg, None, None, dist.barrier)
+    actor, _ = lifecycle.start_up(lambda: MegatronActor(cfg, groups, model_dir), lambda actor: None)
+    lifecycle.first_sync(dict)  # no engines: the transitions alone
     return Trainer(cfg, groups, actor, None, lifecycle, None)
 
 

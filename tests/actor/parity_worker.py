@@ -129,7 +129,7 @@ def hf_logit_gap(rank, world_size, model_dir, without_deepstack=False):
     gaps, without = [], []
     for sample in samples:
         pixels, grid = batching.encode_images(actor.image_processor, sample.images)
-        mb = batching.collate(actor.hf_config, [sample], [pixels], [grid], actor.pad_id)
+        mb = batching.collate(actor.hf_config, [sample], [pixels], [grid], actor.pad_id).materialize()
         ids = torch.tensor([sample.prompt_ids + sample.response_ids])
         with torch.no_grad():
             ours = actor._forward(actor.model[0], mb)[:, : ids.shape[1]]
@@ -217,8 +217,7 @@ def te_vs_local(rank, world_size, model_dir, fp8):
             chunk.cuda()
         pixels, grid = batching.encode_images(actor.image_processor, sample.images)
         mb = batching.collate(actor.hf_config, [sample], [pixels], [grid], actor.pad_id, length_multiple=16)
-        mb.input_ids_BS, mb.position_ids_3BS = mb.input_ids_BS.cuda(), mb.position_ids_3BS.cuda()
-        mb.pixel_values_NC, mb.image_grid_thw, mb.image_mask_BS = pixels.cuda(), grid.cuda(), mb.image_mask_BS.cuda()
+        mb = mb.materialize(torch.device("cuda"))
         with torch.no_grad():
             logits[impl] = actor._forward(actor.model[0], mb).float().cpu()
         destroy()
@@ -252,7 +251,7 @@ def hf_bf16_vision_gap(rank, world_size, model_dir, cast_rotary=False):
     pixels, grid = batching.encode_images(processor, [image])
     prompt_ids = processor_prompt(model_dir, image)
     sample = type(sample)("big", prompt_ids, sample.response_ids, [image])
-    mb = batching.collate(actor.hf_config, [sample], [pixels], [grid], actor.pad_id)
+    mb = batching.collate(actor.hf_config, [sample], [pixels], [grid], actor.pad_id).materialize()
     ids = torch.tensor([sample.prompt_ids + sample.response_ids])
     with torch.no_grad():
         ours_vision = vision(pixels.to(torch.bfloat16), grid_thw=grid).pooler_output

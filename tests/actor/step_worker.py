@@ -57,9 +57,9 @@ def _trainer(model_dir, out_dir, overrides):
             *overrides,
         ],
     ).validate(1)
-    actor = MegatronActor(cfg, _groups(), model_dir)
-    lifecycle = Lifecycle(cfg, actor, None, dist.barrier)
-    lifecycle.start()
+    lifecycle = Lifecycle(cfg, None, None, dist.barrier)
+    actor, _ = lifecycle.start_up(lambda: MegatronActor(cfg, _groups(), model_dir), lambda actor: None)
+    lifecycle.first_sync(dict)  # no engines: the transitions alone
     return Trainer(cfg, actor.groups, actor, None, lifecycle, None)
 
 
@@ -74,10 +74,25 @@ def _groups():
     return _GROUPS[0]
 
 
-def run_step(trainer, groups):
-    """Stages 2-6 as train_step runs them; returns what the tests compare."""
+def run_step(trainer, groups, inputs: bool = False):
+    """Stages 2-6 as train_step runs them; returns what the tests compare (`inputs`: and the experience pass's
+    input accounting against bytes computed here)."""
+    from vppo_megatron.actor import batching
+
     data = trainer.distribute(groups, step=0)
     experience, _ = trainer.experience(data)
+    feed, batch = trainer.actor.feeds[0], data.prepared
+    prompts = {id(s.images): s.images for s in batch.samples}  # the rollouts of a prompt share its image list
+    encoded = lambda images: batching.encode_images(trainer.actor.image_processor, images)[0].nbytes  # noqa: E731
+    inputs = inputs and {
+        "moved": feed.moved,
+        "peak_live": feed.peak_live,
+        "live_after": feed.live,
+        "expected": [batch.paired(i).materialize().input_bytes() for i in range(len(batch.views))],
+        "pixel_bytes": batch.pixel_bytes(),
+        "per_prompt": sum(encoded(images) for images in prompts.values()),
+        "per_rollout": sum(encoded(s.images) for s in batch.samples),
+    }
     advantage_B, _ = trainer.advantages(data, experience)
     mask_BT = trainer.token_filter(experience, step=0)
     metrics = trainer.update(data, experience, advantage_B, mask_BT)
@@ -89,6 +104,7 @@ def run_step(trainer, groups):
         "metrics": metrics,
         "params": params,
         "updates": trainer.actor.updates,
+        "inputs": inputs,
     }
 
 
@@ -128,7 +144,7 @@ def trainer_stages(rank, world_size, model_dir, out_dir):
     # fixed count vs token budget: TAS global scope (the segment scope would give the same: it ignores the split)
     common = ["algorithm.tas_scope=global"]
     fixed = _trainer(model_dir, f"{out_dir}/fixed", common)
-    results["fixed"] = run_step(fixed, groups)
+    results["fixed"] = run_step(fixed, groups, inputs=True)
     budget = ["trainer.max_tokens_per_micro_batch=130", *common]
     results["budget"] = run_step(_trainer(model_dir, f"{out_dir}/budget", budget), groups)
 

@@ -61,3 +61,13 @@ def test_resume_without_the_optimizer_restores_weights_and_fresh_adam_state(stag
         not torch.equal(with_opt["after_update"][n], weights_only["after_update"][n]) for n in with_opt["after_update"]
     )
     assert differs
+
+
+def test_the_experience_pass_holds_one_micro_batch_of_inputs_and_pixels_once_per_prompt(stages):
+    """Each micro-batch's inputs (both views) are made and moved when the schedule asks for them and released
+    before the next: never more than one micro-batch's bytes live. The step stores each prompt's pixels once,
+    shared by its rollouts."""
+    inputs = stages["fixed"]["inputs"]
+    assert inputs["moved"] == inputs["expected"] and len(inputs["moved"]) == 4  # every micro-batch, whole
+    assert inputs["peak_live"] == max(inputs["moved"]) and inputs["live_after"] == 0
+    assert inputs["pixel_bytes"] == inputs["per_prompt"] == inputs["per_rollout"] // SAMPLES

@@ -82,3 +82,45 @@ def test_deepstack_layers_must_sit_in_the_first_chunk(layout, num_layers, first_
     else:
         with pytest.raises(ConfigError, match="DeepStack vision features to its first 2 LLM layers.*holds 1"):
             layout.validate(layout.world_size, num_layers, **HEADS, deepstack_layers=2)
+
+
+def _waits_in_distribute(rank, world_size):
+    """TP2 ranks whose groups carry a 2 s timeout: rank 0 is slow in its rollout, rank 1 waits for its rollouts
+    in the real scatter; returns the line rank 1's timeout gives (rank 0's own error is not a timeout)."""
+    import time
+
+    import torch.distributed as dist
+
+    from vppo_megatron import batch
+    from vppo_megatron.parallel.layout import ParallelLayout, destroy, initialize
+    from vppo_megatron.trainer import collective_timeout, stage
+
+    groups = initialize(ParallelLayout(tp=2), seed=1, timeout_s=2.0)
+
+    class Ranks:
+        @stage("rollout")
+        def rollout(self):
+            time.sleep(8)  # longer than the timeout: a slow rollout on trainer rank 0
+
+        @stage("distribute")
+        def distribute(self):
+            return batch.distribute([] if rank == 0 else None, groups)
+
+    line = None
+    try:
+        if rank == 0:
+            Ranks().rollout()
+        Ranks().distribute()
+    except RuntimeError as exc:
+        line = collective_timeout(exc, 2.0)
+    destroy()
+    dist.barrier()
+    return line
+
+
+def test_a_collective_past_parallel_timeout_s_names_the_stage_that_waited():
+    from vppo_megatron.testing import run_distributed
+
+    _, waited = run_distributed(_waits_in_distribute, 2, timeout_s=120)
+    assert waited.startswith("trainer rank 1 waited more than parallel.timeout_s=2 s for the other ranks in stage ")
+    assert "'distribute' (waiting for trainer rank 0's rollout" in waited and "raise parallel.timeout_s" in waited

@@ -171,7 +171,7 @@ def _checkpoint_tensors(ckpt_dir, scratch):
 
 
 def test_offloading_lifecycle_is_bit_identical_and_in_the_documented_order(fleet, trainer_runs, tmp_path):
-    from vppo_megatron.lifecycle import step_order
+    from vppo_megatron.lifecycle import startup_order, step_order
 
     (plain, _, _), (offloaded, start, end) = trainer_runs.runs["none"], trainer_runs.runs["optimizer+grads"]
     trained = {
@@ -193,11 +193,41 @@ def test_offloading_lifecycle_is_bit_identical_and_in_the_documented_order(fleet
 
     calls = [line.split()[2] for line in (offloaded / "lifecycle.log").read_text().splitlines()]
     step = step_order("optimizer+grads", "colocated")
-    # start-up, then 4 steps and the step-2 and step-4 checkpoints (whole actor resident while engines sleep)
-    assert calls == ["actor.offload(optimizer+grads)", *(step * (STEPS + 2))]
+    # start-up (engines asleep while the actor builds; the first sync as every step's), then 4 steps and the
+    # step-2 and step-4 checkpoints (whole actor resident while engines sleep)
+    assert calls == [*startup_order("optimizer+grads", "colocated", resumed=False), *(step * (STEPS + 2))]
     events = [call for t, call, _ in fleet.call_one(0, "residency")["events"] if start <= t <= end]
-    assert events == [c.removeprefix("engines.") for c in step if c.startswith("engines.")] * (STEPS + 2)
+    assert events == [c.removeprefix("engines.") for c in step if c.startswith("engines.")] * (STEPS + 3)
     assert fleet.call_one(0, "residency")["asleep"] == []
+
+
+def test_the_actor_holds_what_the_memory_plan_says_at_every_phase_boundary(trainer_runs, tiny_model_dir):
+    """The memory plan's state parts (memory.estimate_stages: weights, gradient buffers, Adam state per rank) are
+    the bytes the real actor holds at each lifecycle call of the offloaded run, exactly, and its host buffers are
+    the optimizer state it copied out. From step 0's sync on: Adam's state exists once the first step ran."""
+    from trainer_run import tiny_overrides
+
+    from vppo_megatron import memory
+    from vppo_megatron.config import load
+
+    out = trainer_runs.runs["optimizer+grads"][0]
+    overrides = [*tiny_overrides(tiny_model_dir, trainer_runs.data, out, STEPS), "actor.offload=optimizer+grads"]
+    cfg = load("examples/configs/tiny_cpu.yaml", overrides)
+    parts = memory.estimate_stages(cfg, memory.resolve_arch(str(tiny_model_dir))[0])["only"]
+    weights, grads, optimizer = (round(parts[k] * memory.GIB) for k in ("weights", "gradients", "optimizer"))
+    rows = []
+    for line in (out / "lifecycle.log").read_text().splitlines():
+        held = dict(item.split(":") for item in line.split("resident=")[1].split(","))
+        rows.append((line.split()[2], {k: int(v) for k, v in held.items()}))
+    first_update = [i for i, (call, _) in enumerate(rows) if call == "actor.offload(optimizer+grads)"][1]
+    expected = {"weights": weights, "grads": 0, "optimizer": 0, "host": optimizer}
+    for call, held in rows[first_update:]:
+        if call == "actor.onload":
+            expected.update(grads=grads, optimizer=optimizer)
+        elif call == "actor.offload(optimizer+grads)":
+            expected.update(grads=0, optimizer=0)
+        assert held == expected, call
+    assert rows[1] == ("actor.build", {"weights": weights, "grads": grads, "optimizer": 0, "host": 0})  # lazy Adam
 
 
 VOLATILE = ("time/", "rollout/generate_s", "rollout/tokens_per_s", "sync/megabytes_per_s", "rollout/engine_restarts")
@@ -250,6 +280,13 @@ def test_kill_and_resume_gives_the_uninterrupted_metrics(fleet, trainer_runs, ti
     for step in (2, 3):
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-9), step
     assert [p.name for p in (killed / "checkpoints").iterdir()] == ["step_4"]  # keep_last=1
+    from vppo_megatron.lifecycle import startup_order
+
+    calls = [line.split()[2] for line in (killed / "lifecycle.log").read_text().splitlines()]
+    fresh, again = startup_order("none", "colocated", False), startup_order("none", "colocated", True)
+    assert calls[: len(fresh)] == fresh
+    second = len(calls) - 1 - calls[::-1].index("actor.build") - 1  # the resumed process's start-up
+    assert calls[second : second + len(again)] == again  # engines asleep before the build; then the load
 
 
 def test_a_run_that_trains_on_nothing_warns_each_step_then_stops(fleet, trainer_runs, tiny_model_dir, tmp_path):
@@ -305,3 +342,44 @@ def test_killed_engine_is_restarted_and_results_are_complete(fleet, tiny_process
     assert [len(g) for g in result["rollouts"]] == [4] * 32
     assert all(len(s.response_ids) > 0 for g in result["rollouts"] for s in g)
     assert fleet.restarts == 1 and fleet.engines[0] != victim
+
+
+def test_a_long_progressing_round_is_not_restarted_and_a_stopped_engine_is(fleet, tiny_processor):
+    """Generation is watched by progress, not by a deadline per round: a validation round of 200 prompts x 8
+    samples far longer than rollout.stall_timeout_s completes without a restart; the same engine stopped with
+    SIGSTOP mid-round (alive, silent) is taken for hung within the stall timeout, killed, restarted, and the round
+    still completes."""
+    import contextlib
+    import os
+    import signal
+
+    from vppo_megatron.config import load
+    from vppo_megatron.reward.math import compute_score
+    from vppo_megatron.rollout.collect import validate
+
+    cfg = load(None, ["rollout.val_num_samples=8", "rollout.max_response_length=24", "rollout.stall_timeout_s=3"])
+    prompts = _prompts(tiny_processor, 200)
+    stall, fleet.stall_timeout_s = fleet.stall_timeout_s, cfg.rollout.stall_timeout_s
+    restarts = fleet.restarts
+    try:
+        start = time.perf_counter()
+        metrics = validate(fleet, prompts, cfg, compute_score)
+        elapsed = time.perf_counter() - start
+        assert metrics["val/prompts"] == 200.0 and fleet.restarts == restarts
+        assert elapsed > 2 * cfg.rollout.stall_timeout_s, elapsed  # a deadline of 3 s per round would have fired
+
+        pid = fleet.call_one(0, "ready")["pid"]
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(out=validate(fleet, prompts[:40], cfg, compute_score)))
+        thread.start()
+        time.sleep(1.0)  # the round is in flight
+        os.kill(pid, signal.SIGSTOP)
+        stopped = time.perf_counter()
+        thread.join(timeout=600)
+        assert not thread.is_alive() and result["out"]["val/prompts"] == 40.0
+        assert fleet.restarts == restarts + 1 and fleet.call_one(0, "ready")["pid"] != pid
+        assert time.perf_counter() - stopped < 300
+    finally:
+        fleet.stall_timeout_s = stall
+        with contextlib.suppress(ProcessLookupError, NameError):
+            os.kill(pid, signal.SIGKILL)  # the stopped engine, if anything above left it behind

@@ -12,7 +12,9 @@ Legend: B rollouts in the micro-batch, S padded sequence length, T response posi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,20 +33,66 @@ class MicroBatch:
     image_mask_BS: torch.Tensor
     """True at the prompt's image-pad tokens (where the vision tower's embeddings go)."""
     pixel_values_NC: torch.Tensor | None
+    """The micro-batch's image patches in one tensor: only on the copy a schedule runs (`materialize`)."""
     image_grid_thw: torch.Tensor | None
     prompt_lengths: list[int]
     response_lengths: list[int]
     extras_BS: dict[str, torch.Tensor]
     """Per-token training inputs at label positions (old_logp, gradient_mask, ...) and per-rollout ones."""
+    pixel_parts: list[torch.Tensor] = field(default_factory=list)
+    """Each rollout's image patches [N_r, C] on the host: its prompt's own tensor, shared by the prompt's rollouts
+    (not a copy per rollout)."""
 
-    def to(self, device: torch.device) -> MicroBatch:
-        """The same micro-batch with every tensor on `device` (the batch is built on the host)."""
-        moved = {
-            name: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
-            for name, value in vars(self).items()
-        }
-        moved["extras_BS"] = {k: v.to(device, non_blocking=True) for k, v in self.extras_BS.items()}
-        return MicroBatch(**moved)
+    def materialize(self, device: torch.device | None = None, with_pixels: bool = True) -> MicroBatch:
+        """What a schedule runs: every tensor on `device` (None: stays on the host) and the rollouts' pixel parts
+        concatenated there, the only copy of them per micro-batch (`InputFeed` makes one at a time).
+        with_pixels=False (a model chunk without the vision tower): no image inputs at all."""
+        move = (lambda t: t.to(device, non_blocking=True)) if device is not None else (lambda t: t)
+        fields = {name: move(v) if isinstance(v, torch.Tensor) else v for name, v in vars(self).items()}
+        fields["extras_BS"] = {k: move(v) for k, v in self.extras_BS.items()}
+        if self.pixel_parts and with_pixels:
+            fields["pixel_values_NC"] = torch.cat([move(p) for p in self.pixel_parts])
+        if not with_pixels:
+            fields["pixel_values_NC"] = fields["image_grid_thw"] = None
+        fields["pixel_parts"] = []
+        return MicroBatch(**fields)
+
+    def input_bytes(self) -> int:
+        """Bytes of every tensor this micro-batch holds (on a materialized one: what sits on the device)."""
+        tensors = [v for v in vars(self).values() if isinstance(v, torch.Tensor)]
+        tensors += list(self.extras_BS.values()) + list(self.pixel_parts)
+        return sum(t.nbytes for t in tensors)
+
+
+class InputFeed:
+    """The schedule's data iterator: micro-batch i is built (`build(i)`) and materialized on the device only when
+    the schedule asks for it, and released when the schedule drops it (after its forward; its backward keeps what
+    autograd saved, the activations). Counts the input bytes it moved and how many were live at once."""
+
+    def __init__(
+        self, build: Callable[[int, bool], MicroBatch], count: int, device: torch.device | None, with_pixels: bool
+    ):
+        """`build(i, with_pixels)`; with_pixels: whether the model chunk this feeds runs the vision tower."""
+        self.build, self.count, self.device, self.with_pixels = build, count, device, with_pixels
+        self.moved: list[int] = []
+        """Input bytes of each micro-batch handed out, in order."""
+        self.live = 0
+        self.peak_live = 0
+        """The most input bytes handed out and not yet released at any moment."""
+
+    def _release(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __iter__(self) -> Iterator[MicroBatch]:
+        for i in range(self.count):
+            mb = self.build(i, self.with_pixels).materialize(self.device, self.with_pixels)
+            nbytes = mb.input_bytes()
+            self.moved.append(nbytes)
+            self.live += nbytes
+            self.peak_live = max(self.peak_live, self.live)
+            weakref.finalize(mb, self._release, nbytes)
+            yield mb
+            del mb
 
 
 @dataclass
@@ -56,27 +104,40 @@ class StepBatch:
     micro_rows: list[slice]
     """Consecutive row ranges, one per micro-batch, never across a mini-batch boundary."""
     views: list[MicroBatch]
-    """The original view of each micro-batch (the update's input; extras_BS filled per update)."""
-    perturbed: list[tuple[torch.Tensor | None, torch.Tensor | None]] | None
-    """(pixel_values_NC, image_grid_thw) of each micro-batch's perturbed images; None without the dual pass."""
+    """The original view of each micro-batch (the update's input; extras_BS filled per update); its pixel parts
+    are each prompt's one encoding, shared by the prompt's rollouts."""
+    perturb: Callable[[list[ActorSample]], list[tuple[torch.Tensor | None, torch.Tensor | None]]] | None
+    """Rollouts -> each one's perturbed images encoded (pixel values, grid): run for one micro-batch when the dual
+    pass reaches it, never stored for the step; None without the dual pass."""
 
-    def paired(self, i: int) -> MicroBatch:
-        """Micro-batch i with its rollouts twice: original images, then perturbed (same ids and positions)."""
-        mb, (pixels, grids) = self.views[i], self.perturbed[i]
+    def original(self, i: int, with_pixels: bool = True) -> MicroBatch:
+        """Micro-batch i's original view (`with_pixels` is for `paired`'s signature: views hold references)."""
+        return self.views[i]
+
+    def paired(self, i: int, with_pixels: bool = True) -> MicroBatch:
+        """Micro-batch i with its rollouts twice: original images, then perturbed (same ids and positions).
+        with_pixels=False (no vision tower on this chunk): the perturbed images are not made."""
+        mb = self.views[i]
+        perturbed = self.perturb(self.samples[self.micro_rows[i]]) if with_pixels else []
         twice = {
             name: torch.cat([getattr(mb, name)] * 2, dim=1 if name == "position_ids_3BS" else 0)
             for name in ("input_ids_BS", "position_ids_3BS", "labels_BS", "response_mask_BS", "image_mask_BS")
         }
-        present = [t for t in (mb.pixel_values_NC, pixels) if t is not None]
-        present_grids = [t for t in (mb.image_grid_thw, grids) if t is not None]
+        grids = [t for t in [mb.image_grid_thw] + [g for _, g in perturbed] if t is not None]
         return MicroBatch(
             **twice,
-            pixel_values_NC=torch.cat(present) if present else None,
-            image_grid_thw=torch.cat(present_grids) if present_grids else None,
+            pixel_values_NC=None,
+            image_grid_thw=torch.cat(grids) if grids else None,
             prompt_lengths=mb.prompt_lengths * 2,
             response_lengths=mb.response_lengths * 2,
             extras_BS={},
+            pixel_parts=mb.pixel_parts + [p for p, _ in perturbed if p is not None],
         )
+
+    def pixel_bytes(self) -> int:
+        """Bytes of the image patches this step batch stores (each distinct tensor once)."""
+        parts = {id(p): p for mb in self.views for p in mb.pixel_parts}
+        return sum(p.nbytes for p in parts.values())
 
 
 def micro_batch_rows(
@@ -139,7 +200,8 @@ def collate(
     pad_id: int,
     length_multiple: int = 1,
 ) -> MicroBatch:
-    """Pads a list of rollouts into one micro-batch; pixel values are given per rollout (original or perturbed)."""
+    """Pads a list of rollouts into one micro-batch; pixel values are given per rollout (original or perturbed) and
+    kept as given (`pixel_parts`: a prompt's tensor shared by its rollouts stays one tensor until `materialize`)."""
     sequences = [torch.tensor(s.prompt_ids + s.response_ids, dtype=torch.long) for s in samples]
     seq_len = padded_length(max(len(s) for s in sequences), length_multiple)
     batch = len(samples)
@@ -157,7 +219,6 @@ def collate(
         positions[:, b, length:] = positions[:, b, length - 1 : length].amax() + 1
         labels[b, : length - 1] = seq[1:]
         response_mask[b, prompt_len - 1 : length - 1] = 1.0
-    present_pixels = [p for p in pixel_values if p is not None]
     present_grids = [g for g in image_grid_thw if g is not None]
     return MicroBatch(
         input_ids_BS=input_ids,
@@ -165,11 +226,12 @@ def collate(
         labels_BS=labels,
         response_mask_BS=response_mask,
         image_mask_BS=image_mask,
-        pixel_values_NC=torch.cat(present_pixels) if present_pixels else None,
+        pixel_values_NC=None,
         image_grid_thw=torch.cat(present_grids) if present_grids else None,
         prompt_lengths=[len(s.prompt_ids) for s in samples],
         response_lengths=[len(s.response_ids) for s in samples],
         extras_BS={},
+        pixel_parts=[p for p in pixel_values if p is not None],
     )
 
 

@@ -39,12 +39,6 @@ from vppo_megatron.types import ActorSample
 FP8_TOKEN_MULTIPLE = 16  # Transformer Engine asserts FP8 GEMM inputs have a leading dim divisible by 16
 
 
-def _cat_present(encoded: list[tuple]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    pixels = [p for p, _ in encoded if p is not None]
-    grids = [g for _, g in encoded if g is not None]
-    return (torch.cat(pixels) if pixels else None), (torch.cat(grids) if grids else None)
-
-
 @dataclass
 class Experience:
     """Per response token results of the experience pass, response-aligned [B, T] (zero past each response)."""
@@ -200,7 +194,8 @@ class MegatronActor:
         mini_batches: list[slice] | None = None,
     ) -> batching.StepBatch:
         """The step's micro-batches, built once (batching.StepBatch): a prompt's images are encoded once for all
-        its rollouts, each rollout's perturbed images once (every rollout has its own perturbation seed)."""
+        its rollouts and stored once (the rollouts' micro-batches share the tensor); each rollout's perturbed
+        images (every rollout has its own perturbation seed) are made when the dual pass reaches its micro-batch."""
         t = self.cfg.trainer
         multiple = self._length_multiple()
         rows = batching.micro_batch_rows(
@@ -226,11 +221,13 @@ class MegatronActor:
             )
             for r in rows
         ]
-        perturbed = None
-        if with_perception:
-            encoded = [batching.encode_images(self.image_processor, self._perturbed_images(s, step)) for s in samples]
-            perturbed = [_cat_present(encoded[r]) for r in rows]
-        return batching.StepBatch(samples, rows, views, perturbed)
+        perturb = partial(self._encode_perturbed, step) if with_perception else None
+        return batching.StepBatch(samples, rows, views, perturb)
+
+    def _encode_perturbed(self, step: int, samples: list[ActorSample]) -> list[tuple]:
+        """Each rollout's perturbed images, encoded (its own seeded mask, as the reference draws one per
+        response): built for one micro-batch when the dual pass reaches it."""
+        return [batching.encode_images(self.image_processor, self._perturbed_images(s, step)) for s in samples]
 
     def _local(self, values_BS: torch.Tensor) -> torch.Tensor:
         """This CP rank's zigzag part of a full-sequence [B, S] tensor."""
@@ -251,6 +248,7 @@ class MegatronActor:
         return torch.cat(parts, dim=1)[:, torch.argsort(held)]
 
     def _forward(self, model, mb: batching.MicroBatch):
+        assert not mb.pixel_parts, "a micro-batch runs materialized (MicroBatch.materialize): its pixels in one tensor"
         attention_mask = None
         if self.groups.layout.cp == 1 and self.spec_name == "local":
             seq_len = mb.input_ids_BS.shape[1]
@@ -265,21 +263,26 @@ class MegatronActor:
             mb.image_mask_BS,
         )
 
-    def _schedule(self, step_func, micro_batches: list[batching.MicroBatch], forward_only: bool):
-        if self.device is not None:
-            micro_batches = [mb.to(self.device) for mb in micro_batches]
-        iterators = iter(micro_batches)
+    def _schedule(self, step_func, build, host: list[batching.MicroBatch], forward_only: bool, views: int = 1):
+        """One megatron-core schedule over the micro-batches of `host` (on the host); micro-batch i's inputs are
+        built (`build(i, with_pixels)`: with `views` copies of its rows) and moved to the device only when the
+        schedule asks for it (batching.InputFeed), so one micro-batch's inputs (per virtual stage) sit on the
+        device, not the pass's."""
+        count = len(host)
+        feeds = [batching.InputFeed(build, count, self.device, chunk.pre_process) for chunk in self.chunks]
+        self.feeds = feeds  # the last schedule's input accounting (tests, memory measurements)
+        iterators = iter(feeds[0])
         if len(self.model) > 1:
             # interleaved: every virtual stage walks the same micro-batches with its own iterator
-            iterators = [iter(micro_batches) for _ in self.model]
-            self.config.microbatch_group_size_per_vp_stage = self._microbatch_group_size(len(micro_batches))
+            iterators = [iter(feed) for feed in feeds]
+            self.config.microbatch_group_size_per_vp_stage = self._microbatch_group_size(count)
         return get_forward_backward_func()(
             forward_step_func=step_func,
             data_iterator=iterators,
             model=self.model,
-            num_microbatches=len(micro_batches),
-            seq_length=max(mb.input_ids_BS.shape[1] for mb in micro_batches),
-            micro_batch_size=micro_batches[0].input_ids_BS.shape[0],
+            num_microbatches=count,
+            seq_length=max(mb.input_ids_BS.shape[1] for mb in host),
+            micro_batch_size=views * host[0].input_ids_BS.shape[0],  # pipeline p2p shapes
             forward_only=forward_only,
         )
 
@@ -346,10 +349,10 @@ class MegatronActor:
         """
         if not isinstance(batch, batching.StepBatch):
             batch = self.prepare(batch, step, with_perception)
-        if with_perception and batch.perturbed is None:
+        if with_perception and batch.perturb is None:
             raise ValueError("experience(with_perception=True) needs a batch prepared with_perception=True")
         samples = batch.samples
-        micro_batches = [batch.paired(i) if with_perception else batch.views[i] for i in range(len(batch.views))]
+        build = batch.paired if with_perception else batch.original
         for chunk in self.model:
             chunk.eval()
 
@@ -358,14 +361,14 @@ class MegatronActor:
             return self._forward(model, mb), partial(self._experience_outputs, mb, with_perception, with_entropy)
 
         with torch.no_grad():
-            outputs = self._schedule(step_func, micro_batches, forward_only=True)
+            outputs = self._schedule(step_func, build, batch.views, True, views=2 if with_perception else 1)
         num_positions = max(len(s.response_ids) for s in samples)
         names = ("old_logp", "aug_logp", "dependency", "entropy")
         stacked = torch.zeros((len(names), len(samples), num_positions), dtype=torch.float32)
         if self.groups.is_last_stage:
             row = 0
-            for out, mb in zip(outputs, micro_batches):
-                prompt_lengths = mb.prompt_lengths[: len(out["old_logp"])]
+            for out, mb in zip(outputs, batch.views):
+                prompt_lengths = mb.prompt_lengths
                 for i, name in enumerate(names):
                     if name in out:
                         values = batching.to_response_aligned(out[name], prompt_lengths, num_positions)
@@ -434,7 +437,7 @@ class MegatronActor:
             mb = next(data_iterator)
             return self._forward(model, mb), partial(loss_fn, mb)
 
-        outputs = self._schedule(step_func, micro_batches, forward_only=False)
+        outputs = self._schedule(step_func, lambda i, _pixels: micro_batches[i], micro_batches, forward_only=False)
         update_ok, grad_norm, _ = self.optimizer.step()
         self.updates += 1
         metrics = None

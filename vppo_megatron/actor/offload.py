@@ -144,5 +144,12 @@ class ActorOffload:
         self.parked = {}
         return restored
 
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes this actor holds now: each kind's live storages on its device (0 once offloaded), and `host`, its
+        offload buffers (kept for reuse once allocated)."""
+        held = {kind: sum(s.nbytes() for s in self.storages(kind)) for kind in KINDS}
+        held["host"] = sum(h.nbytes for hosts in self._host.values() for h in hosts)
+        return held
+
     def offloaded(self) -> tuple[str, ...]:
         return tuple(self.parked)

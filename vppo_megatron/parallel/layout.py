@@ -6,8 +6,10 @@ groups are consecutive ranks (inside a node), and the last pipeline stage holds 
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -168,8 +170,9 @@ class ParallelGroups:
         return self.pp_rank == self.layout.pp - 1
 
 
-def init_distributed(backend: str | None = None) -> None:
-    """Initialises torch.distributed from torchrun's environment (single process if absent)."""
+def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> None:
+    """Initialises torch.distributed from torchrun's environment (single process if absent); `timeout_s`
+    (parallel.timeout_s): how long any collective of the default group waits for the other ranks."""
     if dist.is_initialized():
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -178,11 +181,13 @@ def init_distributed(backend: str | None = None) -> None:
     os.environ.setdefault("WORLD_SIZE", "1")
     if torch.cuda.is_available():  # one GPU per local rank, before NCCL binds the process to a device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+    timeout = timedelta(seconds=timeout_s) if timeout_s else None
+    dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"), timeout=timeout)
 
 
-def initialize(layout: ParallelLayout, seed: int) -> ParallelGroups:
-    """Creates the Megatron groups for `layout` (torch.distributed must be initialised) and seeds TP RNGs."""
+def initialize(layout: ParallelLayout, seed: int, timeout_s: float | None = None) -> ParallelGroups:
+    """Creates the Megatron groups for `layout` (torch.distributed must be initialised) and seeds TP RNGs;
+    `timeout_s` (parallel.timeout_s) bounds every collective of every group (megatron-core's in whole minutes)."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
@@ -197,9 +202,11 @@ def initialize(layout: ParallelLayout, seed: int) -> ParallelGroups:
         pipeline_model_parallel_size=layout.pp,
         context_parallel_size=layout.cp,
         virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+        distributed_timeout_minutes=math.ceil(timeout_s / 60) if timeout_s else 30,
     )
     model_parallel_cuda_manual_seed(seed)
-    replica, leader, leaders = _object_groups(layout, parallel_state.get_data_parallel_rank())
+    timeout = timedelta(seconds=timeout_s) if timeout_s else None
+    replica, leader, leaders = _object_groups(layout, parallel_state.get_data_parallel_rank(), timeout)
     return ParallelGroups(
         layout=layout,
         tp=parallel_state.get_tensor_model_parallel_group(),
@@ -225,7 +232,7 @@ def replica_ranks(layout: ParallelLayout, dp_rank: int) -> list[int]:
     return [tp + t * (cp + c * (dp_rank + d * pp)) for pp in range(layout.pp) for cp in range(c) for tp in range(t)]
 
 
-def _object_groups(layout: ParallelLayout, my_dp_rank: int):
+def _object_groups(layout: ParallelLayout, my_dp_rank: int, timeout: timedelta | None = None):
     """gloo groups for Python-object traffic (rollouts): every replica, and the replica leaders. Every rank
     creates every group, in the same order (torch.distributed.new_group's rule)."""
     me = dist.get_rank()
@@ -233,11 +240,11 @@ def _object_groups(layout: ParallelLayout, my_dp_rank: int):
     assert me in replicas[my_dp_rank], (me, my_dp_rank, replicas)  # the rank order above is megatron-core's
     mine = None
     for d, ranks in enumerate(replicas):
-        group = dist.new_group(ranks, backend="gloo")
+        group = dist.new_group(ranks, backend="gloo", timeout=timeout)
         if d == my_dp_rank:
             mine = group
     leader_ranks = [ranks[0] for ranks in replicas]
-    leaders = dist.new_group(leader_ranks, backend="gloo")
+    leaders = dist.new_group(leader_ranks, backend="gloo", timeout=timeout)
     return mine, replicas[my_dp_rank][0], leaders if me in leader_ranks else None
 
 

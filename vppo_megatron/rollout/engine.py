@@ -17,6 +17,23 @@ import numpy as np
 from vppo_megatron import families
 
 EXTENSION = "vppo_megatron.rollout.extension.WeightSyncExtension"
+BEAT_INTERVAL_S = 1.0  # at most one progress report per second per engine
+
+
+class ProgressBoard:
+    """A Ray actor per fleet: each engine reports how many engine steps it has run (`beat`), at most once per
+    BEAT_INTERVAL_S while it generates, without being asked; the fleet reads the board (`read`) to tell a slow
+    round that keeps producing tokens from a hung engine. Kept apart from the engines so that a stopped or
+    deadlocked engine cannot answer for itself."""
+
+    def __init__(self):
+        self.steps: dict[int, int] = {}
+
+    def beat(self, engine: int, steps: int) -> None:
+        self.steps[engine] = steps
+
+    def read(self) -> dict[int, int]:
+        return dict(self.steps)
 
 
 def _free_device_bytes() -> int | None:
@@ -37,7 +54,10 @@ class RolloutEngine:
         gpu_memory_utilization: float = 0.6,
         enable_sleep_mode: bool = False,
         max_images_per_prompt: int = 4,
+        index: int = 0,
+        progress_board: str | None = None,
     ):
+        """`progress_board`: the name of the fleet's ProgressBoard actor this engine (number `index`) reports to."""
         from vllm import LLM
 
         start = time.perf_counter()
@@ -80,7 +100,28 @@ class RolloutEngine:
         self.residency_events: list[tuple[float, str, int | None]] = []
         self.version = 0
         self.max_model_len = max_model_len
+        self.index, self.steps, self.last_beat = index, 0, 0.0
+        self.board = None
+        if progress_board is not None:
+            import ray
+
+            self.board = ray.get_actor(progress_board)
+            engine, step = self.llm.llm_engine, self.llm.llm_engine.step
+
+            def counted_step(*args, **kwargs):  # every engine step of every generation is progress
+                out = step(*args, **kwargs)
+                self.steps += 1
+                self._beat()
+                return out
+
+            engine.step = counted_step
         self.startup_s = time.perf_counter() - start
+
+    def _beat(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.board is not None and (force or now - self.last_beat >= BEAT_INTERVAL_S):
+            self.board.beat.remote(self.index, self.steps)  # fire and forget
+            self.last_beat = now
 
     def ready(self) -> dict:
         return {
@@ -109,6 +150,7 @@ class RolloutEngine:
         from vllm import SamplingParams
 
         self._check_awake()
+        self._beat(force=True)
         params = [SamplingParams(**sampling, seed=r["seed"], logprobs=0) for r in requests]
         outputs = self.llm.generate([self._prompt(r["prompt"], r["images"]) for r in requests], params, use_tqdm=False)
         results = []

@@ -5,9 +5,11 @@ Placement: one Ray placement group per engine. CPU hosts: one {"CPU": 1} bundle 
 memory during the update), `disaggregated` engines also require the custom resource "rollout", so they land only
 on nodes started with `ray start ... --resources '{"rollout": <gpus>}'`.
 
-Faults: every remote call has a timeout. An engine that dies or hangs is killed, restarted, re-synced to the
-current weights (`resync` hook, set by the weight sync) and its requests are retried, so `generate` returns
-complete results or raises after `MAX_RETRIES`.
+Faults: every control call has a deadline (rollout.request_timeout_s). Generation is watched by progress instead:
+each engine reports its engine-step count to the fleet's ProgressBoard while it generates, and an engine whose
+count stays still for rollout.stall_timeout_s (or that dies) is killed, restarted, re-synced to the current
+weights (`resync` hook, set by the weight sync) and its requests are retried, so `generate` returns complete
+results or raises after `MAX_RETRIES`. A long round that keeps producing tokens is never taken for a hung one.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from vppo_megatron.config import Config, ConfigError, engine_context_length
-from vppo_megatron.rollout.engine import RolloutEngine
+from vppo_megatron.rollout.engine import ProgressBoard, RolloutEngine
 from vppo_megatron.types import PromptSample, RolloutResult
 
 logger = logging.getLogger(__name__)
@@ -95,6 +97,9 @@ class RolloutFleet:
             enable_sleep_mode=self.on_gpu and r.placement == "colocated",
         )
         self.timeout_s = r.request_timeout_s
+        self.stall_timeout_s = r.stall_timeout_s
+        self.board = ray.remote(ProgressBoard).options(name=f"{name}-progress", get_if_exists=True, num_cpus=0).remote()
+        self.engine_kwargs["progress_board"] = f"{name}-progress"
         self.resync: Callable[[int], None] | None = None
         self.engines: list = [None] * r.num_engines
         self.groups: list = [None] * r.num_engines
@@ -129,7 +134,7 @@ class RolloutFleet:
     def _start(self, i: int) -> None:
         group = placement_group(self._bundles(), strategy="PACK")
         ray.get(group.ready(), timeout=STARTUP_TIMEOUT_S)
-        kwargs = dict(self.engine_kwargs)
+        kwargs = dict(self.engine_kwargs, index=i)
         num_gpus = 1 if self.on_gpu and kwargs["tensor_parallel_size"] == 1 else 0
         actor = (
             ray.remote(RolloutEngine)
@@ -213,14 +218,14 @@ class RolloutFleet:
                 i: self.engines[i].generate.remote([requests[k] for k in idx], sampling) for i, idx in pending.items()
             }
             failed = []
-            for i, future in futures.items():
-                try:
-                    for k, out in zip(pending[i], ray.get(future, timeout=self.timeout_s)):
-                        results[k] = out
-                except (RayActorError, GetTimeoutError) as exc:
+            for i, outcome in self._watch(futures).items():
+                if isinstance(outcome, Exception):
                     if attempt == MAX_RETRIES:
-                        raise RuntimeError(f"rollout engine {i} failed {MAX_RETRIES + 1} times: {exc}") from exc
+                        raise RuntimeError(f"rollout engine {i} failed {MAX_RETRIES + 1} times: {outcome}") from outcome
                     failed.append(i)
+                    continue
+                for k, out in zip(pending[i], outcome):
+                    results[k] = out
             for i in failed:
                 self.restart(i)
             assignment = {i: (assignment[i] if i in failed else []) for i in assignment}
@@ -252,6 +257,40 @@ class RolloutFleet:
             "rollout/engine_restarts": float(self.restarts),
         }
         return rollouts, metrics
+
+    def _watch(self, futures: dict[int, ray.ObjectRef]) -> dict[int, object]:
+        """Waits for every engine's generation; per engine its results, or the exception that ended it: death
+        (RayActorError) or a stall (GetTimeoutError: no engine step for rollout.stall_timeout_s, or no progress
+        report at all, as from a stopped process)."""
+        outcomes: dict[int, object] = {}
+        now = time.monotonic()
+        seen = {i: (None, now) for i in futures}  # engine -> (last step count read, when it last changed)
+        poll_s = min(2.0, self.stall_timeout_s / 4)
+        while len(outcomes) < len(futures):
+            waiting = {f: i for i, f in futures.items() if i not in outcomes}
+            ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=poll_s)
+            for future in ready:
+                try:
+                    outcomes[waiting[future]] = ray.get(future)
+                except RayActorError as exc:
+                    outcomes[waiting[future]] = exc
+            steps = ray.get(self.board.read.remote(), timeout=self.timeout_s)
+            now = time.monotonic()
+            for i in set(futures) - set(outcomes):
+                count, since = seen[i]
+                if steps.get(i) != count:
+                    seen[i] = (steps.get(i), now)
+                elif now - since > self.stall_timeout_s:
+                    logger.warning(
+                        "rollout engine %d produced nothing for %.0f s (rollout.stall_timeout_s); restarting it",
+                        i,
+                        now - since,
+                    )
+                    outcomes[i] = GetTimeoutError(
+                        f"engine {i} made no progress for {now - since:.0f} s (rollout.stall_timeout_s="
+                        f"{self.stall_timeout_s:g})"
+                    )
+        return outcomes
 
     def sequence_log_probs(self, sequences: list[dict]) -> list[list[float]]:
         return ray.get(self.engines[0].sequence_log_probs.remote(sequences), timeout=self.timeout_s)
