@@ -92,3 +92,22 @@ def test_start_up_never_holds_the_awake_engines_and_the_whole_actor(offload, res
     assert engines == {"weights", "kv_cache"}
     assert actor == {k for k in ("optimizer", "grads", "weights") if rollout[f"actor_{k}"]}
     assert startup_order(offload, "disaggregated", resumed)[-1] == "sync.push"
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_every_phase_of_a_run_is_closed_once_in_order(resumed):
+    """The phases whose peak memory a CUDA host records (memory_peaks.jsonl, compared with the plan by
+    tools/gpu_acceptance.sh): start-up or resume, then each step's rollout, experience, update, sync, and a
+    checkpoint between steps (no engines and no actor offload here: the transitions alone)."""
+    from vppo_megatron.lifecycle import Lifecycle
+
+    lifecycle = Lifecycle(load(None, []), None, None, lambda: None, cuda=False)
+    lifecycle.start_up(lambda: None, lambda actor: {"step": 1} if resumed else None)
+    lifecycle.first_sync(dict)
+    for phase in ("experience", "update", "sync", "rollout"):
+        lifecycle.enter(phase)
+    with lifecycle.everything_resident():
+        pass
+    first = "resume" if resumed else "startup"
+    step = ["rollout", "experience", "update", "sync"]
+    assert lifecycle.closed == [first, "sync", *step, "rollout", "checkpoint", "sync"]

@@ -14,6 +14,8 @@ any work, on a host without CUDA.
   cuda_ipc_sync  the weight sync by CUDA IPC into a colocated engine, verified by the log-prob probe
   nccl_sync      the weight sync by NCCL broadcast into a disaggregated engine on a second GPU (needs 2 GPUs)
   vppo_steps     3 VPPO steps (torchrun, 1 rank) with actor.offload=all: weights change under the memory lifecycle
+  memory_phases  every GPU of the host as trainer ranks (TP2 engines on >= 2), distributed optimizer, colocated
+                 engines, a save and a resume: each phase's peak allocated memory against the plan's (<= +10 %)
 
 Every step drives the package's own code; its comment names the CPU test that runs the same path up to the
 device call. The parity and probe helpers are the CPU tests' own (tests/actor/parity_worker.py,
@@ -347,20 +349,28 @@ def step_nccl_sync(work: Path, figures: dict) -> None:
     _check_sync(result, "nccl", figures)
 
 
-def step_vppo_steps(work: Path, figures: dict) -> None:
-    # CPU: tests/rollout/test_fleet.py::test_two_vppo_steps_end_to_end_with_torchrun_tp2 (the same trainer command
-    # and overrides), tests/test_lifecycle.py and tests/actor/test_offload.py (actor.offload=all on CPU)
+def _gpu_trainer_overrides(work: Path, out: Path, steps: int) -> list[str]:
+    """The tiny trainer of the CPU tests (tests/rollout/trainer_run.py) as a GPU run: bf16, Transformer Engine
+    when importable, TP1 actor, colocated engines; `out` emptied first."""
     from trainer_run import tiny_overrides
 
-    out = work / "vppo"
     shutil.rmtree(out, ignore_errors=True)
-    overrides = [
-        *tiny_overrides(_model(work), work / "data", out, steps=3),
+    return [
+        *tiny_overrides(_model(work), work / "data", out, steps=steps),
         "model.dtype=bfloat16",
         "model.transformer_impl=auto",
         "parallel.tp=1",
-        "parallel.world_size=1",
         "rollout.placement=colocated",
+    ]
+
+
+def step_vppo_steps(work: Path, figures: dict) -> None:
+    # CPU: tests/rollout/test_fleet.py::test_two_vppo_steps_end_to_end_with_torchrun_tp2 (the same trainer command
+    # and overrides), tests/test_lifecycle.py and tests/actor/test_offload.py (actor.offload=all on CPU)
+    out = work / "vppo"
+    overrides = [
+        *_gpu_trainer_overrides(work, out, steps=3),
+        "parallel.world_size=1",
         f"rollout.gpu_memory_utilization={ENGINE_MEMORY_FRACTION}",
         "actor.offload=all",
     ]
@@ -380,6 +390,62 @@ def step_vppo_steps(work: Path, figures: dict) -> None:
     assert versions == sorted(set(versions)), f"the engines' policy versions {versions} do not advance every step"
 
 
+PEAK_SLACK_GIB = 0.25  # allocator block rounding and the CUDA kernels' workspaces, beyond the plan's 10 %
+
+
+def _peaks(out: Path) -> list[dict]:
+    path = out / "memory_peaks.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def step_memory_phases(work: Path, figures: dict) -> None:
+    # CPU: tests/rollout/test_fleet.py (the recorded start-up order, fresh and resumed, and the actor's bytes at
+    # every phase boundary against the plan) and tests/actor/test_trainer_stages.py (one micro-batch of inputs)
+    import torch
+
+    from vppo_megatron import memory
+    from vppo_megatron.config import load
+
+    gpus = torch.cuda.device_count()
+    engine_tp = 2 if gpus >= 2 else 1
+    out = work / "memory"
+    overrides = [
+        *_gpu_trainer_overrides(work, out, steps=2),
+        "optimizer.distributed_optimizer=true",  # sharded over DP = the host's GPUs
+        f"trainer.prompts_per_step={2 * gpus}",
+        f"trainer.prompts_per_update={gpus}",
+        f"parallel.world_size={gpus}",
+        f"parallel.gpus_per_node={gpus}",
+        f"parallel.device_memory_gib={torch.cuda.get_device_properties(0).total_memory / 2**30:.1f}",
+        f"rollout.num_engines={gpus // engine_tp}",
+        f"rollout.tensor_parallel_size={engine_tp}",
+        f"rollout.gpu_memory_utilization={ENGINE_MEMORY_FRACTION / engine_tp}",
+        "actor.offload=all",
+        "checkpoint.save_every=1",
+    ]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"]
+    command += ["-m", "vppo_megatron.train", "--config", "examples/configs/tiny_cpu.yaml"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # rank 0 starts its own Ray
+    for run, extra in (("fresh", []), ("resumed", ["trainer.total_steps=3"])):  # the resume: step 3 from step 2's
+        with open(work / f"memory_{run}.trainer.log", "w") as log:
+            code = subprocess.run([*command, *overrides, *extra], cwd=REPO, env=env, stdout=log, stderr=log).returncode
+        assert code == 0, f"the {run} trainer exited with {code}; see {work / f'memory_{run}.trainer.log'}"
+    cfg = load("examples/configs/tiny_cpu.yaml", overrides)
+    parts = memory.estimate_stages(cfg, memory.resolve_arch(str(_model(work)))[0])["only"]
+    plan = memory.actor_phase_gib(cfg, parts)
+    rows = _peaks(out)
+    assert {r["phase"] for r in rows} >= {"startup", "resume", "rollout", "experience", "update", "sync", "checkpoint"}
+    worst = {}
+    for row in rows:
+        measured = row["allocated"] / 2**30
+        worst[row["phase"]] = max(worst.get(row["phase"], 0.0), measured)
+    figures["phases"] = {
+        name: {"measured_gib": round(worst[name], 3), "plan_gib": round(plan[name], 3)} for name in sorted(worst)
+    }
+    over = [n for n in worst if worst[n] > 1.1 * plan[n] + PEAK_SLACK_GIB]
+    assert not over, f"phases over the plan by more than 10 %: {', '.join(over)} ({figures['phases']})"
+
+
 STEPS = {
     "prepare": Step(step_prepare, 180),
     "te_parity": Step(step_te_parity, 240),
@@ -388,6 +454,7 @@ STEPS = {
     "cuda_ipc_sync": Step(step_cuda_ipc_sync, 420),
     "nccl_sync": Step(step_nccl_sync, 420),
     "vppo_steps": Step(step_vppo_steps, 600),
+    "memory_phases": Step(step_memory_phases, 600),
 }
 
 

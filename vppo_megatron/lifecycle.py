@@ -113,6 +113,10 @@ class Lifecycle:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.calls: list[str] = []
         self.phase = "start"  # engines awake (born so), no actor yet
+        self.cuda = cuda
+        self.closing: str | None = None
+        self.closed: list[str] = []  # the phases ended so far, in order (each one's peak is measured on CUDA)
+        self.peaks_path = Path(cfg.trainer.output_dir) / "memory_peaks.jsonl" if fleet is not None else None
 
     def start_up(self, build: Callable[[], object], load: Callable[[object], object]) -> tuple[object, object]:
         """The engines (started and loaded by trainer rank 0 before this call) go to sleep; only then does every
@@ -129,7 +133,7 @@ class Lifecycle:
         restored = load(self.actor)
         if restored is not None:
             self._record("actor.load(checkpoint)")
-        self.phase = "update"
+        self.phase, self.closing = "update", "resume" if restored is not None else "startup"  # first_sync closes
         return self.actor, restored
 
     def first_sync(self, push: Callable[[], dict]) -> dict[str, float]:
@@ -145,6 +149,13 @@ class Lifecycle:
         """Moves memory for `phase`; returns lifecycle metrics (bytes moved, seconds) for rank 0's log."""
         assert phase in PHASES, phase
         previous, self.phase = self.phase, phase
+        self._close_phase(self.closing or previous)
+        self.closing = None
+        metrics = self._transition(phase, previous)
+        self._reset_peak()  # the new phase's peak starts from what it holds, not the transition's
+        return metrics
+
+    def _transition(self, phase: str, previous: str) -> dict[str, float]:
         if self.placement != "colocated" or phase == "update":
             return {}
         if phase == "experience":
@@ -168,7 +179,7 @@ class Lifecycle:
             yield
             return
         self.enter("experience")
-        self.phase = "update"
+        self.phase, self.closing = "update", "checkpoint"  # the peak the next transition closes: the save's
         try:
             yield
         finally:
@@ -203,6 +214,31 @@ class Lifecycle:
         restored = self.actor.onload()
         self._record("actor.onload", restored)
         return {"lifecycle/onloaded_mib": sum(restored.values()) / 2**20, "time/onload_s": time.perf_counter() - start}
+
+    def _close_phase(self, name: str) -> None:
+        """CUDA hosts: the peak allocated memory of the phase that ends now (this rank's, since the last
+        transition) and the device's used memory (every process: the engines too), to memory_peaks.jsonl (trainer
+        rank 0); tools/gpu_acceptance.sh compares them with the plan."""
+        if name == "start":
+            return
+        self.closed.append(name)
+        if not self.cuda:
+            return
+        import json
+
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        row = {"phase": name, "allocated": torch.cuda.max_memory_allocated(), "device_used": total - free}
+        if self.peaks_path is not None:
+            with open(self.peaks_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def _reset_peak(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
 
     def _record(self, call: str, sizes: dict[str, int] | None = None) -> None:
         """Rank 0's log line: the call, the bytes it moved, then what the actor holds after it (bytes per kind and

@@ -348,33 +348,39 @@ def experience_bytes(
     return layer + hidden + logits
 
 
-def phase_peaks(cfg, parts: dict[str, float]) -> dict[str, float]:
-    """GiB on one trainer GPU in each phase of a run, from lifecycle.py's residency table (the code that runs):
+def actor_phase_gib(cfg, parts: dict[str, float]) -> dict[str, float]:
+    """GiB the actor alone holds on one trainer GPU in each phase of a run (`phase_peaks` adds the engines'):
     startup (engines asleep, the actor's state built), resume (that plus the checkpoint's optimizer state loaded
-    beside it, then copied in; the weights load in place), rollout (engines awake, the actor's offloaded parts gone),
-    experience (engines asleep, the state plus one micro-batch of both views in flight), update (everything of
-    the actor), checkpoint (engines asleep, the state; the writer copies to host), sync (the engines' weights
-    awake, no KV cache yet; the actor's weights resident). `actor.offload: auto` is resolved as on the target's
-    CUDA hosts."""
+    beside it, then copied in; the weights load in place), rollout (the actor's offloaded parts gone),
+    experience (the state plus one micro-batch of both views in flight), update (everything of the actor),
+    checkpoint (the state; the writer copies to host), sync (the actor's weights resident). From lifecycle.py's
+    residency table; `actor.offload: auto` resolved as on the target's CUDA hosts."""
     placement = cfg.rollout.placement
     offload = resolve_offload(cfg.actor.offload, placement, cuda=True)
     state = {"actor_weights": "weights", "actor_grads": "gradients", "actor_optimizer": "optimizer"}
     whole = parts["weights"] + parts["gradients"] + parts["optimizer"]
-    peaks = {
-        "startup_phase": whole,
-        "resume_phase": whole + parts["optimizer"],  # weights load in place; the optimizer state beside it
-        "checkpoint_phase": whole,
-    }
+    gib = {"startup": whole, "resume": whole + parts["optimizer"], "checkpoint": whole}
     for phase in ("rollout", "experience", "update", "sync"):
         held = resident(phase, offload, placement)
-        gib = sum(parts[part] for key, part in state.items() if held[key])
+        gib[phase] = sum(parts[part] for key, part in state.items() if held[key])
         if held["actor_activations"]:
-            gib += parts["activations"] + parts["logits"] + parts["vision_activations"]
+            gib[phase] += parts["activations"] + parts["logits"] + parts["vision_activations"]
         elif phase == "experience":
-            gib += parts["experience_activations"]
-        if held["engine_kv_cache"]:
+            gib[phase] += parts["experience_activations"]
+    return gib
+
+
+def phase_peaks(cfg, parts: dict[str, float]) -> dict[str, float]:
+    """GiB on one trainer GPU in each phase of a run: the actor's (`actor_phase_gib`) plus the colocated
+    engines' where they are awake (rollout: their whole share of the device; sync: their weights and one sync
+    bucket)."""
+    offload = resolve_offload(cfg.actor.offload, cfg.rollout.placement, cuda=True)
+    peaks = {}
+    for phase, gib in actor_phase_gib(cfg, parts).items():
+        held = resident(phase, offload, cfg.rollout.placement) if phase in ("rollout", "sync") else {}
+        if held.get("engine_kv_cache"):
             gib += engine_gib_per_gpu(cfg)
-        elif held["engine_weights"]:
+        elif held.get("engine_weights"):
             gib += parts["vllm_weights"] + cfg.rollout.sync_bucket_mb / 1024  # + one bucket of the sync
         peaks[f"{phase}_phase"] = gib
     return peaks

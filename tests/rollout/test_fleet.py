@@ -217,6 +217,8 @@ def test_the_actor_holds_what_the_memory_plan_says_at_every_phase_boundary(train
     weights, grads, optimizer = (round(parts[k] * memory.GIB) for k in ("weights", "gradients", "optimizer"))
     rows = []
     for line in (out / "lifecycle.log").read_text().splitlines():
+        if "resident=" not in line:  # the engines' first sleep: no actor yet
+            continue
         held = dict(item.split(":") for item in line.split("resident=")[1].split(","))
         rows.append((line.split()[2], {k: int(v) for k, v in held.items()}))
     first_update = [i for i, (call, _) in enumerate(rows) if call == "actor.offload(optimizer+grads)"][1]
@@ -227,7 +229,7 @@ def test_the_actor_holds_what_the_memory_plan_says_at_every_phase_boundary(train
         elif call == "actor.offload(optimizer+grads)":
             expected.update(grads=0, optimizer=0)
         assert held == expected, call
-    assert rows[1] == ("actor.build", {"weights": weights, "grads": grads, "optimizer": 0, "host": 0})  # lazy Adam
+    assert rows[0] == ("actor.build", {"weights": weights, "grads": grads, "optimizer": 0, "host": 0})  # lazy Adam
 
 
 VOLATILE = ("time/", "rollout/generate_s", "rollout/tokens_per_s", "sync/megabytes_per_s", "rollout/engine_restarts")

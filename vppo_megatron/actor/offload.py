@@ -78,7 +78,9 @@ class ActorOffload:
             if inner is None:
                 continue
             for state in inner.state.values():
-                tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+                # the moments; torch Adam's per-parameter `step` counters (0-dim, host tensors unless capturable)
+                # stay where they are: 4 bytes each, nothing to free
+                tensors += [v for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
             # fp32 master copies of bf16 weights: their own storages (fp32 weights' "masters" are views of the
             # weights themselves and are excluded below)
             for name in ("shard_fp32_from_float16_groups", "fp32_from_float16_groups"):
