@@ -95,7 +95,7 @@ def _plan_output(command, capsys):
 @pytest.mark.parametrize("command", ["vppo plan", "python -m vppo_megatron.train --dry-run --rehearse"])
 def test_vppo_plan_prints_the_estimate_and_the_rehearsed_7b_rank(command, capsys):
     stdout = _plan_output(command, capsys)
-    assert "heaviest: only stage, resume phase, 50.1 GiB" in stdout
+    assert "heaviest: only stage, experience phase, 50.2 GiB" in stdout
     # 4.48B on each TP2 rank: 28 split layers + the whole vision tower + half of the embedding and output layer
     (row,) = [line for line in stdout.splitlines() if line.startswith("  only")]
     assert "4,484,460,544" in row and row.endswith("equal")

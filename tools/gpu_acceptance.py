@@ -394,8 +394,8 @@ PEAK_SLACK_GIB = 0.25  # allocator block rounding and the CUDA kernels' workspac
 
 
 def _peaks(out: Path) -> list[dict]:
-    path = out / "memory_peaks.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    """Every rank's per-phase peaks (vppo_megatron/lifecycle.py `_close_phase`)."""
+    return [json.loads(line) for path in sorted((out / "memory_peaks").glob("rank*.jsonl")) for line in path.open()]
 
 
 def step_memory_phases(work: Path, figures: dict) -> None:

@@ -116,7 +116,7 @@ class Lifecycle:
         self.cuda = cuda
         self.closing: str | None = None
         self.closed: list[str] = []  # the phases ended so far, in order (each one's peak is measured on CUDA)
-        self.peaks_path = Path(cfg.trainer.output_dir) / "memory_peaks.jsonl" if fleet is not None else None
+        self.peaks_dir = Path(cfg.trainer.output_dir) / "memory_peaks"
 
     def start_up(self, build: Callable[[], object], load: Callable[[object], object]) -> tuple[object, object]:
         """The engines (started and loaded by trainer rank 0 before this call) go to sleep; only then does every
@@ -216,9 +216,10 @@ class Lifecycle:
         return {"lifecycle/onloaded_mib": sum(restored.values()) / 2**20, "time/onload_s": time.perf_counter() - start}
 
     def _close_phase(self, name: str) -> None:
-        """CUDA hosts: the peak allocated memory of the phase that ends now (this rank's, since the last
-        transition) and the device's used memory (every process: the engines too), to memory_peaks.jsonl (trainer
-        rank 0); tools/gpu_acceptance.sh compares them with the plan."""
+        """Ends phase `name`. On CUDA hosts every rank appends to `output_dir/memory_peaks/rank<N>.jsonl` the
+        phase's peak allocated and reserved memory of its own allocator (since the last transition) and the
+        device's used memory at its end (every process, the engines too; a snapshot, not a peak);
+        tools/gpu_acceptance.sh compares the heaviest rank's peaks with the plan."""
         if name == "start":
             return
         self.closed.append(name)
@@ -227,12 +228,19 @@ class Lifecycle:
         import json
 
         import torch
+        import torch.distributed as dist
 
         free, total = torch.cuda.mem_get_info()
-        row = {"phase": name, "allocated": torch.cuda.max_memory_allocated(), "device_used": total - free}
-        if self.peaks_path is not None:
-            with open(self.peaks_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        row = {
+            "phase": name,
+            "allocated": torch.cuda.max_memory_allocated(),
+            "reserved": torch.cuda.max_memory_reserved(),
+            "device_used_at_end": total - free,
+        }
+        self.peaks_dir.mkdir(parents=True, exist_ok=True)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        with open(self.peaks_dir / f"rank{rank}.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
 
     def _reset_peak(self) -> None:
         if self.cuda:

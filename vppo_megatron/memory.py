@@ -336,16 +336,26 @@ def optimizer_bytes_per_param(weight_bytes: int) -> int:
 
 
 def experience_bytes(
-    arch: Arch, seq: int, micro_batch: int, tp: int, sequence_parallel: bool, impl: str, dtype_bytes: int, last: bool
+    arch: Arch,
+    seq: int,
+    micro_batch: int,
+    tp: int,
+    sequence_parallel: bool,
+    impl: str,
+    dtype_bytes: int,
+    last: bool,
+    vision_patches: int = 0,
 ) -> float:
     """Bytes the experience pass holds beyond the actor's state, no_grad: one micro-batch of both views (2b rows)
-    passes one layer at a time (that layer's working set, the hidden states in and out), and on the last stage
+    passes one layer at a time (that layer's working set, the hidden states in and out); on the first stage
+    (`vision_patches` per image) the vision tower's working set of one block for the 2b images; on the last stage
     the fp32 logits of both views with their log-softmax and the estimator's difference (3 x 4 B x 2b x s x V/TP)."""
     rows = 2 * micro_batch
     layer = sum(layer_activation_bytes(arch, seq, rows, tp, sequence_parallel, "none", impl, dtype_bytes).values())
     hidden = 2 * rows * seq * arch.hidden * dtype_bytes
+    vision = rows * vision_patches * (8 * arch.vision_ffn + 30 * arch.vision_hidden)
     logits = 3 * FP32 * rows * seq * arch.vocab / tp if last else 0
-    return layer + hidden + logits
+    return layer + hidden + vision + logits
 
 
 def actor_phase_gib(cfg, parts: dict[str, float]) -> dict[str, float]:
@@ -390,12 +400,28 @@ def next_power_of_two(nbytes: float) -> float:
     return 2 ** math.ceil(math.log2(nbytes)) if nbytes > 0 else 0.0
 
 
+def engine_worker_sleep_bytes(arch: Arch, tp: int, dtype_bytes: int = 2) -> float:
+    """Host bytes one vLLM worker (rollout TP rank) keeps through a level-1 sleep: a pinned backup of every weight
+    tensor it holds, each rounded up to a power of two by the caching host allocator. The language model's
+    tensors in vLLM's fused layout (qkv, o, gate_up, down, norms; the embedding and an untied head); the vision
+    tower at twice its bytes (the rounding's upper bound: its shapes are the family's)."""
+    q, kv, h, f = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim, arch.hidden, arch.ffn
+    layer = [(q + 2 * kv) * h // tp, q * h // tp, 2 * f * h // tp, f * h // tp, h, h]
+    layer += [(q + 2 * kv) // tp] if arch.qkv_bias else []
+    layer += [arch.head_dim, arch.head_dim] if arch.qk_norm else []
+    heads = [arch.vocab * h // tp] * (1 if arch.tied_embeddings else 2) + [h]
+    rounded = arch.layers * sum(next_power_of_two(n * dtype_bytes) for n in layer)
+    rounded += sum(next_power_of_two(n * dtype_bytes) for n in heads)
+    return rounded + 2 * arch.vision_params * dtype_bytes / tp
+
+
 def host_per_node(cfg, arch: Arch, parts: dict[str, float]) -> dict[str, float]:
-    """GiB of host memory on the busiest node (trainer rank 0's), by item:
-    - `offload_buffers`: each rank's host copies of what actor.offload moves (weights, optimizer; gradients are
-      dropped, not copied), pinned on CUDA hosts, where the caching host allocator rounds each buffer up to a
-      power of two (estimated per kind and model chunk: one buffer each);
-    - `engine_sleep_copies`: vLLM's level-1 sleep keeps every colocated engine's weights (bf16) in host memory;
+    """GiB of host memory on the busiest node (trainer rank 0's, parallel.gpus_per_node ranks), by item:
+    - `offload_buffers`: each rank's host copy of what actor.offload moves (weights, optimizer state; gradients
+      are dropped, not copied): one buffer per kind (actor/offload.py), pinned on CUDA hosts, where the caching
+      host allocator rounds it up to a power of two (an 8.4 GiB buffer takes 16 GiB);
+    - `engine_sleep_copies`: vLLM's level-1 sleep keeps every colocated engine worker's weights in pinned host
+      memory, one rounded backup per tensor (`engine_worker_sleep_bytes`);
     - `sync_staging`: the weight sync's full-model copy on trainer rank 0 and its /dev/shm snapshot for rollback
       and engine restarts (two copies of the model in the engines' dtype);
     - `step_batch`: each rank's encoded pixels of the step's prompts (fp32, once per prompt) and its data loader's
@@ -403,23 +429,21 @@ def host_per_node(cfg, arch: Arch, parts: dict[str, float]) -> dict[str, float]:
     The heaviest pipeline-stage role's state stands for every rank of the node."""
     p, r = cfg.parallel, cfg.rollout
     ranks = min(p.gpus_per_node, p.world_size or 1)
+    colocated = r.placement == "colocated"
     offload = resolve_offload(cfg.actor.offload, r.placement, cuda=True)
-    kinds = [k for k in OFFLOAD_KINDS[offload] if k != "grads"] if r.placement == "colocated" else []
-    gib = {"weights": parts["weights"], "optimizer": parts["optimizer"]}
-    chunks = p.vpp
-    per_rank = sum(chunks * next_power_of_two(gib[k] * GIB / chunks) / GIB for k in kinds)
+    kinds = [k for k in OFFLOAD_KINDS[offload] if k != "grads"] if colocated else []
+    per_rank = sum(next_power_of_two(parts[k] * GIB) / GIB for k in kinds)
     model = arch.total_params() * 2 / GIB
-    engines = -(-ranks // r.tensor_parallel_size) if r.placement == "colocated" else 0
     patches = cfg.data.max_pixels // arch.vision_patch**2
     pixel_bytes = patches * 3 * 2 * arch.vision_patch**2 * FP32  # C x temporal patch x patch^2 per patch, fp32
     dp = p.world_size // (p.tp * p.pp * p.cp) if p.world_size else 1
     prompts = cfg.trainer.prompts_per_step / dp
-    step = ranks * prompts * (pixel_bytes + cfg.data.max_pixels * 3) / GIB
+    sleep = ranks * engine_worker_sleep_bytes(arch, r.tensor_parallel_size) / GIB if colocated else 0.0
     return {
         "offload_buffers": ranks * per_rank,
-        "engine_sleep_copies": engines * model if r.placement == "colocated" else 0.0,
+        "engine_sleep_copies": sleep,
         "sync_staging": 2 * model,
-        "step_batch": step,
+        "step_batch": ranks * prompts * (pixel_bytes + cfg.data.max_pixels * 3) / GIB,
     }
 
 
@@ -457,7 +481,10 @@ def estimate_stages(cfg, arch: Arch) -> dict[str, dict[str, float]]:
         parts["vision_activations"] = vision / GIB
         parts["actor_peak"] = sum(parts.values())
         parts["experience_activations"] = (
-            experience_bytes(arch, seq, b, tp, p.sequence_parallel, impl, weight_bytes, stage.last) / GIB
+            experience_bytes(
+                arch, seq, b, tp, p.sequence_parallel, impl, weight_bytes, stage.last, patches if stage.first else 0
+            )
+            / GIB
         )
         parts["vllm_weights"] = arch.total_params() * 2 / cfg.rollout.tensor_parallel_size / GIB
         parts.update(phase_peaks(cfg, parts))

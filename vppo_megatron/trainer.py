@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -52,11 +53,19 @@ def stage(name: str):
     return mark
 
 
+COLLECTIVE_TIMEOUTS = (  # what torch.distributed's backends say (lower case): gloo, NCCL (blocking wait), the store
+    "timed out waiting",
+    "application timeout caused pair closure",
+    "collective operation timeout",
+    "socket timeout",
+)
+
+
 def collective_timeout(exc: BaseException, timeout_s: float) -> str | None:
-    """One line naming the stage this rank waited in, when `exc` is a collective that timed out (gloo: "Timed
-    out waiting", "Application timeout"; NCCL: "Watchdog caught collective operation timeout"); else None."""
+    """One line naming the stage this rank waited in, when `exc` is a collective that timed out
+    (`COLLECTIVE_TIMEOUTS`; an engine's stall or any other error is not one); else None."""
     text = str(exc)
-    if "timed out" not in text.lower() and "timeout" not in text.lower():
+    if not any(pattern in text.lower() for pattern in COLLECTIVE_TIMEOUTS):
         return None
     import torch.distributed as dist
 
@@ -136,7 +145,8 @@ class Trainer:
             cfg.validate(dist.get_world_size())
             groups, driver = alongside.groups, alongside.driver
         # start-up order (lifecycle.py): the engines (started by _driver) sleep before any rank builds the actor
-        lifecycle = Lifecycle(cfg, None, driver.fleet if driver else None, dist.barrier)
+        barrier = partial(dist.barrier, group=groups.host_world)  # gloo: a timeout here names its stage
+        lifecycle = Lifecycle(cfg, None, driver.fleet if driver else None, barrier)
         actor, restored = lifecycle.start_up(
             lambda: MegatronActor(cfg, groups, cfg.model.path), lambda actor: resume(cfg, actor)
         )

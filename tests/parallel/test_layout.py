@@ -124,3 +124,12 @@ def test_a_collective_past_parallel_timeout_s_names_the_stage_that_waited():
     _, waited = run_distributed(_waits_in_distribute, 2, timeout_s=120)
     assert waited.startswith("trainer rank 1 waited more than parallel.timeout_s=2 s for the other ranks in stage ")
     assert "'distribute' (waiting for trainer rank 0's rollout" in waited and "raise parallel.timeout_s" in waited
+
+
+def test_only_the_backends_timeouts_are_taken_for_a_collective_timeout():
+    from vppo_megatron.trainer import collective_timeout
+
+    stalled = RuntimeError("rollout engine 0 failed 3 times: engine 0 made no progress (rollout.stall_timeout_s=300)")
+    assert collective_timeout(stalled, 60.0) is None  # an engine's stall names its own setting
+    gloo = RuntimeError("[../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 2000ms for recv operation")
+    assert "parallel.timeout_s=60 s" in collective_timeout(gloo, 60.0)

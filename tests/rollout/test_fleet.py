@@ -346,6 +346,36 @@ def test_killed_engine_is_restarted_and_results_are_complete(fleet, tiny_process
     assert fleet.restarts == 1 and fleet.engines[0] != victim
 
 
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_restart_kills_the_engines_child_processes_and_only_them():
+    """On GPU vLLM's engine core and workers are child processes of the engine actor (they hold the device); a
+    restart kills the ones recorded at start-up, on the engine's node, and never a process that reused a pid."""
+    import subprocess
+
+    import psutil
+
+    from vppo_megatron.rollout.fleet import kill_processes
+
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        created = psutil.Process(child.pid).create_time()
+        assert kill_processes([(child.pid, created + 1.0)]) == 0 and child.poll() is None  # another process now
+        assert kill_processes([(child.pid, created)]) == 1
+        assert child.wait(timeout=10) == -9
+        assert kill_processes([(child.pid, created)]) == 0  # already gone
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_a_long_progressing_round_is_not_restarted_and_a_stopped_engine_is(fleet, tiny_processor):
     """Generation is watched by progress, not by a deadline per round: a validation round of 200 prompts x 8
     samples far longer than rollout.stall_timeout_s completes without a restart; the same engine stopped with
@@ -381,6 +411,10 @@ def test_a_long_progressing_round_is_not_restarted_and_a_stopped_engine_is(fleet
         assert not thread.is_alive() and result["out"]["val/prompts"] == 40.0
         assert fleet.restarts == restarts + 1 and fleet.call_one(0, "ready")["pid"] != pid
         assert time.perf_counter() - stopped < 300
+        deadline = time.time() + 30  # the stopped engine's process is gone, not just replaced
+        while _alive(pid) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not _alive(pid)
     finally:
         fleet.stall_timeout_s = stall
         with contextlib.suppress(ProcessLookupError, NameError):

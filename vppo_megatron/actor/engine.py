@@ -282,7 +282,7 @@ class MegatronActor:
             model=self.model,
             num_microbatches=count,
             seq_length=max(mb.input_ids_BS.shape[1] for mb in host),
-            micro_batch_size=views * host[0].input_ids_BS.shape[0],  # pipeline p2p shapes
+            micro_batch_size=views * host[0].input_ids_BS.shape[0],  # rows fed (p2p shapes go at run time)
             forward_only=forward_only,
         )
 

@@ -59,7 +59,8 @@ class ActorOffload:
     def __init__(self, model_chunks: list[torch.nn.Module], optimizer):
         self.chunks, self.optimizer = model_chunks, optimizer
         self.parked: dict[str, list[_Parked]] = {}
-        self._host: dict[str, list[torch.Tensor]] = {}
+        self._host: dict[str, torch.Tensor] = {}
+        """One host buffer per kind (uint8), each storage of the kind a slice of it."""
 
     # -------------------------------------------------------------------------------- what each kind is
 
@@ -102,21 +103,27 @@ class ActorOffload:
     def offload(self, kinds: tuple[str, ...]) -> dict[str, int]:
         """Releases the storages of each kind not already offloaded; returns the bytes released per kind.
 
-        Host buffers are allocated once per storage and reused every step (pinned allocation is slow); all
+        Each kind copies into ONE host buffer (pinned on CUDA hosts), allocated once and reused every step: pinned
+        allocation is slow, and the caching host allocator rounds every allocation up to a power of two, so one
+        buffer per kind is what the memory plan counts (memory.host_per_node), not one per tensor. All
         device-to-host copies are issued first and waited for once, before any storage is released."""
         cuda = torch.cuda.is_available()
         todo = {kind: self.storages(kind) for kind in kinds if kind not in self.parked}
         for kind, storages in todo.items():
-            hosts = self._host.setdefault(kind, [])
-            parked = []
-            for i, storage in enumerate(storages):
+            buffer = None
+            if kind != "grads":
+                total = sum(storage.nbytes() for storage in storages)
+                buffer = self._host.get(kind)
+                if buffer is None or buffer.numel() != total:
+                    buffer = self._host[kind] = torch.empty(total, dtype=torch.uint8, pin_memory=cuda)
+            parked, offset = [], 0
+            for storage in storages:
                 host = None
-                if kind != "grads":
-                    if i == len(hosts) or hosts[i].numel() != storage.nbytes():
-                        hosts[i:] = [torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=cuda)]
-                    host = hosts[i]
+                if buffer is not None:
+                    host = buffer[offset : offset + storage.nbytes()]
                     host.copy_(_bytes(storage), non_blocking=cuda)
                 parked.append(_Parked(storage, storage.nbytes(), host))
+                offset += storage.nbytes()
             self.parked[kind] = parked
         if cuda:
             torch.cuda.synchronize()  # the copies landed, and no kernel still reads a storage about to go
@@ -150,7 +157,7 @@ class ActorOffload:
         """Bytes this actor holds now: each kind's live storages on its device (0 once offloaded), and `host`, its
         offload buffers (kept for reuse once allocated)."""
         held = {kind: sum(s.nbytes() for s in self.storages(kind)) for kind in KINDS}
-        held["host"] = sum(h.nbytes for hosts in self._host.values() for h in hosts)
+        held["host"] = sum(buffer.nbytes for buffer in self._host.values())
         return held
 
     def offloaded(self) -> tuple[str, ...]:

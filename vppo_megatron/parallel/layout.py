@@ -160,6 +160,9 @@ class ParallelGroups:
     """Global rank of this replica's leader."""
     leaders: dist.ProcessGroup | None = None
     """gloo group of the replica leaders (one per DP rank, rank 0 first); None on the other ranks."""
+    host_world: dist.ProcessGroup | None = None
+    """gloo group of every trainer rank, for the long waits on trainer rank 0 (engines starting, sleeping, waking):
+    a gloo wait that passes parallel.timeout_s raises in the waiting rank, where NCCL's watchdog would abort it."""
 
     @property
     def is_first_stage(self) -> bool:
@@ -206,7 +209,7 @@ def initialize(layout: ParallelLayout, seed: int, timeout_s: float | None = None
     )
     model_parallel_cuda_manual_seed(seed)
     timeout = timedelta(seconds=timeout_s) if timeout_s else None
-    replica, leader, leaders = _object_groups(layout, parallel_state.get_data_parallel_rank(), timeout)
+    replica, leader, leaders, world = _object_groups(layout, parallel_state.get_data_parallel_rank(), timeout)
     return ParallelGroups(
         layout=layout,
         tp=parallel_state.get_tensor_model_parallel_group(),
@@ -222,6 +225,7 @@ def initialize(layout: ParallelLayout, seed: int, timeout_s: float | None = None
         replica=replica,
         replica_leader=leader,
         leaders=leaders,
+        host_world=world,
     )
 
 
@@ -233,8 +237,8 @@ def replica_ranks(layout: ParallelLayout, dp_rank: int) -> list[int]:
 
 
 def _object_groups(layout: ParallelLayout, my_dp_rank: int, timeout: timedelta | None = None):
-    """gloo groups for Python-object traffic (rollouts): every replica, and the replica leaders. Every rank
-    creates every group, in the same order (torch.distributed.new_group's rule)."""
+    """gloo groups for Python-object traffic (rollouts) and long waits: every replica, the replica leaders, all
+    ranks. Every rank creates every group, in the same order (torch.distributed.new_group's rule)."""
     me = dist.get_rank()
     replicas = [replica_ranks(layout, d) for d in range(layout.dp)]
     assert me in replicas[my_dp_rank], (me, my_dp_rank, replicas)  # the rank order above is megatron-core's
@@ -245,7 +249,8 @@ def _object_groups(layout: ParallelLayout, my_dp_rank: int, timeout: timedelta |
             mine = group
     leader_ranks = [ranks[0] for ranks in replicas]
     leaders = dist.new_group(leader_ranks, backend="gloo", timeout=timeout)
-    return mine, replicas[my_dp_rank][0], leaders if me in leader_ranks else None
+    world = dist.new_group(list(range(dist.get_world_size())), backend="gloo", timeout=timeout)
+    return mine, replicas[my_dp_rank][0], leaders if me in leader_ranks else None, world
 
 
 def destroy() -> None:

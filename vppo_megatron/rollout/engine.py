@@ -24,7 +24,9 @@ class ProgressBoard:
     """A Ray actor per fleet: each engine reports how many engine steps it has run (`beat`), at most once per
     BEAT_INTERVAL_S while it generates, without being asked; the fleet reads the board (`read`) to tell a slow
     round that keeps producing tokens from a hung engine. Kept apart from the engines so that a stopped or
-    deadlocked engine cannot answer for itself."""
+    deadlocked engine cannot answer for itself. A step is one call of the front end's `LLMEngine.step`: one
+    scheduler step in process (CPU), one batch of outputs from the engine core process on GPU (a core that hangs
+    sends none)."""
 
     def __init__(self):
         self.steps: dict[int, int] = {}
@@ -124,8 +126,17 @@ class RolloutEngine:
             self.last_beat = now
 
     def ready(self) -> dict:
+        """Who this engine is: its pid, node and child processes (on GPU vLLM's engine core and workers, which hold
+        the weights and KV cache: a restart kills them too, `fleet.kill_processes`), start-up time, version and
+        context length."""
+        import psutil
+        import ray
+
+        children = [(c.pid, c.create_time()) for c in psutil.Process().children(recursive=True)]
         return {
             "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "children": children,
             "startup_s": self.startup_s,
             "version": self.version,
             "max_model_len": self.max_model_len,

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from vppo_megatron.config import Config, ConfigError, engine_context_length
 from vppo_megatron.rollout.engine import ProgressBoard, RolloutEngine
@@ -63,6 +63,25 @@ def cluster_address() -> str:
 
 def disconnect() -> None:
     ray.shutdown()
+
+
+def kill_processes(processes: list[tuple[int, float]]) -> int:
+    """SIGKILLs the (pid, create time) processes still alive on this node (a pid reused since is left alone);
+    returns how many it killed. Run on an engine's node after the engine is killed: a stopped or hung engine
+    cannot take its children (vLLM's engine core and workers, which hold the device) down with it."""
+    import signal
+
+    import psutil
+
+    killed = 0
+    for pid, created in processes:
+        try:
+            if psutil.Process(pid).create_time() == created:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            pass
+    return killed
 
 
 class RolloutFleet:
@@ -110,7 +129,7 @@ class RolloutFleet:
             return
         for i in range(r.num_engines):
             self._start(i)
-        ray.get([e.ready.remote() for e in self.engines], timeout=STARTUP_TIMEOUT_S)
+        self.info = ray.get([e.ready.remote() for e in self.engines], timeout=STARTUP_TIMEOUT_S)
 
     @classmethod
     def create_or_attach(cls, cfg: Config, model_dir: str, **kwargs) -> RolloutFleet:
@@ -152,13 +171,19 @@ class RolloutFleet:
         self.engines[i], self.groups[i] = actor, group
 
     def restart(self, i: int) -> None:
-        """Replaces engine i (dead or hung) and brings it to the fleet's current weights."""
+        """Replaces engine i (dead or hung): the actor and its child processes are killed (on its node), then a
+        new engine starts and is brought to the fleet's current weights."""
         logger.warning("rollout engine %d failed; restarting it", i)
         ray.kill(self.engines[i], no_restart=True)
         if self.groups[i] is not None:
             remove_placement_group(self.groups[i])
+        old = self.info[i]
+        if old.get("children"):
+            on_its_node = NodeAffinitySchedulingStrategy(old["node_id"], soft=False)
+            killer = ray.remote(kill_processes).options(num_cpus=0, scheduling_strategy=on_its_node)
+            ray.get(killer.remote(old["children"]), timeout=self.timeout_s)
         self._start(i)
-        ray.get(self.engines[i].ready.remote(), timeout=STARTUP_TIMEOUT_S)
+        self.info[i] = ray.get(self.engines[i].ready.remote(), timeout=STARTUP_TIMEOUT_S)
         if self.resync is not None:
             self.resync(i)
         self.restarts += 1
@@ -166,7 +191,8 @@ class RolloutFleet:
     def _check_attached(self) -> None:
         """Running engines serve this run only if their context holds its longest prompt and response."""
         needed = self.engine_kwargs["max_model_len"]
-        for i, info in enumerate(ray.get([e.ready.remote() for e in self.engines], timeout=STARTUP_TIMEOUT_S)):
+        self.info = ray.get([e.ready.remote() for e in self.engines], timeout=STARTUP_TIMEOUT_S)
+        for i, info in enumerate(self.info):
             if info["max_model_len"] < needed:
                 raise ConfigError(
                     f"the running engine {self.name}-{i} holds {info['max_model_len']} tokens, this run needs "
@@ -282,7 +308,7 @@ class RolloutFleet:
                     seen[i] = (steps.get(i), now)
                 elif now - since > self.stall_timeout_s:
                     logger.warning(
-                        "rollout engine %d produced nothing for %.0f s (rollout.stall_timeout_s); restarting it",
+                        "rollout engine %d sent no output for %.0f s (rollout.stall_timeout_s); restarting it",
                         i,
                         now - since,
                     )
