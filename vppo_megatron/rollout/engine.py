@@ -7,7 +7,9 @@ leaves the engine answering with the previous version and says so.
 
 from __future__ import annotations
 
+import collections
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -18,6 +20,17 @@ from vppo_megatron import families
 
 EXTENSION = "vppo_megatron.rollout.extension.WeightSyncExtension"
 BEAT_INTERVAL_S = 1.0  # at most one progress report per second per engine
+
+
+class _WarningLines(logging.Handler):
+    """Keeps the last 200 warning lines of vLLM's loggers (its workers log here when they run in this process)."""
+
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.lines: collections.deque[str] = collections.deque(maxlen=200)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
 
 
 class ProgressBoard:
@@ -97,6 +110,8 @@ class RolloutEngine:
             limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0},
             **kwargs,
         )
+        self.log_records = _WarningLines()
+        logging.getLogger("vllm").addHandler(self.log_records)
         self.sleep_mode = enable_sleep_mode
         self.asleep: set[str] = set()
         self.residency_events: list[tuple[float, str, int | None]] = []
@@ -245,12 +260,26 @@ class RolloutEngine:
 
     def reload_from_disk(self) -> None:
         """Back to the checkpoint the engine started from (policy version 0)."""
-        self.llm.collective_rpc("reload_weights")
+        self.llm.collective_rpc("vppo_reload_from_disk")
 
     def finish_sync(self, version: int) -> int:
-        """After every bucket arrived: drop caches computed with the old weights, then adopt the new version."""
+        """After every bucket arrived: close the reload session on every worker (a parameter no bucket carried is
+        an error: the engine would serve a mix of versions), drop caches computed with the old weights, then adopt
+        the new version."""
+        missing = sorted({name for names in self.llm.collective_rpc("vppo_finish_sync") for name in names})
+        if missing:
+            raise RuntimeError(f"the sync loaded no value for {len(missing)} parameters, e.g. {missing[:5]}")
         self.llm.reset_prefix_cache()
         # reset_encoder_cache, not reset_mm_cache: the latter breaks VL engines on the next image
         self.llm.llm_engine.reset_encoder_cache()
         self.version = version
         return self.version
+
+    def abort_sync(self) -> None:
+        """Closes a sync's reload session that failed half-way (what it loaded is replaced by what follows: the
+        snapshot or the checkpoint on disk), so the next load starts a fresh session."""
+        self.llm.collective_rpc("vppo_finish_sync")
+
+    def warnings(self) -> list[str]:
+        """vLLM's warnings logged in this process since start (the last 200): what a sync left in the log."""
+        return list(self.log_records.lines)

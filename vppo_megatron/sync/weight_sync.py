@@ -161,6 +161,7 @@ class WeightSync:
 
     def _resync_engine(self, i: int) -> None:
         """Loads the last good version (the snapshot) into engine i (after a restart or a failed sync)."""
+        self.fleet.call_one(i, "abort_sync")  # a failed sync's half-open reload session, if any
         if not self.snapshot:  # version 0 is the checkpoint the engines were started from
             self.fleet.call_one(i, "reload_from_disk")
         for bucket in self.snapshot:
