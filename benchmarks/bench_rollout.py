@@ -13,6 +13,14 @@ import argparse
 import statistics
 import time
 
+# one engine whose 1024-token context holds the config's longest prompt + response (960 + 64)
+OVERRIDES = [
+    "model.dtype=float32",
+    "rollout.num_engines=1",
+    "data.max_prompt_length=960",
+    "rollout.max_response_length=64",
+]
+
 
 def _sync_rank(rank, world_size, model_dir, address, repeats):
     import torch
@@ -23,7 +31,7 @@ def _sync_rank(rank, world_size, model_dir, address, repeats):
     from vppo_megatron.rollout.fleet import RolloutFleet, connect
     from vppo_megatron.sync.weight_sync import WeightSync
 
-    cfg = load(None, ["model.dtype=float32", "rollout.num_engines=1"])
+    cfg = load(None, OVERRIDES)
     actor = MegatronActor(cfg, initialize(ParallelLayout(), seed=1), model_dir, training=False)
     connect(address)
     sync = WeightSync(cfg, actor, RolloutFleet(cfg, model_dir, start=False))
@@ -60,8 +68,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     connect(num_cpus=2)
-    cfg = load(None, ["model.dtype=float32", "rollout.num_engines=1"])
-    fleet = RolloutFleet(cfg, args.model, max_model_len=1024)
+    cfg = load(None, OVERRIDES)
+    fleet = RolloutFleet(cfg, args.model)
     processor = AutoProcessor.from_pretrained(args.model)
     rng = np.random.default_rng(0)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many shapes?"}]}]
