@@ -23,9 +23,12 @@ import torch
 
 
 def tensors_from_shared_file(path: str, manifest: list) -> list[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every manifest entry (name, dtype, shape, offset, nbytes) of a shared-memory file."""
+    """(name, tensor) for every manifest entry (name, dtype, shape, offset, nbytes) of a shared-memory file: views of
+    the mapped file (no copy; the load copies each into its parameter)."""
     total = max((offset + nbytes for _, _, _, offset, nbytes in manifest), default=0)
-    raw = torch.from_file(path, shared=False, size=total, dtype=torch.uint8)
+    if total == 0:
+        return [(name, torch.empty(shape, dtype=getattr(torch, dtype))) for name, dtype, shape, _, _ in manifest]
+    raw = torch.from_file(path, shared=True, size=total, dtype=torch.uint8)
     out = []
     for name, dtype, shape, offset, nbytes in manifest:
         out.append((name, raw[offset : offset + nbytes].view(getattr(torch, dtype)).reshape(shape)))

@@ -45,17 +45,24 @@ class SharedBucket:
 
 
 def write_shared_bucket(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> SharedBucket:
+    """Packs `tensors` straight into a shared-memory file at `path`: the file is sized first and mapped, and each
+    tensor's bytes are copied into their place once (from host or device memory). Nothing is exported to numpy, so
+    the actor's storages stay resizable (a replicated weight arrives here as a view of the actor's own buffer,
+    which the lifecycle must be able to release while the engines generate)."""
+    flat = [(name, t.detach().contiguous()) for name, t in tensors]
     manifest, offset = [], 0
+    for name, t in flat:
+        nbytes = t.numel() * t.element_size()
+        manifest.append((name, str(t.dtype).removeprefix("torch."), list(t.shape), offset, nbytes))
+        offset += nbytes
     with open(path, "wb") as f:
-        for name, tensor in tensors:
-            data = tensor.detach().contiguous().cpu()
-            # a copy before numpy(): exporting a tensor to numpy fixes its storage for good, and a replicated
-            # weight arrives here as a view of the actor's own (with the distributed optimizer: the whole flat
-            # parameter buffer), which the lifecycle must be able to release while the engines generate
-            raw = data.view(torch.uint8).clone().numpy().tobytes() if data.numel() else b""
-            f.write(raw)
-            manifest.append((name, str(data.dtype).removeprefix("torch."), list(data.shape), offset, len(raw)))
-            offset += len(raw)
+        f.truncate(offset)
+    if offset:
+        raw = torch.from_file(str(path), shared=True, size=offset, dtype=torch.uint8)
+        for (_, t), (_, _, _, start, nbytes) in zip(flat, manifest):
+            if nbytes:
+                raw[start : start + nbytes].copy_(t.reshape(-1).view(torch.uint8))
+        del raw  # unmapped: the bytes are in the file
     return SharedBucket(str(path), manifest)
 
 
