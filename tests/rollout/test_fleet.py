@@ -280,6 +280,12 @@ def test_kill_and_resume_gives_the_uninterrupted_metrics(fleet, trainer_runs, ti
     )
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resumed from" in resumed.stdout
+    # the killed run's last synced version stayed in shared memory; the resumed run's sync (or any other run's on
+    # this host) removed it: no staging file of a dead writer is left
+    from vppo_megatron.sync.weight_sync import _WRITER_PID, SHM_DIR, _alive
+
+    names = [path.name for path in SHM_DIR.glob("vppo-sync-*")]
+    assert not [n for n in names if (m := _WRITER_PID.match(n)) and not _alive(int(m.group(1)))], names
     expected, got = _step_metrics(trainer_runs.runs["none"][0]), _step_metrics(killed)
     assert set(expected) == {0, 1, 2, 3}
     for step in (2, 3):

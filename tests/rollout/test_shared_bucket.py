@@ -14,3 +14,22 @@ def test_writing_a_bucket_keeps_the_weights_storage_resizable(tmp_path):
     raw = (tmp_path / "b0").read_bytes()
     assert raw == flat[4:8].numpy().tobytes() + torch.arange(12, dtype=torch.float32).numpy().tobytes()
     assert [entry[:3] for entry in bucket.manifest] == [("norm.weight", "float32", [4]), ("whole", "float32", [12])]
+
+
+def test_staging_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    """A killed run leaves its last synced version in shared memory (the whole model, in RAM until reboot); the
+    next WeightSync on the host removes the files whose writer process is gone, never a live writer's."""
+    import os
+    import subprocess
+
+    from vppo_megatron.sync.weight_sync import remove_stale_staging
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"vppo-sync-0a1b2c3d-p{dead.pid}-v3-pp0-0000"
+    live = tmp_path / f"vppo-sync-0a1b2c3d-p{os.getpid()}-v3-pp0-0000"
+    other = tmp_path / "vppo-sync-notours"  # not a staging name of ours: left alone
+    for path in (stale, live, other):
+        path.write_bytes(b"x" * 100)
+    assert remove_stale_staging(tmp_path) == (1, 100)
+    assert not stale.exists() and live.exists() and other.exists()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -31,6 +32,39 @@ from vppo_megatron.types import ActorSample
 logger = logging.getLogger(__name__)
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
 PROBE_RESPONSE = "<think> I look at the image carefully. </think> \\boxed{1}"  # any fixed text scores the weights
+
+
+STAGING_PREFIX = "vppo-sync-"  # + run id, -p<writer pid>, version, pipeline stage, bucket
+_WRITER_PID = re.compile(r"^vppo-sync-[0-9a-f]+-p(\d+)-")
+
+
+def remove_stale_staging(directory: Path = SHM_DIR) -> tuple[int, int]:
+    """Removes the sync staging files of runs whose writer process is gone from this host (a killed or crashed
+    run leaves its last version in shared memory: the whole model, held in RAM until the host reboots). A file
+    whose writer pid is alive (this run, another live run, or a pid reused since) is kept. Returns (files, bytes)
+    removed."""
+    files = nbytes = 0
+    for path in directory.glob(f"{STAGING_PREFIX}*"):
+        match = _WRITER_PID.match(path.name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:  # another rank of this host removed it first
+            continue
+        files, nbytes = files + 1, nbytes + size
+    return files, nbytes
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 class SyncError(RuntimeError):
@@ -72,6 +106,10 @@ class WeightSync:
         self.cfg, self.actor, self.fleet = cfg, actor, fleet
         self.groups = actor.groups
         self.transport = self._transport(cfg.rollout.sync_transport)
+        files, nbytes = remove_stale_staging()
+        if files:
+            mib = nbytes / 2**20
+            logger.warning("removed %d weight-sync files (%.1f MiB) that killed runs left in %s", files, mib, SHM_DIR)
         self.version = 0
         self.snapshot: list[SharedBucket] = []
         self.run_id = self._shared_run_id()
@@ -148,7 +186,7 @@ class WeightSync:
         out = []
         max_bytes = self.cfg.rollout.sync_bucket_mb * 2**20
         for k, bucket in enumerate(buckets(tensors, max_bytes)):
-            path = SHM_DIR / f"vppo-sync-{self.run_id}-v{version}-pp{g.pp_rank}-{k:04d}"
+            path = SHM_DIR / f"{STAGING_PREFIX}{self.run_id}-p{os.getpid()}-v{version}-pp{g.pp_rank}-{k:04d}"
             out.append(write_shared_bucket(path, bucket))
         return out
 
@@ -328,7 +366,7 @@ class WeightSync:
         if dist.get_rank() == 0:
             self._delete(self.snapshot)
             self.snapshot = [
-                write_shared_bucket(SHM_DIR / f"vppo-sync-{self.run_id}-v{version}-pp0-{k:04d}", b)
+                write_shared_bucket(SHM_DIR / f"{STAGING_PREFIX}{self.run_id}-p{os.getpid()}-v{version}-pp0-{k:04d}", b)
                 for k, b in enumerate(snapshot)
             ]
         self.version = version
