@@ -255,7 +255,10 @@ def test_phase_peaks_follow_the_lifecycle_table():
     parts = estimate(cfg, arch)  # actor.offload=all
     assert parts["rollout_phase"] == pytest.approx(engines)
     assert parts["update_phase"] == pytest.approx(parts["actor_peak"])
-    assert parts["sync_phase"] == pytest.approx(parts["weights"] + parts["vllm_weights"] + 512 / 1024)
+    # the sync: the actor's weights, the engines' and the buckets a rank holds (packing one, the engines loading
+    # the other, the gathered tensors being packed: 3 of at most max(512 MiB, the embedding's 1.01 GiB))
+    assert parts["sync_buffers"] == pytest.approx(3 * 152064 * 3584 * 2 / 2**30)
+    assert parts["sync_phase"] == pytest.approx(parts["weights"] + parts["vllm_weights"] + parts["sync_buffers"])
     kept = estimate(load("examples/configs/qwen2_5_vl_7b.yaml", ["actor.offload=optimizer"]), arch)
     assert kept["rollout_phase"] == pytest.approx(engines + parts["weights"] + parts["gradients"])
     text, fits = report(load("examples/configs/qwen2_5_vl_7b.yaml", ["actor.offload=none"]))

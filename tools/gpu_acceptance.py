@@ -11,7 +11,9 @@ any work, on a host without CUDA.
   te_parity      Transformer Engine layer spec == local spec on the same weights (bf16 logits)
   fp8            FP8 forward + backward, delayed and current (tensorwise) scaling: finite and close to bf16
   sleep_wake     a colocated vLLM engine in sleep mode: free device memory rises on sleep(1), falls on wake_up
-  cuda_ipc_sync  the weight sync by CUDA IPC into a colocated engine, verified by the log-prob probe
+  cuda_ipc_sync  the node-local weight sync by CUDA IPC (the rank hands its GPU's bucket to the engine worker on
+                 that GPU), verified by the log-prob probe; then a failed sync rolled back and an engine restart,
+                 both served from the node's snapshot
   nccl_sync      the weight sync by NCCL broadcast into a disaggregated engine on a second GPU (needs 2 GPUs)
   vppo_steps     3 VPPO steps (torchrun, 1 rank) with actor.offload=all: weights change under the memory lifecycle
   memory_phases  every GPU of the host as trainer ranks (TP2 engines on >= 2), distributed optimizer, colocated
@@ -247,13 +249,14 @@ def step_sleep_wake(work: Path, figures: dict) -> None:
 def sync_probe_rank(rank: int, world_size: int, model_dir: str, ray_address: str | None, overrides: list) -> dict:
     """One trainer rank and a 1-engine fleet: sync, change the weights, sync again, probe engine vs actor."""
     import ray
+    import torch
     from sync_worker import probe_samples
 
     from vppo_megatron.actor.engine import MegatronActor
     from vppo_megatron.config import load
     from vppo_megatron.parallel.layout import ParallelLayout, destroy, initialize
     from vppo_megatron.rollout.fleet import RolloutFleet, connect
-    from vppo_megatron.sync.weight_sync import WeightSync
+    from vppo_megatron.sync.weight_sync import SyncError, WeightSync
 
     memory = f"rollout.gpu_memory_utilization={ENGINE_MEMORY_FRACTION}"
     cfg = load(None, ["model.dtype=bfloat16", "rollout.sync_bucket_mb=1", memory, *overrides])
@@ -272,13 +275,36 @@ def sync_probe_rank(rank: int, world_size: int, model_dir: str, ray_address: str
         probe = sync.probe(samples, texts)
         after = fleet.sequence_log_probs(sequences)
         versions = fleet.versions()
+        # a failed sync (a tensor no engine has) rolls the engine back to version 2 from its node's snapshot
+        _perturb(actor)
+        real = actor.hf_tensors
+
+        def with_bogus_tensor():
+            yield from real()
+            yield "model.layers.0.self_attn.bogus.weight", torch.zeros(2)
+
+        actor.hf_tensors = with_bogus_tensor
+        try:
+            sync.push()
+            rolled_back = "the sync with an unknown tensor did not fail"
+        except SyncError as exc:
+            rolled_back = str(exc)
+        actor.hf_tensors = real
+        rollback_gap = _gap(fleet.sequence_log_probs(sequences), after)
+        fleet.restart(0)  # a new engine process, re-synced from the node's snapshot (host shared memory)
+        restart_gap = _gap(fleet.sequence_log_probs(sequences), after)
+        restarted_versions = fleet.versions()
     finally:
         sync.close()
         fleet.shutdown()
         ray.shutdown()
         destroy()
-    changed = max(abs(a - b) for old, new in zip(before, after) for a, b in zip(old, new))
+    changed = _gap(before, after)
     return {
+        "rolled_back": rolled_back,
+        "rollback_gap": rollback_gap,
+        "restart_gap": restart_gap,
+        "restarted_versions": restarted_versions,
         "transport": sync.transport,
         "first_probe": first,
         "metrics": metrics,
@@ -286,6 +312,10 @@ def sync_probe_rank(rank: int, world_size: int, model_dir: str, ray_address: str
         "versions": versions,
         "engine_logp_change": changed,
     }
+
+
+def _gap(first: list[list[float]], second: list[list[float]]) -> float:
+    return max(abs(a - b) for one, two in zip(first, second) for a, b in zip(one, two))
 
 
 def _check_sync(result: dict, transport: str, figures: dict) -> None:
@@ -296,11 +326,16 @@ def _check_sync(result: dict, transport: str, figures: dict) -> None:
     assert gap <= PROBE_ATOL, f"engine vs actor log-probs differ by {gap:.4f} after the sync (> {PROBE_ATOL})"
     change = result["engine_logp_change"]
     assert change >= PROBE_SIGNAL * gap, f"the engine's log-probs moved {change:.4f}: the new weights did not land"
+    assert "restored to version 2" in result["rolled_back"], result["rolled_back"]
+    for what in ("rollback_gap", "restart_gap"):  # the engine serves version 2 again, from its node's snapshot
+        assert result[what] <= PROBE_ATOL, f"{what}: the engine differs from version 2 by {result[what]:.4f}"
+    assert result["restarted_versions"] == [2], f"versions {result['restarted_versions']} after the restart"
 
 
 def step_cuda_ipc_sync(work: Path, figures: dict) -> None:
-    # CPU: tests/rollout/test_fleet.py::test_sync_from_tp2_actor_matches_engine_log_probs (the same WeightSync
-    # push + probe over shared memory; cuda_ipc differs only in _send_gpu_bucket and the worker's vppo_load_ipc)
+    # CPU: tests/rollout/test_fleet.py::test_sync_from_tp2_actor_matches_engine_log_probs and
+    # ::test_two_simulated_nodes_sync_roll_back_and_restart_from_their_own_node (the same push, rollback and
+    # restart over shared memory; cuda_ipc differs in _push_gpu / _feed and the worker's vppo_load_ipc)
     from vppo_megatron.testing import run_distributed
 
     overrides = ["rollout.placement=colocated", "rollout.sync_transport=cuda_ipc"]
@@ -323,7 +358,7 @@ def _ray_head_on_gpu(gpu: int, port: int) -> subprocess.Popen:
 
 def step_nccl_sync(work: Path, figures: dict) -> None:
     # CPU: tests/rollout/test_fleet.py::test_sync_from_tp2_actor_matches_engine_log_probs (the WeightSync push +
-    # probe; nccl differs in _init_nccl / _send_gpu_bucket and the worker's vppo_init_nccl / vppo_load_nccl) and
+    # probe; nccl differs in _init_nccl / _feed and the worker's vppo_init_nccl / vppo_load_nccl) and
     # tests/rollout/test_launch_multinode.py (a Ray cluster started with the `ray` CLI, joined by address)
     import torch
 

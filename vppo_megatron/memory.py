@@ -382,8 +382,8 @@ def actor_phase_gib(cfg, parts: dict[str, float]) -> dict[str, float]:
 
 def phase_peaks(cfg, parts: dict[str, float]) -> dict[str, float]:
     """GiB on one trainer GPU in each phase of a run: the actor's (`actor_phase_gib`) plus the colocated
-    engines' where they are awake (rollout: their whole share of the device; sync: their weights and one sync
-    bucket)."""
+    engines' where they are awake (rollout: their whole share of the device; sync: their weights), and in the sync
+    the buckets the rank holds (`sync_buffers`)."""
     offload = resolve_offload(cfg.actor.offload, cfg.rollout.placement, cuda=True)
     peaks = {}
     for phase, gib in actor_phase_gib(cfg, parts).items():
@@ -391,7 +391,9 @@ def phase_peaks(cfg, parts: dict[str, float]) -> dict[str, float]:
         if held.get("engine_kv_cache"):
             gib += engine_gib_per_gpu(cfg)
         elif held.get("engine_weights"):
-            gib += parts["vllm_weights"] + cfg.rollout.sync_bucket_mb / 1024  # + one bucket of the sync
+            gib += parts["vllm_weights"]
+        if phase == "sync":  # the buckets this rank packs, receives or still feeds (topology.py)
+            gib += parts["sync_buffers"]
         peaks[f"{phase}_phase"] = gib
     return peaks
 
@@ -415,6 +417,35 @@ def engine_worker_sleep_bytes(arch: Arch, tp: int, dtype_bytes: int = 2) -> floa
     return rounded + 2 * arch.vision_params * dtype_bytes / tp
 
 
+def sync_plan(cfg, cuda: bool = True):
+    """The weight sync's topology (topology.py) on the target: the transport `auto` picks there."""
+    from types import SimpleNamespace
+
+    from vppo_megatron import topology
+
+    p, r = cfg.parallel, cfg.rollout
+    transport = r.sync_transport
+    if transport == "auto":
+        transport = "shm" if not cuda else ("cuda_ipc" if r.placement == "colocated" else "nccl")
+    world = p.world_size or p.tp * p.pp * p.cp
+    layout = SimpleNamespace(tp=p.tp, pp=p.pp, cp=p.cp, dp=world // (p.tp * p.pp * p.cp), world_size=world)
+    return topology.plan(cfg, layout, transport)
+
+
+def sync_bucket_bytes(cfg, arch: Arch, dtype_bytes: int = 2) -> float:
+    """The most one sync bucket holds: rollout.sync_bucket_mb, or the largest whole unit (a transformer layer, the
+    embedding) where that is larger (a unit is never split: sync/buckets.py)."""
+    largest = max(arch.layer_params(), arch.embedding_params()) * dtype_bytes
+    return max(cfg.rollout.sync_bucket_mb * 2**20, largest)
+
+
+def sync_buffers_gib(cfg, arch: Arch) -> float:
+    """GiB of full-tensor buckets the busiest trainer rank holds during a sync (never the model)."""
+    topo = sync_plan(cfg)
+    peak = max(topo.rank_peak_buckets(rank) for rank in range(topo.world))
+    return peak * sync_bucket_bytes(cfg, arch) / GIB
+
+
 def host_per_node(cfg, arch: Arch, parts: dict[str, float]) -> dict[str, float]:
     """GiB of host memory on the busiest node (trainer rank 0's, parallel.gpus_per_node ranks), by item:
     - `offload_buffers`: each rank's host copy of what actor.offload moves (weights, optimizer state; gradients
@@ -422,8 +453,9 @@ def host_per_node(cfg, arch: Arch, parts: dict[str, float]) -> dict[str, float]:
       host allocator rounds it up to a power of two (an 8.4 GiB buffer takes 16 GiB);
     - `engine_sleep_copies`: vLLM's level-1 sleep keeps every colocated engine worker's weights in pinned host
       memory, one rounded backup per tensor (`engine_worker_sleep_bytes`);
-    - `sync_staging`: the weight sync's full-model copy on trainer rank 0 and its /dev/shm snapshot for rollback
-      and engine restarts (two copies of the model in the engines' dtype);
+    - `sync_staging`: the weight sync's two slots in the node's shared memory (the last good version, the node's
+      snapshot for rollbacks and engine restarts, and the version being synced): two copies of the model in the
+      engines' dtype on every node that hosts engines (topology.py);
     - `step_batch`: each rank's encoded pixels of the step's prompts (fp32, once per prompt) and its data loader's
       images of the step (uint8).
     The heaviest pipeline-stage role's state stands for every rank of the node."""
@@ -487,6 +519,7 @@ def estimate_stages(cfg, arch: Arch) -> dict[str, dict[str, float]]:
             / GIB
         )
         parts["vllm_weights"] = arch.total_params() * 2 / cfg.rollout.tensor_parallel_size / GIB
+        parts["sync_buffers"] = sync_buffers_gib(cfg, arch)
         parts.update(phase_peaks(cfg, parts))
         result[stage.role] = parts
     return result

@@ -28,6 +28,9 @@ def dry_run(cfg, rehearse: bool = False) -> int:
         f"{engine_context_length(cfg)} tokens (max_model_len = data.max_prompt_length {cfg.data.max_prompt_length} "
         f"+ rollout.max_response_length {cfg.rollout.max_response_length})"
     )
+    if found is not None:  # who feeds which engine, what crosses nodes, what a rank holds during a sync
+        model_bytes = found[0].total_params() * 2
+        print("\n".join(memory.sync_plan(cfg).describe(memory.sync_bucket_bytes(cfg, found[0]), model_bytes)))
     text, fits = memory.report(cfg)
     print(text)
     if rehearse and fits:

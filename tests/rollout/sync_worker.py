@@ -1,5 +1,8 @@
 """Trainer ranks of the weight-sync test: a TP=2 Megatron actor whose weights change, synced to a live engine."""
 
+import os
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -109,3 +112,91 @@ def failing_sync_rank(rank, world_size, model_dir, ray_address):
     sync.close()
     destroy()
     return {"message": message, "versions": versions, "good": good, "after": after}
+
+
+def _perturb(actor, groups, scale=0.2):
+    import zlib
+
+    with torch.no_grad():  # each rank changes its own slice of TP-sharded tensors; replicated ones identically
+        for name, param in actor.chunks[0].named_parameters():
+            shard = groups.tp_rank if getattr(param, "tensor_model_parallel", False) else "replicated"
+            generator = torch.Generator().manual_seed(zlib.crc32(f"{name}/{shard}/{groups.pp_rank}".encode()))
+            param.add_(scale * torch.randn(param.shape, generator=generator) * param.abs().mean().clamp_min(1e-3))
+
+
+def two_node_rank(rank, world_size, model_dir, ray_address):
+    """Two simulated nodes of one rank each (parallel.gpus_per_node=1), PP2 across them, one engine per node:
+    sync, a failed sync rolled back, a restart of node 1's engine; after each, every engine's log-probs against
+    the actor's, and which staging directories the engines and ranks touched."""
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    from vppo_megatron.actor.engine import MegatronActor
+    from vppo_megatron.config import load
+    from vppo_megatron.parallel.layout import ParallelLayout, destroy, initialize
+    from vppo_megatron.sync.weight_sync import SyncError, WeightSync
+
+    overrides = ["model.dtype=float32", "rollout.sync_bucket_mb=1", "parallel.gpus_per_node=1", "parallel.pp=2"]
+    cfg = load(None, [*overrides, "rollout.num_engines=2", *FLEET_LIMITS])
+    groups = initialize(ParallelLayout(pp=2), seed=1)
+    actor = MegatronActor(cfg, groups, model_dir, training=False)
+    fleet = None
+    if rank == 0:
+        from vppo_megatron.rollout.fleet import RolloutFleet, connect
+
+        connect(ray_address)
+        fleet = RolloutFleet(cfg, model_dir, start="missing")  # the module's engine 0 + an engine for node 1
+    sync = WeightSync(cfg, actor, fleet)
+    samples, texts = probe_samples(model_dir)
+    sequences = [{"prompt": t, "images": s.images, "response_ids": s.response_ids} for s, t in zip(samples, texts)]
+
+    def gaps(reference):
+        if fleet is None:
+            return None
+        out = []
+        for engine in range(2):
+            values = fleet.sequence_log_probs(sequences, engine=engine)
+            out.append(max((reference[b, : len(v)] - torch.tensor(v)).abs().max().item() for b, v in enumerate(values)))
+        return out
+
+    out = {"topology": (sync.topology.engine_nodes, [sync.topology.receivers(pp) for pp in range(2)])}
+    try:
+        _perturb(actor, groups)
+        sync.push()
+        version1 = actor.experience(samples, step=0, with_perception=False, with_entropy=False).old_logp_BT
+        out["after_sync"] = gaps(version1)
+        out["files"] = {}
+        for path in sorted(Path(p) for p in sync._mapped):  # the staging files this rank wrote
+            out["files"].setdefault(path.parent.name, []).append(path.name)
+        with torch.no_grad():
+            for param in actor.chunks[0].parameters():
+                param.mul_(1.5)
+        real = actor.hf_tensors
+
+        def with_bogus_tensor():  # stage 1's last bucket is refused by both engines
+            yield from real()
+            yield "model.layers.1.self_attn.bogus.weight", torch.zeros(2)
+
+        if groups.pp_rank == 1:
+            actor.hf_tensors = with_bogus_tensor
+        try:
+            sync.push()
+        except SyncError as exc:
+            out["failed"] = str(exc)
+        actor.hf_tensors = real
+        out["after_rollback"] = gaps(version1)
+        if fleet is not None:
+            fleet.restart(1)  # re-synced from node 1's own snapshot
+            out["after_restart"] = gaps(version1)
+            out["versions"] = fleet.versions()
+            out["reads"] = [fleet.call_one(e, "staging_reads") for e in range(2)]
+            out["dirs"] = [str(sync._node_dir(n)) for n in range(2)]
+        out["pid"] = os.getpid()
+    finally:
+        sync.close()
+        if fleet is not None:
+            ray.kill(fleet.engines[1], no_restart=True)
+            if fleet.groups[1] is not None:
+                remove_placement_group(fleet.groups[1])
+        destroy()
+    return out

@@ -282,10 +282,9 @@ def test_kill_and_resume_gives_the_uninterrupted_metrics(fleet, trainer_runs, ti
     assert "resumed from" in resumed.stdout
     # the killed run's last synced version stayed in shared memory; the resumed run's sync (or any other run's on
     # this host) removed it: no staging file of a dead writer is left
-    from vppo_megatron.sync.weight_sync import _WRITER_PID, SHM_DIR, _alive
+    from vppo_megatron.rollout.staging import stale_staging
 
-    names = [path.name for path in SHM_DIR.glob("vppo-sync-*")]
-    assert not [n for n in names if (m := _WRITER_PID.match(n)) and not _alive(int(m.group(1)))], names
+    assert not stale_staging()
     expected, got = _step_metrics(trainer_runs.runs["none"][0]), _step_metrics(killed)
     assert set(expected) == {0, 1, 2, 3}
     for step in (2, 3):
@@ -431,3 +430,28 @@ def test_a_long_progressing_round_is_not_restarted_and_a_stopped_engine_is(fleet
         fleet.stall_timeout_s = stall
         with contextlib.suppress(ProcessLookupError, NameError):
             os.kill(pid, signal.SIGKILL)  # the stopped engine, if anything above left it behind
+
+
+def test_two_simulated_nodes_sync_roll_back_and_restart_from_their_own_node(fleet, tiny_model_dir):
+    """parallel.gpus_per_node=1 on 2 ranks: two nodes, PP2 across them, one engine per node. Each stage's buckets
+    reach the other node by the stage writer's broadcast (nothing else crosses): every engine equals the actor
+    after a sync, after a failed sync's rollback and after a restart, and read only its own node's staging."""
+    import ray
+    from sync_worker import two_node_rank
+
+    address = ray.get_runtime_context().gcs_address
+    rank0, rank1 = run_distributed(two_node_rank, 2, str(tiny_model_dir), address, timeout_s=900)
+    engine_nodes, receivers = rank0["topology"]
+    assert engine_nodes == (0, 1) and receivers == [[1], [0]]  # each stage passed to the other node's rank
+    for when in ("after_sync", "after_rollback", "after_restart"):
+        assert max(rank0[when]) <= 1e-4, (when, rank0[when])  # fp32 on both sides, both engines
+    assert "weight sync to version 2 failed" in rank0["failed"] and "restored to version 1" in rank0["failed"]
+    assert rank0["versions"] == [1, 1]
+    assert rank0["reads"] == [[rank0["dirs"][0]], [rank0["dirs"][1]]]  # each engine read its own node only
+    # each rank wrote its own node's directory only, and both stages' buckets are there
+    for result, node in ((rank0, 0), (rank1, 1)):
+        ((directory, names),) = result["files"].items()
+        assert directory == Path(rank0["dirs"][node]).name
+        assert all(name.startswith(f"p{result['pid']}-s1-") for name in names)  # version 1: slot 1
+        assert {name.split("-")[2] for name in names} == {"pp0", "pp1"}
+    assert not [d for d in rank0["dirs"] if Path(d).exists()]  # close() removed both nodes' staging

@@ -2,7 +2,7 @@
 
 import torch
 
-from vppo_megatron.sync.weight_sync import write_shared_bucket
+from vppo_megatron.rollout.staging import write_shared_bucket
 
 
 def test_writing_a_bucket_keeps_the_weights_storage_resizable(tmp_path):
@@ -22,14 +22,21 @@ def test_staging_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
     import os
     import subprocess
 
-    from vppo_megatron.sync.weight_sync import remove_stale_staging
+    from vppo_megatron.rollout.staging import remove_stale_staging
 
     dead = subprocess.Popen(["true"])
     dead.wait()
     stale = tmp_path / f"vppo-sync-0a1b2c3d-p{dead.pid}-v3-pp0-0000"
     live = tmp_path / f"vppo-sync-0a1b2c3d-p{os.getpid()}-v3-pp0-0000"
     other = tmp_path / "vppo-sync-notours"  # not a staging name of ours: left alone
-    for path in (stale, live, other):
+    node = tmp_path / "vppo-sync-0a1b2c3d-node1"  # a node's staging directory: its dead writer's files go, then it
+    node.mkdir()
+    in_node = node / f"p{dead.pid}-s0-pp0-b0000"
+    busy = tmp_path / "vppo-sync-0a1b2c3d-node0"  # a directory with a live writer's file stays
+    busy.mkdir()
+    busy_files = [busy / f"p{dead.pid}-s1-pp1-b0003", busy / f"p{os.getpid()}-s1-pp0-b0000"]
+    for path in (stale, live, other, in_node, *busy_files):
         path.write_bytes(b"x" * 100)
-    assert remove_stale_staging(tmp_path) == (1, 100)
+    assert remove_stale_staging(tmp_path) == (3, 300)
     assert not stale.exists() and live.exists() and other.exists()
+    assert not node.exists() and [p.name for p in busy.iterdir()] == [busy_files[1].name]

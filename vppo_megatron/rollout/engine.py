@@ -246,17 +246,49 @@ class RolloutEngine:
         if self.asleep:
             raise RuntimeError(f"rollout engine asked to generate while {sorted(self.asleep)} sleep (lifecycle bug)")
 
+    def set_staging(self, directory: str) -> None:
+        """The staging directory of this engine's node: the only place `load_shared` reads from (a path elsewhere
+        is refused: weights come from the engine's own node). A new directory (a new run) drops the mappings of
+        the old one's files."""
+        if directory != getattr(self, "staging", None):
+            self.llm.collective_rpc("vppo_forget_mappings")
+            self.read_from: set[str] = set()
+        self.staging = directory
+
+    def staging_reads(self) -> list[str]:
+        """Every directory this engine loaded weights from since its staging directory was set (a test checks
+        that none is another node's)."""
+        return sorted(getattr(self, "read_from", set()))
+
     def load_shared(self, path: str, manifest: list) -> int:
+        staging = getattr(self, "staging", None)
+        if staging is None or os.path.dirname(path) != staging:
+            raise RuntimeError(f"engine {self.index} reads weights only from its node's staging {staging}, not {path}")
+        self.read_from.add(os.path.dirname(path))
         return sum(self.llm.collective_rpc("vppo_load_shared", args=(path, manifest)))
 
-    def load_ipc(self, handles: list) -> int:
-        return sum(self.llm.collective_rpc("vppo_load_ipc", args=(handles,)))
+    def load_ipc(self, handles: dict, manifest: list, snapshot: str | None) -> int:
+        return sum(self.llm.collective_rpc("vppo_load_ipc", args=(handles, manifest, snapshot)))
 
     def init_nccl(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
         self.llm.collective_rpc("vppo_init_nccl", args=(master_address, master_port, rank_offset, world_size))
 
-    def load_nccl(self, manifest: list) -> int:
-        return sum(self.llm.collective_rpc("vppo_load_nccl", args=(manifest,)))
+    def load_nccl(self, manifest: list, nbytes: int, snapshot: str | None) -> int:
+        return sum(self.llm.collective_rpc("vppo_load_nccl", args=(manifest, nbytes, snapshot)))
+
+    def clear_staging(self) -> None:
+        """Removes this node's staging directory (the snapshot slots this engine wrote) at the end of a run."""
+        import shutil
+
+        self.llm.collective_rpc("vppo_forget_mappings")
+        if getattr(self, "staging", None):
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+    def remove_stale_staging(self) -> int:
+        """Removes this node's staging files whose writer is gone (a restarted engine's predecessor's)."""
+        from vppo_megatron.rollout.staging import remove_stale_staging
+
+        return remove_stale_staging()[0]
 
     def reload_from_disk(self) -> None:
         """Back to the checkpoint the engine started from (policy version 0)."""
@@ -267,6 +299,7 @@ class RolloutEngine:
         an error: the engine would serve a mix of versions), drop caches computed with the old weights, then adopt
         the new version."""
         missing = sorted({name for names in self.llm.collective_rpc("vppo_finish_sync") for name in names})
+        self.last_reload_s = max(self.llm.collective_rpc("vppo_take_reload_seconds"))
         if missing:
             raise RuntimeError(f"the sync loaded no value for {len(missing)} parameters, e.g. {missing[:5]}")
         self.llm.reset_prefix_cache()
@@ -274,6 +307,10 @@ class RolloutEngine:
         self.llm.llm_engine.reset_encoder_cache()
         self.version = version
         return self.version
+
+    def reload_seconds(self) -> float:
+        """The last sync's seconds in vLLM's own reload (the slowest worker's): the engine's floor of a sync."""
+        return getattr(self, "last_reload_s", 0.0)
 
     def abort_sync(self) -> None:
         """Closes a sync's reload session that failed half-way (what it loaded is replaced by what follows: the

@@ -31,7 +31,14 @@ from vppo_megatron.types import PromptSample, RolloutResult
 logger = logging.getLogger(__name__)
 MAX_RETRIES = 2
 STARTUP_TIMEOUT_S = 600.0  # a cold vLLM start compiles and profiles; 17 s for the tiny model on CPU
-ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+ENGINE_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    # the CUDA-IPC weight sync passes torch's rebuild function and dtypes to the engine's workers through
+    # collective_rpc, which vLLM's msgpack encoder refuses on GPU (engine core in its own process) without it
+    "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+}
 
 
 def connect(address: str | None = None, namespace: str = "vppo", num_cpus: int | None = None) -> bool:
@@ -92,9 +99,10 @@ class RolloutFleet:
         *,
         name: str = "vppo-engine",
         max_model_len: int | None = None,
-        start: bool = True,
+        start: bool | str = True,
     ):
-        """Starts `rollout.num_engines` named engines (start=False: attach to running ones by name). Their context
+        """Starts `rollout.num_engines` named engines (start=False: attach to running ones by name; "missing":
+        attach to those running and start the others, a long-lived fleet that grows). Their context
         is `max_model_len` tokens, by default the config's longest prompt plus longest response: a shorter one
         would cut responses short (vLLM stops at it without an error) and reject the longest prompts."""
         import torch
@@ -123,6 +131,14 @@ class RolloutFleet:
         self.engines: list = [None] * r.num_engines
         self.groups: list = [None] * r.num_engines
         self.restarts = 0
+        if start == "missing":
+            for i in range(r.num_engines):
+                try:
+                    self.engines[i] = ray.get_actor(f"{name}-{i}")
+                except ValueError:
+                    self._start(i)
+            self._check_attached()
+            return
         if not start:
             self.engines = [ray.get_actor(f"{name}-{i}") for i in range(r.num_engines)]
             self._check_attached()
@@ -216,9 +232,9 @@ class RolloutFleet:
     def call_one(self, i: int, method: str, *args):
         return ray.get(getattr(self.engines[i], method).remote(*args), timeout=self.timeout_s)
 
-    def submit_each(self, method: str, args_per_engine: list[tuple]) -> list:
-        """Starts `method` on every engine with its own arguments; `wait` collects the results."""
-        return [getattr(e, method).remote(*args) for e, args in zip(self.engines, args_per_engine)]
+    def submit(self, i: int, method: str, *args):
+        """Starts `method` on engine i; `wait` collects it (calls to one engine run in the order submitted)."""
+        return getattr(self.engines[i], method).remote(*args)
 
     def wait(self, futures: list) -> list:
         return ray.get(futures, timeout=self.timeout_s)
@@ -318,5 +334,5 @@ class RolloutFleet:
                     )
         return outcomes
 
-    def sequence_log_probs(self, sequences: list[dict]) -> list[list[float]]:
-        return ray.get(self.engines[0].sequence_log_probs.remote(sequences), timeout=self.timeout_s)
+    def sequence_log_probs(self, sequences: list[dict], engine: int = 0) -> list[list[float]]:
+        return ray.get(self.engines[engine].sequence_log_probs.remote(sequences), timeout=self.timeout_s)

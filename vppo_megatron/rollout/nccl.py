@@ -3,17 +3,25 @@ are the engines' workers (vLLM's StatelessProcessGroup + PyNcclCommunicator, the
 
 from __future__ import annotations
 
-
-def rendezvous_address() -> tuple[str, int]:
-    from vllm.distributed.utils import get_ip, get_open_port
-
-    return get_ip(), get_open_port()
+import socket
 
 
-def trainer_communicator(address: str, port: int, world_size: int):
+def rendezvous_address() -> tuple[str, int, socket.socket]:
+    """This host's address and a port held open for the group's store (a port probed and released could be
+    taken by the next feeder on the node, or be the same one where VLLM_PORT is set)."""
+    from vllm.distributed.utils import get_ip
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("", 0))
+    listener.listen()
+    return get_ip(), listener.getsockname()[1], listener
+
+
+def trainer_communicator(address: str, port: int, world_size: int, listener: socket.socket | None = None):
     import torch
     from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
     from vllm.distributed.utils import StatelessProcessGroup
 
-    group = StatelessProcessGroup.create(host=address, port=port, rank=0, world_size=world_size)
+    group = StatelessProcessGroup.create(host=address, port=port, rank=0, world_size=world_size, listen_socket=listener)
     return PyNcclCommunicator(group, device=torch.cuda.current_device())

@@ -1,122 +1,114 @@
 """Stage 7: the actor's weights -> every rollout engine, after every optimizer step.
 
 Megatron TP/PP shards -> full HF-named tensors (convert/'s mapping, gathered over TP one tensor at a time) ->
-whole-layer buckets of at most rollout.sync_bucket_mb -> every engine -> caches reset -> policy version bumped.
-`push()` is collective over all trainer ranks; trainer rank 0 drives the fleet.
+whole-layer buckets of at most rollout.sync_bucket_mb -> the engines -> caches reset -> policy version bumped.
+`push()` is collective over all trainer ranks; trainer rank 0 drives the fleet (Ray calls carry only paths,
+manifests and handles: the bytes move node-locally). Who feeds which engine: vppo_megatron/topology.py.
 
 Transports (rollout.sync_transport; auto = shm on CPU, cuda_ipc colocated, nccl disaggregated):
-- shm: each pipeline stage's writer rank (TP = CP = DP rank 0) writes its buckets as files under /dev/shm;
-  engines read them by path. The files of the last good version stay as the recovery snapshot: an engine that
-  restarts is re-synced from them, and a failed sync rolls every engine back to them, so engines never serve
-  half-updated weights. Costs one model copy of host shared memory.
-- cuda_ipc / nccl (GPU): tensors are gathered to trainer rank 0 (PP broadcast) and passed as CUDA IPC handles
-  (same node) or broadcast over a NCCL group that the engine workers joined (engine workers get ranks 1..).
+- shm: every node that hosts engines has a staging directory in its shared memory; one rank of the node packs
+  each bucket straight into a mapped file there (a rank of the bucket's pipeline stage on that node, else the
+  node's first rank, which receives the packed bucket from the stage's writer); the node's engines map the files
+  and load views of them, and read no other directory. Versions alternate between two slots of files that are
+  rewritten in place (no new pages, mappings kept), so the last good version stays as the node's snapshot: an
+  engine that restarts is re-synced from it, and a failed sync rolls every engine back to it, so engines never
+  serve half-updated weights.
+- cuda_ipc / nccl (GPU): every rank that feeds an engine holds each bucket packed in a flat device buffer (its
+  own when it belongs to the stage, else broadcast by the stage's writer); two buffers alternate, so the engines
+  load bucket k while bucket k+1 is packed. cuda_ipc: each rank hands an IPC handle of its buffer to the engine
+  worker on its own GPU (matched by GPU UUID); nccl: each engine's feeder rank broadcasts to the engine's workers
+  over a NCCL group of their own. One engine per node also copies every bucket to the node's shared memory: the
+  node's snapshot for rollbacks and restarts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import re
 import time
 import uuid
-from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from vppo_megatron import topology as sync_topology
+from vppo_megatron.rollout.staging import (
+    SHM_DIR,
+    STAGING_PREFIX,
+    SharedBucket,
+    layout_of,
+    map_file,
+    pack,
+    remove_stale_staging,
+)
 from vppo_megatron.sync.buckets import buckets
 from vppo_megatron.types import ActorSample
 
 logger = logging.getLogger(__name__)
-SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
 PROBE_RESPONSE = "<think> I look at the image carefully. </think> \\boxed{1}"  # any fixed text scores the weights
-
-
-STAGING_PREFIX = "vppo-sync-"  # + run id, -p<writer pid>, version, pipeline stage, bucket
-_WRITER_PID = re.compile(r"^vppo-sync-[0-9a-f]+-p(\d+)-")
-
-
-def remove_stale_staging(directory: Path = SHM_DIR) -> tuple[int, int]:
-    """Removes the sync staging files of runs whose writer process is gone from this host (a killed or crashed
-    run leaves its last version in shared memory: the whole model, held in RAM until the host reboots). A file
-    whose writer pid is alive (this run, another live run, or a pid reused since) is kept. Returns (files, bytes)
-    removed."""
-    files = nbytes = 0
-    for path in directory.glob(f"{STAGING_PREFIX}*"):
-        match = _WRITER_PID.match(path.name)
-        if match is None or _alive(int(match.group(1))):
-            continue
-        try:
-            size = path.stat().st_size
-            path.unlink()
-        except FileNotFoundError:  # another rank of this host removed it first
-            continue
-        files, nbytes = files + 1, nbytes + size
-    return files, nbytes
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
 
 
 class SyncError(RuntimeError):
     """A weight sync failed; the message says which version the engines are on."""
 
 
-@dataclass
-class SharedBucket:
-    path: str
-    manifest: list = field(default_factory=list)
-    """(name, dtype, shape, offset, nbytes) per tensor."""
-
-
-def write_shared_bucket(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> SharedBucket:
-    """Packs `tensors` straight into a shared-memory file at `path`: the file is sized first and mapped, and each
-    tensor's bytes are copied into their place once (from host or device memory). Nothing is exported to numpy, so
-    the actor's storages stay resizable (a replicated weight arrives here as a view of the actor's own buffer,
-    which the lifecycle must be able to release while the engines generate)."""
-    flat = [(name, t.detach().contiguous()) for name, t in tensors]
-    manifest, offset = [], 0
-    for name, t in flat:
-        nbytes = t.numel() * t.element_size()
-        manifest.append((name, str(t.dtype).removeprefix("torch."), list(t.shape), offset, nbytes))
-        offset += nbytes
-    with open(path, "wb") as f:
-        f.truncate(offset)
-    if offset:
-        raw = torch.from_file(str(path), shared=True, size=offset, dtype=torch.uint8)
-        for (_, t), (_, _, _, start, nbytes) in zip(flat, manifest):
-            if nbytes:
-                raw[start : start + nbytes].copy_(t.reshape(-1).view(torch.uint8))
-        del raw  # unmapped: the bytes are in the file
-    return SharedBucket(str(path), manifest)
+def _gloo_group(ranks: list[int], timeout_s: float):
+    return dist.new_group(ranks, backend="gloo", timeout=timedelta(seconds=timeout_s))
 
 
 class WeightSync:
     def __init__(self, cfg, actor, fleet=None):
-        """`fleet` on trainer rank 0 only; `actor` on every rank."""
+        """`fleet` on trainer rank 0 only; `actor` on every rank. Collective: creates the sync's process groups."""
         self.cfg, self.actor, self.fleet = cfg, actor, fleet
         self.groups = actor.groups
+        self.rank = dist.get_rank()
         self.transport = self._transport(cfg.rollout.sync_transport)
+        self.topology = sync_topology.plan(cfg, self.groups.layout, self.transport)
+        self.node = self.topology.node_of(self.rank)
+        local = os.environ.get("LOCAL_WORLD_SIZE")
+        if torch.cuda.is_available() and local and int(local) != self.topology.ranks_per_node:
+            from vppo_megatron.config import ConfigError
+
+            raise ConfigError(
+                f"parallel.gpus_per_node={self.cfg.parallel.gpus_per_node} but torchrun started {local} ranks on "
+                f"this node: set parallel.gpus_per_node={local} (the weight sync feeds engines node by node)"
+            )
         files, nbytes = remove_stale_staging()
         if files:
             mib = nbytes / 2**20
             logger.warning("removed %d weight-sync files (%.1f MiB) that killed runs left in %s", files, mib, SHM_DIR)
         self.version = 0
-        self.snapshot: list[SharedBucket] = []
+        self.snapshot: dict[object, list[SharedBucket]] = {}
+        """Rank 0: per node (shm: the topology's node; GPU: the Ray node id) the last good version's buckets."""
         self.run_id = self._shared_run_id()
+        self._mapped: dict[str, torch.Tensor] = {}  # this process's staging files, mapped
+        timeout_s = self.cfg.parallel.timeout_s
+        self._stage_groups = {}
+        for pp in range(self.topology.pp):  # every rank creates every group, in the same order
+            receivers = self.topology.receivers(pp)
+            if not receivers:
+                continue
+            ranks = sorted({self.topology.writer(pp), *receivers})
+            if self.transport == "shm":
+                group = _gloo_group(ranks, timeout_s)
+            else:
+                group = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))
+            if self.rank in ranks:
+                self._stage_groups[pp] = group
+        self._feeders = sorted({r for ranks in self.topology.feeders for r in ranks} | {0})
+        self._feed_group = _gloo_group(self._feeders, timeout_s) if self.transport != "shm" else None
+        self._buffers: list[torch.Tensor | None] = [None, None]
+        self._nccl: dict[int, object] | None = None
+        self._nccl_stale = False  # rank 0: an engine restarted; its NCCL group is made again at the next push
         self.probe_set: tuple[list, list[str]] | None = None
         """(ActorSamples, chat prompt texts) scored every rollout.verify_sync_every syncs (set_probe)."""
         if fleet is not None:
             fleet.resync = self._resync_engine
+            for i in range(len(fleet.engines)):
+                fleet.call_one(i, "set_staging", str(self._node_dir(self._engine_node(i))))
 
     def _transport(self, name: str) -> str:
         if name == "auto":
@@ -135,67 +127,267 @@ class WeightSync:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def _node_dir(self, node) -> Path:
+        """A node's staging directory (in its own shared memory; simulated nodes of one host get one each)."""
+        return SHM_DIR / f"{STAGING_PREFIX}{self.run_id}-node{str(node)[:16]}"
+
+    def _engine_node(self, i: int):
+        """The node engine i reads its snapshot from: the topology's node (shm), the engine's Ray node (GPU)."""
+        if self.transport == "shm":
+            return self.topology.engine_nodes[i]
+        return self.fleet.info[i]["node_id"]
+
+    def _engines_on(self, node) -> list[int]:
+        return [i for i in range(len(self.fleet.engines)) if self._engine_node(i) == node]
+
     # -------------------------------------------------------------------------------------- push
 
     def push(self) -> dict[str, float]:
         """Sends the actor's current weights to every engine (collective); returns sync/ metrics on rank 0."""
         start = time.perf_counter()
-        new_version = self.version + 1
-        if self.transport != "shm":
-            return self._push_gpu(new_version, start)
-        written = self._write_stage_buckets(new_version)
-        all_buckets = [None] * dist.get_world_size()
-        dist.all_gather_object(all_buckets, written)
-        bucket_list = [b for part in all_buckets for b in part]
-        error = None
-        if self.fleet is not None:
+        version = self.version + 1
+        if self.transport == "shm":
+            snapshot, error = self._push_shm(version)
+        else:
+            snapshot, error = self._push_gpu(version)
+        if self.fleet is not None and error is None:
             try:
-                self._send(bucket_list, new_version)
-            except Exception as exc:  # any engine failure: roll every engine back to the snapshot
+                versions = self.fleet.call_all("finish_sync", version)
+                if set(versions) != {version}:
+                    raise SyncError(f"engines report versions {versions} after syncing {version}")
+            except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
-                self._rollback()
+        if self.fleet is not None and error is not None:
+            self._rollback()
         failed = [error]
         dist.broadcast_object_list(failed, src=0)
         if failed[0] is not None:
-            self._delete(bucket_list)
             raise SyncError(
-                f"weight sync to version {new_version} failed ({failed[0]}); engines were restored "
-                f"to version {self.version}"
+                f"weight sync to version {version} failed ({failed[0]}); engines were restored to version "
+                f"{self.version}"
             )
-        old, self.snapshot, self.version = self.snapshot, bucket_list, new_version
-        dist.barrier()
-        self._delete(old)
-        nbytes = sum(entry[4] for b in bucket_list for entry in b.manifest)
+        self.snapshot, self.version = snapshot, version
+        if self.fleet is None:
+            return {}
+        one_copy = next(iter(snapshot.values()), [])
+        nbytes = sum(entry[4] for b in one_copy for entry in b.manifest)
         elapsed = time.perf_counter() - start
         return {
             "sync/version": float(self.version),
             "sync/megabytes": nbytes / 2**20,
             "time/sync_s": elapsed,
-            "sync/buckets": float(len(bucket_list)),
+            "sync/buckets": float(len(one_copy)),
             "sync/megabytes_per_s": nbytes / 2**20 / max(elapsed, 1e-9),
         }
 
-    def _write_stage_buckets(self, version: int) -> list[SharedBucket]:
-        g = self.groups
-        writer = g.tp_rank == 0 and g.cp_rank == 0 and g.dp_rank == 0
-        tensors = self.actor.hf_tensors()  # TP collective: every rank of the stage walks it
-        if not writer:
-            for _ in tensors:
-                pass
-            return []
-        out = []
-        max_bytes = self.cfg.rollout.sync_bucket_mb * 2**20
-        for k, bucket in enumerate(buckets(tensors, max_bytes)):
-            path = SHM_DIR / f"{STAGING_PREFIX}{self.run_id}-p{os.getpid()}-v{version}-pp{g.pp_rank}-{k:04d}"
-            out.append(write_shared_bucket(path, bucket))
-        return out
+    def _wait(self, futures: list, error: str | None) -> str | None:
+        try:
+            self.fleet.wait(futures)
+        except Exception as exc:  # any engine failure: the sync fails, every engine goes back to the snapshot
+            error = error or f"{type(exc).__name__}: {exc}"
+        return error
 
-    def _send(self, bucket_list: list[SharedBucket], version: int) -> None:
-        for bucket in bucket_list:  # engines' weights are awake (lifecycle.py)
-            self.fleet.call_all("load_shared", bucket.path, bucket.manifest)
-        versions = self.fleet.call_all("finish_sync", version)
-        if set(versions) != {version}:
-            raise SyncError(f"engines report versions {versions} after syncing {version}")
+    # ------------------------------------------------------------------------------------ shm
+
+    def _push_shm(self, version: int) -> tuple[dict, str | None]:
+        """Every node's writer packs each bucket into its node's staging slot (version % 2), receiving it from the
+        stage's writer when it is not of the stage; rank 0 starts the engines loading each bucket it wrote at once
+        and the others' once every rank is done. Returns (rank 0: the new snapshot per node, error)."""
+        topo, rank, slot = self.topology, self.rank, version % 2
+        max_bytes = self.cfg.rollout.sync_bucket_mb * 2**20
+        written, futures = [], []
+        writes_here = self.node in topo.staging_nodes()
+
+        def stored(pp: int, k: int, path: Path, manifest: list) -> None:
+            bucket = SharedBucket(str(path), manifest)
+            written.append((self.node, pp, k, bucket))
+            if self.fleet is not None:
+                futures.extend(self._submit_shared(self.node, bucket))
+
+        for pp in range(topo.pp):
+            group, writer = self._stage_groups.get(pp), topo.writer(pp)
+            mine = writes_here and topo.node_writer(pp, self.node) == rank
+            if topo.stage_of(rank) == pp:
+                sends = rank == writer and group is not None
+                tensors = self.actor.hf_tensors()  # TP collective: every rank of the stage walks it
+                if not (mine or sends):
+                    for _ in tensors:
+                        pass
+                    continue
+                for k, bucket in enumerate(buckets(tensors, max_bytes)):
+                    manifest, total = layout_of(bucket)
+                    path = self._node_dir(self.node) / f"p{os.getpid()}-s{slot}-pp{pp}-b{k:04d}"
+                    raw = self._map(path, total) if mine else torch.empty(total, dtype=torch.uint8)
+                    pack(bucket, manifest, raw)
+                    del bucket
+                    if sends:
+                        dist.broadcast_object_list([manifest], src=writer, group=group)
+                        dist.broadcast(raw, src=writer, group=group)
+                    if mine:
+                        stored(pp, k, path, manifest)
+                if sends:
+                    dist.broadcast_object_list([None], src=writer, group=group)
+            elif group is not None and rank in topo.receivers(pp):
+                for k in range(2**31):
+                    box = [None]
+                    dist.broadcast_object_list(box, src=writer, group=group)
+                    if box[0] is None:
+                        break
+                    manifest = box[0]
+                    path = self._node_dir(self.node) / f"p{os.getpid()}-s{slot}-pp{pp}-b{k:04d}"
+                    raw = self._map(path, sum(entry[4] for entry in manifest))
+                    dist.broadcast(raw, src=writer, group=group)  # straight into the node's mapped file
+                    stored(pp, k, path, manifest)
+        everything = [None] * dist.get_world_size()
+        dist.all_gather_object(everything, [] if rank == 0 else written)
+        if self.fleet is None:
+            return {}, None
+        snapshot: dict[int, list] = {}
+        for node, _, _, bucket in sorted(
+            (item for part in [written, *everything[1:]] for item in part), key=lambda item: item[:3]
+        ):
+            snapshot.setdefault(node, []).append(bucket)
+        for part in everything[1:]:
+            for node, _, _, bucket in part:
+                futures.extend(self._submit_shared(node, bucket))
+        return snapshot, self._wait(futures, None)
+
+    def _map(self, path: Path, nbytes: int) -> torch.Tensor:
+        path.parent.mkdir(exist_ok=True)
+        return map_file(path, nbytes, self._mapped)
+
+    def _submit_shared(self, node, bucket: SharedBucket) -> list:
+        return [self.fleet.submit(i, "load_shared", bucket.path, bucket.manifest) for i in self._engines_on(node)]
+
+    # ------------------------------------------------------------------------------------ GPU
+
+    def _push_gpu(self, version: int) -> tuple[dict, str | None]:
+        """Every feeding rank holds each bucket in one of two flat device buffers (packed from its stage's
+        gathered tensors, or broadcast by the stage's writer) and hands it to its engines; rank 0 makes sure the
+        engines finished bucket k-1 before anyone packs bucket k+1 into k-1's buffer."""
+        topo, rank, slot = self.topology, self.rank, version % 2
+        max_bytes = self.cfg.rollout.sync_bucket_mb * 2**20
+        device = torch.device("cuda", torch.cuda.current_device())
+        feeds = rank in self._feeders
+        if self.transport == "nccl" and feeds:
+            box = [self._nccl is None or self._nccl_stale]  # rank 0: first sync, or an engine restarted since
+            dist.broadcast_object_list(box, src=0, group=self._feed_group)
+            if box[0]:
+                self._init_nccl()
+        state = {"index": 0, "pending": [], "error": None, "snapshot": {}, "slot": slot}
+        for pp in range(topo.pp):
+            group, writer = self._stage_groups.get(pp), topo.writer(pp)
+            if topo.stage_of(rank) == pp:
+                sends = rank == writer and group is not None
+                for bucket in buckets(self.actor.hf_tensors(), max_bytes):
+                    if not (feeds or sends):
+                        continue  # the TP gather still needs this rank
+                    manifest, total = layout_of(bucket)
+                    flat = self._buffer(state["index"], total, device)
+                    pack(bucket, manifest, flat)
+                    del bucket
+                    if sends:
+                        dist.broadcast_object_list([manifest], src=writer, group=group)
+                        dist.broadcast(flat, src=writer, group=group)
+                    if feeds:
+                        self._feed(state, manifest, flat)
+                    state["index"] += 1
+                if sends:
+                    dist.broadcast_object_list([None], src=writer, group=group)
+            elif group is not None and rank in topo.receivers(pp):
+                while True:
+                    box = [None]
+                    dist.broadcast_object_list(box, src=writer, group=group)
+                    if box[0] is None:
+                        break
+                    flat = self._buffer(state["index"], sum(entry[4] for entry in box[0]), device)
+                    dist.broadcast(flat, src=writer, group=group)
+                    self._feed(state, box[0], flat)
+                    state["index"] += 1
+        if self.fleet is not None:
+            state["error"] = self._wait(state["pending"], state["error"])
+            for i in self._snapshot_writers():
+                self.fleet.submit(i, "remove_stale_staging")  # a restarted snapshot writer's old files
+        self._buffers = [None, None]
+        flat = None  # noqa: F841 - the last bucket's view: its buffer goes back with the others
+        if self.transport == "cuda_ipc":
+            torch.cuda.ipc_collect()  # buffers the engines held past their last reference
+        torch.cuda.empty_cache()  # the sync's buffers back to the device before the KV cache wakes
+        return state["snapshot"], state["error"]
+
+    def _buffer(self, index: int, nbytes: int, device) -> torch.Tensor:
+        held = self._buffers[index % 2]
+        if held is None or held.numel() < nbytes:
+            held = self._buffers[index % 2] = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        return held[:nbytes]
+
+    def _snapshot_writers(self) -> list[int]:
+        """Rank 0: the first engine of every node; it copies each bucket it receives to its node's staging."""
+        first = {}
+        for i in range(len(self.fleet.engines)):
+            first.setdefault(self._engine_node(i), i)
+        return sorted(first.values())
+
+    def _feed(self, state: dict, manifest: list, flat: torch.Tensor) -> None:
+        """Hands one bucket (held by every feeding rank) to the engines (collective over the feeding ranks)."""
+        from vppo_megatron.rollout.extension import device_uuid
+
+        if self.rank == 0 and state["pending"]:  # bucket k-1 loaded before bucket k+1 reuses its buffer
+            state["error"] = self._wait(state["pending"], state["error"])
+            state["pending"] = []
+        torch.cuda.current_stream().synchronize()  # the packed bytes are there before another process reads them
+        box = [state["error"] is None]  # rank 0 found no failure so far: the engines take this bucket
+        dist.broadcast_object_list(box, src=0, group=self._feed_group)
+        go, mine = box[0], None
+        if self.transport == "cuda_ipc" and go:  # no handle is made that no engine would open and release
+            from torch.multiprocessing.reductions import reduce_tensor
+
+            mine = (device_uuid(flat.device), reduce_tensor(flat))
+        everyone = [None] * len(self._feeders)
+        dist.all_gather_object(everyone, mine, group=self._feed_group)
+        if self.fleet is not None and go:
+            nbytes = sum(entry[4] for entry in manifest)
+            writers = self._snapshot_writers()
+            for i in range(len(self.fleet.engines)):
+                path = None
+                if i in writers:
+                    node = self._engine_node(i)
+                    name = f"p{self.fleet.info[i]['pid']}-s{state['slot']}-b{state['index']:04d}"
+                    path = str(self._node_dir(node) / name)
+                    state["snapshot"].setdefault(node, []).append(SharedBucket(path, manifest))
+                if self.transport == "cuda_ipc":
+                    handles = dict(entry for entry in everyone if entry is not None)
+                    state["pending"].append(self.fleet.submit(i, "load_ipc", handles, manifest, path))
+                else:
+                    state["pending"].append(self.fleet.submit(i, "load_nccl", manifest, nbytes, path))
+        if self.transport == "nccl" and go:
+            for communicator in self._nccl.values():  # the engines this rank feeds
+                communicator.broadcast(flat, src=0, stream=torch.cuda.current_stream())
+            torch.cuda.current_stream().synchronize()
+
+    def _init_nccl(self) -> None:
+        """One NCCL group per disaggregated engine: its feeder rank (rank 0 of the group) and the engine's workers
+        (ranks 1..tensor_parallel_size). Collective over the feeding ranks."""
+        from vppo_megatron.rollout.nccl import rendezvous_address, trainer_communicator
+
+        world = 1 + self.cfg.rollout.tensor_parallel_size
+        mine = [i for i, ranks in enumerate(self.topology.feeders) if ranks[0] == self.rank]
+        addresses = {i: rendezvous_address() for i in mine}
+        everyone = [None] * len(self._feeders)
+        dist.all_gather_object(
+            everyone, {i: (host, port) for i, (host, port, _) in addresses.items()}, group=self._feed_group
+        )
+        futures = []
+        if self.fleet is not None:
+            merged = {i: address for part in everyone for i, address in part.items()}
+            futures = [self.fleet.submit(i, "init_nccl", *merged[i], 1, world) for i in sorted(merged)]
+        # blocks until the engine's workers joined
+        self._nccl = {i: trainer_communicator(*addresses[i], world) for i in mine}
+        self._nccl_stale = False
+        if futures:
+            self.fleet.wait(futures)
+
+    # ------------------------------------------------------------------------------- recovery
 
     def _rollback(self) -> None:
         for i in range(len(self.fleet.engines)):
@@ -205,30 +397,34 @@ class WeightSync:
                 logger.exception("rollback of engine %d failed", i)
 
     def _resync_engine(self, i: int) -> None:
-        """Loads the last good version (the snapshot) into engine i (after a restart or a failed sync)."""
+        """Loads the last good version into engine i (after a restart or a failed sync) from its own node's
+        snapshot; version 0 is the checkpoint the engines were started from."""
+        node = self._engine_node(i)
+        self._nccl_stale = self.transport == "nccl"  # a new engine process has no NCCL group yet
+        self.fleet.call_one(i, "set_staging", str(self._node_dir(node)))
         self.fleet.call_one(i, "abort_sync")  # a failed sync's half-open reload session, if any
-        if not self.snapshot:  # version 0 is the checkpoint the engines were started from
+        if self.version == 0:
             self.fleet.call_one(i, "reload_from_disk")
-        for bucket in self.snapshot:
+        elif not self.snapshot.get(node):
+            raise SyncError(f"no snapshot of version {self.version} on engine {i}'s node {node}")
+        for bucket in self.snapshot.get(node, []):
             self.fleet.call_one(i, "load_shared", bucket.path, bucket.manifest)
         self.fleet.call_one(i, "finish_sync", self.version)
 
-    def _delete(self, bucket_list: list[SharedBucket]) -> None:
-        for bucket in bucket_list:
-            if os.path.exists(bucket.path) and bucket.path.startswith(str(SHM_DIR)):
-                mine = (
-                    f"-pp{self.groups.pp_rank}-" in bucket.path
-                    and self.groups.tp_rank == 0
-                    and self.groups.cp_rank == 0
-                    and self.groups.dp_rank == 0
-                )
-                if mine:
-                    os.unlink(bucket.path)
-
     def close(self) -> None:
+        """Removes this run's staging files (collective)."""
         dist.barrier()
-        self._delete(self.snapshot)
-        self.snapshot = []
+        if self.fleet is not None and self.transport != "shm":
+            for i in self._snapshot_writers():  # both slots of the node's snapshot, on the node
+                self.fleet.call_one(i, "clear_staging")
+        for path in list(self._mapped):
+            del self._mapped[path]
+            Path(path).unlink(missing_ok=True)
+        dist.barrier()
+        if self.transport == "shm" and self.node in self.topology.staging_nodes():
+            with contextlib.suppress(OSError):  # another rank of the node removes it, or it was never made
+                self._node_dir(self.node).rmdir()
+        self.snapshot = {}
 
     # ------------------------------------------------------------------------------------- verify
 
@@ -299,111 +495,3 @@ class WeightSync:
             ours = experience.old_logp_BT[b, : len(values)]
             gap = max(gap, (ours - torch.tensor(values)).abs().max().item())
         return {"sync/probe_max_abs_diff": gap}
-
-    # --------------------------------------------------------------------------------- GPU paths
-
-    def gather_to_rank0(self):
-        """(HF name, full tensor) of every stage on trainer rank 0 (a generator there; collective elsewhere).
-
-        Stage 0's tensors come from rank 0's own TP gather; every later stage's writer (TP = CP = DP rank 0)
-        sends its tensors point to point, header (name, shape, dtype) first, then the data."""
-        g, rank = self.groups, dist.get_rank()
-        writer = g.tp_rank == 0 and g.cp_rank == 0 and g.dp_rank == 0
-        roles = [None] * dist.get_world_size()
-        dist.all_gather_object(roles, (g.pp_rank, writer))
-        writers = {pp: r for r, (pp, w) in enumerate(roles) if w}
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        if g.pp_rank == 0:
-            for name, tensor in self.actor.hf_tensors():
-                if rank == 0:
-                    yield name, tensor
-        elif rank == writers[g.pp_rank]:
-            for name, tensor in self.actor.hf_tensors():
-                dist.send_object_list([(name, list(tensor.shape), tensor.dtype)], dst=0)
-                dist.send(tensor.contiguous(), dst=0)
-            dist.send_object_list([None], dst=0)
-        else:
-            for _ in self.actor.hf_tensors():
-                pass
-        if rank == 0:
-            for pp in range(1, g.layout.pp):
-                while True:
-                    header = [None]
-                    dist.recv_object_list(header, src=writers[pp])
-                    if header[0] is None:
-                        break
-                    name, shape, dtype = header[0]
-                    tensor = torch.empty(shape, dtype=dtype, device=device)
-                    dist.recv(tensor, src=writers[pp])
-                    yield name, tensor
-
-    def _push_gpu(self, version: int, start: float) -> dict[str, float]:
-        max_bytes = self.cfg.rollout.sync_bucket_mb * 2**20
-        nbytes, count, snapshot, error = 0, 0, [], None
-        if self.fleet is not None and self.transport == "nccl" and not hasattr(self, "_nccl"):
-            self._init_nccl()
-        for bucket in buckets(self.gather_to_rank0(), max_bytes):
-            if error is not None:
-                continue  # drain the collective; the sync already failed
-            try:
-                self._send_gpu_bucket(bucket)
-            except Exception as exc:
-                error = f"{type(exc).__name__}: {exc}"
-            snapshot.append([(n, t.detach().to("cpu")) for n, t in bucket])  # recovery copy on host
-            nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
-            count += 1
-        if self.fleet is not None and error is None:
-            self.fleet.call_all("finish_sync", version)
-        if self.fleet is not None and error is not None:
-            self._rollback()
-        failed = [error]
-        dist.broadcast_object_list(failed, src=0)
-        if failed[0] is not None:
-            raise SyncError(
-                f"weight sync to version {version} failed ({failed[0]}); engines were restored "
-                f"to version {self.version}"
-            )
-        if dist.get_rank() == 0:
-            self._delete(self.snapshot)
-            self.snapshot = [
-                write_shared_bucket(SHM_DIR / f"{STAGING_PREFIX}{self.run_id}-p{os.getpid()}-v{version}-pp0-{k:04d}", b)
-                for k, b in enumerate(snapshot)
-            ]
-        self.version = version
-        elapsed = time.perf_counter() - start
-        return {
-            "sync/version": float(version),
-            "sync/megabytes": nbytes / 2**20,
-            "time/sync_s": elapsed,
-            "sync/buckets": float(count),
-            "sync/megabytes_per_s": nbytes / 2**20 / max(elapsed, 1e-9),
-        }
-
-    def _send_gpu_bucket(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
-        if self.fleet is None:
-            return
-        if self.transport == "cuda_ipc":
-            from torch.multiprocessing.reductions import reduce_tensor
-
-            handles = [(name, *reduce_tensor(tensor.contiguous())) for name, tensor in bucket]
-            self.fleet.call_all("load_ipc", handles)
-            torch.cuda.ipc_collect()
-            return
-        manifest = [(name, str(t.dtype).removeprefix("torch."), list(t.shape)) for name, t in bucket]
-        futures = self.fleet.submit_each("load_nccl", [(manifest,)] * len(self.fleet.engines))
-        for _, tensor in bucket:
-            self._nccl.broadcast(tensor.contiguous(), src=0, stream=torch.cuda.current_stream())
-        self.fleet.wait(futures)
-
-    def _init_nccl(self) -> None:
-        """Trainer rank 0 is NCCL rank 0; engine i's workers take ranks 1 + i * tp ... (distinct per engine)."""
-        from vppo_megatron.rollout.nccl import rendezvous_address, trainer_communicator
-
-        tp = self.cfg.rollout.tensor_parallel_size
-        world = 1 + len(self.fleet.engines) * tp
-        address, port = rendezvous_address()
-        futures = self.fleet.submit_each(
-            "init_nccl", [(address, port, 1 + i * tp, world) for i in range(len(self.fleet.engines))]
-        )
-        self._nccl = trainer_communicator(address, port, world)  # blocks until every worker joined
-        self.fleet.wait(futures)
