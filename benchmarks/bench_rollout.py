@@ -28,6 +28,20 @@ OVERRIDES = [
 ]
 
 
+def _probe_prompts(model_dir, count=2):
+    import numpy as np
+    from transformers import AutoProcessor
+
+    from vppo_megatron.types import PromptSample
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    rng = np.random.default_rng(0)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many shapes?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    images = [rng.integers(0, 256, (112, 112, 3), dtype=np.uint8) for _ in range(count)]
+    return [PromptSample(f"b{i}", text, [image], "1") for i, image in enumerate(images)], processor
+
+
 def _sync_rank(rank, world_size, model_dir, address, repeats):
     import torch
 
@@ -41,24 +55,40 @@ def _sync_rank(rank, world_size, model_dir, address, repeats):
     actor = MegatronActor(cfg, initialize(ParallelLayout(), seed=1), model_dir, training=False)
     connect(address)
     sync = WeightSync(cfg, actor, RolloutFleet(cfg, model_dir, start=False))
+    first = sync.push()["time/sync_s"]  # the run's first sync makes and maps the staging files (slot 1)
+    sync.push()  # and slot 0; from here on both are rewritten in place
     times, reloads, nbytes = [], [], 0
-    sync.push()  # warm-up: the staging files of both slots are made and mapped once per run
-    sync.push()
     for _ in range(repeats):
         metrics = sync.push()
         times.append(metrics["time/sync_s"])
         reloads.append(sync.fleet.call_one(0, "reload_seconds"))
         nbytes = metrics["sync/megabytes"] * 2**20
+    sync.set_probe(*_probe_prompts(model_dir))  # the engine's log-probs against the actor's after the last sync
+    sync.score_probe_with_actor()
+    probe = sync.verify()["sync/probe_max_abs_diff"]
     tensors = [t for _, t in actor.hf_tensors()]
-    copies = []
+    fresh, into = [], []
+    targets = [torch.empty_like(t) for t in tensors]
     for _ in range(repeats):
         start = time.perf_counter()
-        _ = [t.clone() for t in tensors]
-        copies.append(time.perf_counter() - start)
+        _ = [t.clone() for t in tensors]  # into new memory (the allocation's page faults included)
+        fresh.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for target, t in zip(targets, tensors):  # into memory already touched (bandwidth only)
+            target.copy_(t)
+        into.append(time.perf_counter() - start)
     sync.close()
     destroy()
-    del torch
-    return statistics.median(times), statistics.median(copies), statistics.median(reloads), nbytes
+    median = statistics.median
+    return {
+        "sync": median(times),
+        "first": first,
+        "reload": median(reloads),
+        "clone": median(fresh),
+        "copy": median(into),
+        "probe": probe,
+        "bytes": nbytes,
+    }
 
 
 def main() -> None:
@@ -105,15 +135,19 @@ def main() -> None:
         subprocess.run([str(Path(sys.executable).parent / command[0]), *command[1:]], check=True)
     for model in (args.model, str(big)):
         fleet = RolloutFleet(cfg, model)
-        ((sync_s, copy_s, reload_s, nbytes),) = run_distributed(
-            _sync_rank, 1, model, address, args.repeats, timeout_s=1800
-        )
+        (r,) = run_distributed(_sync_rank, 1, model, address, args.repeats, timeout_s=1800)
         fleet.shutdown()
-        print(f"weights: {nbytes / 2**20:.1f} MiB ({model})")
-        print(f"  sync           {sync_s:8.3f} s   ({nbytes / 2**20 / sync_s:8.1f} MiB/s)")
-        print(f"  memcpy         {copy_s:8.4f} s   ({nbytes / 2**20 / copy_s:8.1f} MiB/s)")
-        print(f"  sync / memcpy  {sync_s / copy_s:8.1f}x")
-        print(f"  of the sync, vLLM's reload in the engine {reload_s:.3f} s ({reload_s / copy_s:.1f}x memcpy)")
+        mib = r["bytes"] / 2**20
+        print(f"weights: {mib:.1f} MiB ({model}); median of {args.repeats} syncs after 2 warm-up syncs")
+        print(f"  sync                 {r['sync']:8.4f} s   ({mib / r['sync']:8.1f} MiB/s)")
+        print(f"  the run's first sync {r['first']:8.4f} s   (makes and maps the staging files)")
+        print(f"  memcpy (clone)       {r['clone']:8.4f} s   ({mib / r['clone']:8.1f} MiB/s)")
+        print(f"  memcpy (copy_ into touched memory) {r['copy']:.4f} s ({mib / r['copy']:.1f} MiB/s)")
+        print(f"  sync / memcpy        {r['sync'] / r['clone']:8.1f}x   (vs copy_: {r['sync'] / r['copy']:.1f}x)")
+        print(
+            f"  of the sync, vLLM's reload in the engine {r['reload']:.4f} s ({r['reload'] / r['clone']:.1f}x memcpy)"
+        )
+        print(f"  probe max |engine - actor| log-prob after the syncs: {r['probe']:.2e}")
     print(f"fleet tokens/s: batch 1 {rates[1]:.1f}, batch 64 {rates[64]:.1f} ({rates[64] / rates[1]:.1f}x)")
 
 
