@@ -187,6 +187,8 @@ class WeightSyncExtension:
         from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
         from vllm.distributed.utils import StatelessProcessGroup
 
+        if getattr(self, "_vppo_nccl", None) is not None:  # a new group for a restarted feeder's engine
+            self._vppo_nccl.destroy()
         rank = rank_offset + torch.distributed.get_rank() if torch.distributed.is_initialized() else rank_offset
         group = StatelessProcessGroup.create(host=master_address, port=master_port, rank=rank, world_size=world_size)
         self._vppo_nccl = PyNcclCommunicator(group, device=torch.cuda.current_device())

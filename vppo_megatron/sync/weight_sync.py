@@ -306,8 +306,9 @@ class WeightSync:
                     state["index"] += 1
         if self.fleet is not None:
             state["error"] = self._wait(state["pending"], state["error"])
-            for i in self._snapshot_writers():
-                self.fleet.submit(i, "remove_stale_staging")  # a restarted snapshot writer's old files
+            if state["error"] is None:  # (a failed sync's rollback reads the old files)
+                for i in self._snapshot_writers():
+                    self.fleet.submit(i, "remove_stale_staging")  # a restarted snapshot writer's old files
         self._buffers = [None, None]
         flat = None  # noqa: F841 - the last bucket's view: its buffer goes back with the others
         if self.transport == "cuda_ipc":
@@ -381,8 +382,10 @@ class WeightSync:
         if self.fleet is not None:
             merged = {i: address for part in everyone for i, address in part.items()}
             futures = [self.fleet.submit(i, "init_nccl", *merged[i], 1, world) for i in sorted(merged)]
+        for communicator in (self._nccl or {}).values():  # an engine restarted: its old group is gone
+            communicator.destroy()
         # blocks until the engine's workers joined
-        self._nccl = {i: trainer_communicator(*addresses[i], world) for i in mine}
+        self._nccl = {i: trainer_communicator(host, port, world, sock) for i, (host, port, sock) in addresses.items()}
         self._nccl_stale = False
         if futures:
             self.fleet.wait(futures)
@@ -416,7 +419,10 @@ class WeightSync:
         dist.barrier()
         if self.fleet is not None and self.transport != "shm":
             for i in self._snapshot_writers():  # both slots of the node's snapshot, on the node
-                self.fleet.call_one(i, "clear_staging")
+                try:
+                    self.fleet.call_one(i, "clear_staging")
+                except Exception:  # a dead engine: its node's files go with the next run's stale cleanup
+                    logger.exception("engine %d could not clear its node's staging", i)
         for path in list(self._mapped):
             del self._mapped[path]
             Path(path).unlink(missing_ok=True)
