@@ -10,6 +10,8 @@ any work, on a host without CUDA.
   prepare        the tiny Qwen2.5-VL and a synthetic dataset (`vppo tiny-model`, `vppo make-data`)
   te_parity      Transformer Engine layer spec == local spec on the same weights (bf16 logits)
   fp8            FP8 forward + backward, delayed and current (tensorwise) scaling: finite and close to bf16
+  fp8_signal     VPPO's perception signal with the dual-pass experience in FP8 vs bf16 (the default): token
+                 dependency rank correlation, TGF overlap, the PPO ratio at theta_old against an FP8 update
   sleep_wake     a colocated vLLM engine in sleep mode: free device memory rises on sleep(1), falls on wake_up
   cuda_ipc_sync  the node-local weight sync by CUDA IPC (the rank hands its GPU's bucket to the engine worker on
                  that GPU), verified by the log-prob probe; then a failed sync rolled back and an engine restart,
@@ -210,6 +212,71 @@ def step_fp8(work: Path, figures: dict) -> None:
                 f"FP8 never ran) grad cosine {cosine:.4f} (>= {FP8_GRAD_COSINE})"
             )
     assert not failures, "; ".join(failures)
+
+
+def fp8_signal_rank(rank: int, world_size: int, model_dir: str) -> dict:
+    """VPPO's perception signal on the real TE path: the dual-pass experience in bf16 (the default) and in FP8
+    (delayed scaling, model.fp8_experience=true); per format the token dependency and the PPO ratio at theta_old
+    against an FP8 update forward over the same rollouts. benchmarks/bench_fp8_signal.py emulates this on CPU."""
+    import torch
+    from parity_worker import make_samples
+
+    from vppo_megatron.actor.engine import MegatronActor
+    from vppo_megatron.algo.filtering import select_top_tokens
+    from vppo_megatron.config import load
+    from vppo_megatron.parallel.layout import ParallelLayout, destroy, initialize
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_fp8_signal import spearman
+
+    overrides = ["model.dtype=bfloat16", "model.transformer_impl=transformer_engine", "model.fp8=hybrid"]
+    cfg = load(None, [*overrides, "model.fp8_recipe=delayed"])
+    actor = MegatronActor(cfg, initialize(ParallelLayout(), seed=1), model_dir, training=False)
+    samples = make_samples(model_dir)
+    runs = {}
+    for name, fp8_experience in (("bf16", False), ("fp8", True)):
+        cfg.model.fp8_experience = fp8_experience
+        experience = actor.experience(samples, step=0)
+        cfg.model.fp8_experience = True  # the update's forward runs in FP8 either way
+        update = actor.experience(samples, step=0, with_perception=False).old_logp_BT
+        runs[name] = (experience, update)
+    destroy()
+    reference, _ = runs["bf16"]
+    mask = reference.response_mask_BT.bool()
+    fraction = cfg.algorithm.token_fraction
+    chosen = select_top_tokens(reference.dependency_BT, mask, fraction)
+    out = {}
+    for name, (experience, update) in runs.items():
+        ratio = (torch.exp(update - experience.old_logp_BT) - 1).abs()[mask]
+        dependency = experience.dependency_BT
+        corr = [spearman(reference.dependency_BT[b][mask[b]], dependency[b][mask[b]]) for b in range(len(samples))]
+        selected = select_top_tokens(experience.dependency_BT, mask, fraction)
+        out[name] = {
+            "dependency_rank_corr_vs_bf16": sum(corr) / len(corr),
+            "tgf_overlap_vs_bf16": float((selected & chosen).sum() / chosen.sum()),
+            "ratio_abs_dev_mean": float(ratio.mean()),
+            "ratio_abs_dev_max": float(ratio.max()),
+            "finite": bool(torch.isfinite(experience.dependency_BT).all() and torch.isfinite(update).all()),
+        }
+    return out
+
+
+def step_fp8_signal(work: Path, figures: dict) -> None:
+    # CPU: benchmarks/bench_fp8_signal.py (the same numbers with FP8 emulated on the GEMM inputs) and
+    # tests/test_fp8.py::test_the_experience_pass_runs_bf16_unless_asked_and_the_update_keeps_fp8
+    import torch
+
+    from vppo_megatron.testing import run_distributed
+
+    _require_te()
+    capability = torch.cuda.get_device_capability()
+    if capability < (8, 9):
+        raise Skipped(f"FP8 needs compute capability >= 8.9 (Ada, Hopper); this GPU is {capability}")
+    (out,) = run_distributed(fp8_signal_rank, 1, str(_model(work)))
+    figures.update(out)
+    assert all(run["finite"] for run in out.values()), out
+    # FP8 must really have run in the FP8 experience pass (a signal identical to bf16's means it did not)
+    assert out["fp8"]["dependency_rank_corr_vs_bf16"] < 1.0 or out["fp8"]["ratio_abs_dev_max"] > 0, out["fp8"]
 
 
 def step_sleep_wake(work: Path, figures: dict) -> None:
@@ -485,6 +552,7 @@ STEPS = {
     "prepare": Step(step_prepare, 180),
     "te_parity": Step(step_te_parity, 240),
     "fp8": Step(step_fp8, 300),
+    "fp8_signal": Step(step_fp8_signal, 300),
     "sleep_wake": Step(step_sleep_wake, 300),
     "cuda_ipc_sync": Step(step_cuda_ipc_sync, 420),
     "nccl_sync": Step(step_nccl_sync, 420),

@@ -45,6 +45,16 @@ class ModelConfig:
     """FP8 format for Transformer Engine linear layers (Hopper). Vision tower and output layer stay bf16."""
     fp8_recipe: Literal["delayed", "tensorwise", "blockwise"] = "delayed"
     """FP8 scaling recipe (Transformer Engine): delayed scaling, per-tensor current scaling, or 1x128 blocks."""
+    fp8_experience: bool = False
+    """Run the no-grad experience pass (old log-probs and the dual-pass perception scores) in FP8 too. Off: that
+    pass runs in bf16 and only the update's GEMMs use FP8; the perception score is a difference of two forwards,
+    which e4m3's coarse spacing blurs (docs/gpu_path.md#fp8 has the measurement behind the default)."""
+    fp8_amax_history_len: int = 1
+    """Delayed scaling: how many steps of amax history a tensor's scale is computed from (Megatron-LM's default)."""
+    fp8_amax_compute_algo: Literal["most_recent", "max"] = "most_recent"
+    """Delayed scaling: the scale from the most recent amax or the history's max (Megatron-LM's default first)."""
+    fp8_margin: int = 0
+    """Delayed scaling: the scale backs off by 2**margin (Megatron-LM's default 0)."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation in the actor: none, selective (attention core) or full (every layer)."""
 
@@ -378,6 +388,7 @@ class Config:
         _check_parallel(self.parallel, world_size or self.parallel.world_size)
         _check_batches(self, world_size or self.parallel.world_size)
         _check_precision(self.model, check_host)
+        _check_fp8(self, world_size or self.parallel.world_size)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -611,6 +622,41 @@ def _check_precision(m: ModelConfig, check_host: bool) -> None:
         )
     if m.fp8 != "none" and m.dtype != "bfloat16":
         _fail("model.fp8", m.fp8, "FP8 training keeps bf16 master compute; set model.dtype=bfloat16")
+
+
+DELAYED_ONLY = {"fp8_amax_history_len": 1, "fp8_amax_compute_algo": "most_recent", "fp8_margin": 0}
+
+
+def _check_fp8(cfg: Config, world_size: int) -> None:
+    """FP8 settings that could not take effect, or would hang, are refused."""
+    m, p = cfg.model, cfg.parallel
+    if m.fp8 == "none":
+        if m.fp8_experience:
+            _fail("model.fp8_experience", True, "needs model.fp8=hybrid or e4m3 (there is no FP8 to run it in)")
+        return
+    if m.transformer_impl == "local":
+        _fail(
+            "model.transformer_impl",
+            "local",
+            f"model.fp8={m.fp8} needs Transformer Engine layers (the local spec would train in bf16 silently); "
+            "set model.transformer_impl=transformer_engine or auto",
+        )
+    if m.fp8_recipe != "delayed":
+        for name, default in DELAYED_ONLY.items():
+            if getattr(m, name) != default:
+                fix = f"applies to model.fp8_recipe=delayed only, not {m.fp8_recipe}"
+                _fail(f"model.{name}", getattr(m, name), fix)
+    if m.fp8_amax_history_len < 1:
+        _fail("model.fp8_amax_history_len", m.fp8_amax_history_len, "must be >= 1")
+    dp = world_size // (p.tp * p.pp * p.cp) if world_size else 1
+    if m.fp8_recipe == "delayed" and cfg.trainer.max_tokens_per_micro_batch and dp > 1:
+        _fail(
+            "trainer.max_tokens_per_micro_batch",
+            cfg.trainer.max_tokens_per_micro_batch,
+            "with model.fp8_recipe=delayed every forward all-reduces its amax over the data-parallel ranks, and "
+            "token-budget micro-batches can differ in number between them (a hang); use a fixed "
+            "trainer.micro_batch_size (max_tokens_per_micro_batch=0) or model.fp8_recipe=tensorwise",
+        )
 
 
 def _resolve_callable_spec(path: str, spec: str) -> None:

@@ -375,8 +375,11 @@ def actor_phase_gib(cfg, parts: dict[str, float]) -> dict[str, float]:
         gib[phase] = sum(parts[part] for key, part in state.items() if held[key])
         if held["actor_activations"]:
             gib[phase] += parts["activations"] + parts["logits"] + parts["vision_activations"]
+            gib[phase] += parts.get("fp8_weight_cache", 0.0)
         elif phase == "experience":
             gib[phase] += parts["experience_activations"]
+            if cfg.model.fp8_experience:
+                gib[phase] += parts.get("fp8_weight_cache", 0.0)
     return gib
 
 
@@ -511,6 +514,8 @@ def estimate_stages(cfg, arch: Arch) -> dict[str, dict[str, float]]:
         }
         vision = first_chunks * b * vision_activation_bytes(arch, patches, full, weight_bytes) if stage.first else 0
         parts["vision_activations"] = vision / GIB
+        # Transformer Engine's FP8 copy of every linear weight and its transpose, held while an FP8 pass runs
+        parts["fp8_weight_cache"] = stage.layers * arch.layer_params(tp) * 2 / GIB if cfg.model.fp8 != "none" else 0
         parts["actor_peak"] = sum(parts.values())
         parts["experience_activations"] = (
             experience_bytes(

@@ -17,6 +17,7 @@ Legend: B rollouts, S padded sequence length, S_l its CP-local part, T response 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -29,14 +30,26 @@ from vppo_megatron import families
 from vppo_megatron.actor import batching, weights
 from vppo_megatron.actor.cp_attention import zigzag_positions
 from vppo_megatron.actor.model import build_chunks, layer_spec, layer_spec_name, transformer_config
-from vppo_megatron.actor.offload import ActorOffload
+from vppo_megatron.actor.offload import ActorOffload, drop_fp8_weight_caches
 from vppo_megatron.algo import loss as algo_loss
 from vppo_megatron.algo import perception, perturb, vocab_parallel
 from vppo_megatron.config import Config, ConfigError
 from vppo_megatron.parallel.layout import ParallelGroups
 from vppo_megatron.types import ActorSample
 
-FP8_TOKEN_MULTIPLE = 16  # Transformer Engine asserts FP8 GEMM inputs have a leading dim divisible by 16
+FP8_TOKEN_MULTIPLE = 16  # Transformer Engine asserts FP8 GEMM inputs' token dimension is divisible by 8 (16 safe)
+
+
+def token_multiple(tp: int, cp: int, sequence_parallel: bool, fp8: bool) -> int:
+    """The multiple every padded sequence length S is rounded up to. Context parallelism splits S into 2 x CP
+    chunks (zigzag) and sequence parallelism splits each rank's S / CP tokens over TP; FP8 GEMMs see the rank's
+    local shard, S / (CP x TP) tokens under sequence parallelism (its input before TE's all-gather), which must
+    be a multiple of 16: so S is a multiple of 16 x CP x TP, not of 16 (at TP8 that would leave 2 tokens)."""
+    shard = cp * (tp if sequence_parallel else 1)
+    multiple = 2 * shard if cp > 1 else shard
+    if fp8:
+        multiple = math.lcm(multiple, FP8_TOKEN_MULTIPLE * shard)
+    return multiple
 
 
 @dataclass
@@ -162,12 +175,8 @@ class MegatronActor:
     # ----------------------------------------------------------------------------------- micro-batches
 
     def _length_multiple(self) -> int:
-        multiple = 2 * self.groups.layout.cp if self.groups.layout.cp > 1 else 1
-        if self.config.sequence_parallel:
-            multiple *= self.groups.layout.tp
-        if self.cfg.model.fp8 != "none":  # Transformer Engine's FP8 GEMMs need token counts divisible by 16
-            multiple = math.lcm(multiple, FP8_TOKEN_MULTIPLE)
-        return multiple
+        layout = self.groups.layout
+        return token_multiple(layout.tp, layout.cp, self.config.sequence_parallel, self.cfg.model.fp8 != "none")
 
     def _perturbed_images(self, sample: ActorSample, step: int) -> list:
         a = self.cfg.algorithm
@@ -334,6 +343,19 @@ class MegatronActor:
             estimator, logits_NV_tp=original_NV, aug_logits_NV_tp=perturbed_NV, tp_group=self.groups.tp
         ).view(old_BS.shape)
 
+    @contextlib.contextmanager
+    def _experience_precision(self):
+        """The experience pass in bf16 unless model.fp8_experience: megatron-core enters Transformer Engine's FP8
+        context from the shared TransformerConfig at every forward (TransformerBlock reads `config.fp8`), so the
+        pass runs with it cleared and the update with it restored."""
+        fp8 = self.config.fp8
+        if fp8 and not self.cfg.model.fp8_experience:
+            self.config.fp8 = None
+        try:
+            yield
+        finally:
+            self.config.fp8 = fp8
+
     def experience(
         self,
         batch: batching.StepBatch | list[ActorSample],
@@ -360,8 +382,9 @@ class MegatronActor:
             mb = next(data_iterator)
             return self._forward(model, mb), partial(self._experience_outputs, mb, with_perception, with_entropy)
 
-        with torch.no_grad():
+        with torch.no_grad(), self._experience_precision():
             outputs = self._schedule(step_func, build, batch.views, True, views=2 if with_perception else 1)
+        drop_fp8_weight_caches(self.chunks)  # held only while a pass runs (memory.py plans it so)
         num_positions = max(len(s.response_ids) for s in samples)
         names = ("old_logp", "aug_logp", "dependency", "entropy")
         stacked = torch.zeros((len(names), len(samples), num_positions), dtype=torch.float32)
@@ -439,6 +462,7 @@ class MegatronActor:
 
         outputs = self._schedule(step_func, lambda i, _pixels: micro_batches[i], micro_batches, forward_only=False)
         update_ok, grad_norm, _ = self.optimizer.step()
+        drop_fp8_weight_caches(self.chunks)  # FP8 copies of the weights before the step: stale, and memory
         self.updates += 1
         metrics = None
         if self.groups.is_last_stage:

@@ -55,13 +55,29 @@ def layer_spec_name(cfg: Config) -> str:
     return impl
 
 
+def fp8_settings(cfg: Config) -> dict:
+    """The FP8 fields of megatron-core's TransformerConfig (none without FP8; the delayed-scaling knobs only for
+    the delayed recipe, which alone reads them)."""
+    m = cfg.model
+    if m.fp8 == "none":
+        return {}
+    settings = {"fp8": m.fp8, "fp8_recipe": m.fp8_recipe}
+    if m.fp8_recipe == "delayed":
+        settings.update(
+            fp8_amax_history_len=m.fp8_amax_history_len,
+            fp8_amax_compute_algo=m.fp8_amax_compute_algo,
+            fp8_margin=m.fp8_margin,
+        )
+    return settings
+
+
 def transformer_config(hf_config, cfg: Config, layout: ParallelLayout) -> TransformerConfig:
     """megatron-core's TransformerConfig for the language model of an HF config of a registered family."""
     family = families.get(hf_config.model_type)
     text = hf_config.text_config
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     te = layer_spec_name(cfg) == "transformer_engine"
-    fp8 = {} if cfg.model.fp8 == "none" else {"fp8": cfg.model.fp8, "fp8_recipe": cfg.model.fp8_recipe}
+    fp8 = fp8_settings(cfg)
     recompute = {}
     if cfg.model.recompute != "none":
         recompute = (

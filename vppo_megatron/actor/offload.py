@@ -33,6 +33,21 @@ class _Parked:
     """uint8 copy of the storage's bytes; None when the values need not survive (gradient buffers)."""
 
 
+def drop_fp8_weight_caches(model_chunks: list[torch.nn.Module]) -> int:
+    """Transformer Engine keeps each FP8 linear layer's weight cast to FP8 (and its transpose) between
+    micro-batches (`_fp8_workspaces`, 2 bytes per weight): device memory the rollout's engines need, and stale once
+    the optimizer steps. Dropped after every pass and whenever the actor leaves the device; the next FP8 forward
+    casts the weights again. Returns the modules cleared (0 without FP8)."""
+    cleared = 0
+    for chunk in model_chunks:
+        for module in chunk.modules():
+            workspaces = getattr(module, "_fp8_workspaces", None)
+            if workspaces:
+                workspaces.clear()
+                cleared += 1
+    return cleared
+
+
 def _unique_storages(tensors, exclude: set[int] = frozenset()) -> list[torch.UntypedStorage]:
     seen, out = set(exclude), []
     for tensor in tensors:
@@ -108,6 +123,7 @@ class ActorOffload:
         buffer per kind is what the memory plan counts (memory.host_per_node), not one per tensor. All
         device-to-host copies are issued first and waited for once, before any storage is released."""
         cuda = torch.cuda.is_available()
+        self.drop_fp8_weight_caches()
         todo = {kind: self.storages(kind) for kind in kinds if kind not in self.parked}
         for kind, storages in todo.items():
             buffer = None
@@ -135,6 +151,9 @@ class ActorOffload:
         if cuda:
             torch.cuda.empty_cache()  # give the freed blocks back so vLLM's allocator can take them
         return {kind: sum(p.nbytes for p in self.parked[kind]) for kind in todo}
+
+    def drop_fp8_weight_caches(self) -> int:
+        return drop_fp8_weight_caches(self.chunks)
 
     def onload(self) -> dict[str, int]:
         """Re-grows every released storage (values copied back; gradient buffers zeroed); bytes per kind."""
