@@ -7,8 +7,10 @@ skipped), figures and error go into the JSON report as soon as it ends, and a fa
 after it. Exit 0 only if no step failed (a step skipped for its stated reason does not fail); 1 otherwise; 3, before
 any work, on a host without CUDA.
 
-  prepare        the tiny Qwen2.5-VL and a synthetic dataset (`vppo tiny-model`, `vppo make-data`)
-  te_parity      Transformer Engine layer spec == local spec on the same weights (bf16 logits)
+  prepare        the tiny Qwen2.5-VL and Qwen3-VL and a synthetic dataset (`vppo tiny-model`, `vppo make-data`)
+  te_parity      Transformer Engine layer spec == local spec on the same weights (bf16 logits), both families
+  te_tp2_sp      TE at TP2 + sequence parallelism == serial TE, both families (needs 2 GPUs)
+  vision_precision  the bf16 vision tower at the recipes' image size (~5,000 patches) == transformers in bf16
   fp8            FP8 forward + backward, delayed and current (tensorwise) scaling: finite and close to bf16
   fp8_signal     VPPO's perception signal with the dual-pass experience in FP8 vs bf16 (the default): token
                  dependency rank correlation, TGF overlap, the PPO ratio at theta_old against an FP8 update
@@ -59,6 +61,8 @@ FP8_GRAD_COSINE = 0.8  # FP8 gradients must point where the bf16 ones do
 FP8_WARMUP_PASSES = 2  # delayed scaling derives its scales from earlier passes' amax: measure the third pass
 ENGINE_MEMORY_FRACTION = 0.3  # vLLM's gpu_memory_utilization here: a KV cache of >= 10 GiB on a 40 GiB GPU
 MIN_MOVED_GIB = 1.0  # sleep must free, and wake_up take back, at least this (far below the KV cache's size)
+VISION_GAP = 1e-2  # the same HF vision module on the same bf16 weights and device: equal up to kernel order
+BF16_LOGP_GAP = 0.05  # bf16 Megatron vs bf16 transformers at ~1,300 image tokens (tiny models on CPU: 1e-3..4e-3)
 PROBE_ATOL = 0.1  # engine vs actor log-probs, bf16 on both sides (1e-3 on the tiny model .. 1e-1 on real ones)
 PROBE_SIGNAL = 5.0  # the synced change of the engine's log-probs must exceed the probe gap this many times
 MAX_MODEL_LEN = 2048
@@ -78,8 +82,12 @@ class Step:
 # --------------------------------------------------------------------------------------------------- helpers
 
 
-def _model(work: Path) -> Path:
-    return work / "tiny-qwen2_5_vl"
+def _model(work: Path, family: str = "qwen2_5_vl") -> Path:
+    return work / f"tiny-{family}"
+
+
+FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+REAL_MAX_PIXELS = 1_003_520  # the recipes' data.max_pixels: real image sizes for the vision tower
 
 
 def _free_gib() -> float:
@@ -129,8 +137,9 @@ def step_prepare(work: Path, figures: dict) -> None:
     # CPU: tests/test_cli.py and tests/test_tiny_model.py run the same `vppo tiny-model` / `vppo make-data`
     data = work / "data"
     commands = []
-    if not (_model(work) / "config.json").exists():
-        commands.append(["tiny-model", "--out", str(_model(work))])
+    for family in FAMILIES:
+        if not (_model(work, family) / "config.json").exists():
+            commands.append(["tiny-model", "--out", str(_model(work, family)), "--family", family])
     if not (data / "train.parquet").exists():
         commands.append(["make-data", "--out", str(data), "--task", "largest_color", "--num-train", "64"])
         commands[-1] += ["--num-val", "8"]
@@ -148,9 +157,59 @@ def step_te_parity(work: Path, figures: dict) -> None:
     from vppo_megatron.testing import run_distributed
 
     _require_te()
-    ((gap, scale),) = run_distributed(te_vs_local, 1, str(_model(work)), "none")
-    figures.update(max_abs_logit_gap=gap, max_abs_logit=scale, tolerance=TE_PARITY_RTOL * max(1.0, scale))
-    assert gap <= figures["tolerance"], f"TE logits differ from the local spec's by {gap:.4f} (> tolerance)"
+    failures = []
+    for family in FAMILIES:  # Qwen3-VL: DeepStack features and q/k norms through TE's layers
+        ((gap, scale),) = run_distributed(te_vs_local, 1, str(_model(work, family)), "none")
+        tolerance = TE_PARITY_RTOL * max(1.0, scale)
+        figures[family] = {"max_abs_logit_gap": gap, "max_abs_logit": scale, "tolerance": tolerance}
+        if gap > tolerance:
+            failures.append(f"{family}: TE logits differ from the local spec's by {gap:.4f} (> {tolerance:.4f})")
+    assert not failures, "; ".join(failures)
+
+
+def step_te_tp2_sp(work: Path, figures: dict) -> None:
+    # CPU: tests/actor/test_parallel_parity.py::test_sequence_parallel_equals_serial (TP2 + sequence parallelism
+    # on the local spec, both families); here Transformer Engine's own sequence-parallel layers and norms
+    import torch
+    from parity_worker import te_tp2_sp_vs_serial
+
+    from vppo_megatron.testing import run_distributed
+
+    _require_te()
+    if torch.cuda.device_count() < 2:
+        raise Skipped(f"TP2 + sequence parallelism needs 2 GPUs; this host has {torch.cuda.device_count()}")
+    failures = []
+    for family in FAMILIES:
+        results = run_distributed(te_tp2_sp_vs_serial, 2, str(_model(work, family)))
+        gap, scale = max(r[0] for r in results), max(r[1] for r in results)
+        tolerance = TE_PARITY_RTOL * max(1.0, scale)
+        figures[family] = {"max_abs_logit_gap": gap, "max_abs_logit": scale, "tolerance": tolerance}
+        if gap > tolerance:
+            failures.append(f"{family}: TP2 + SP logits differ from serial by {gap:.4f} (> {tolerance:.4f})")
+    assert not failures, "; ".join(failures)
+
+
+def step_vision_precision(work: Path, figures: dict) -> None:
+    # CPU: tests/actor/test_actor.py::test_bf16_actor_keeps_the_vision_rotary_fp32_like_transformers (the same
+    # comparison on the tiny processor's largest image, ~200 patches); here an image of the recipes' max_pixels
+    # (~5,000 patches) through the bf16 vision tower on the GPU, against transformers in bf16
+    from parity_worker import hf_bf16_vision_gap
+
+    from vppo_megatron.testing import run_distributed
+
+    failures = []
+    for family in FAMILIES:
+        model = work / f"tiny-{family}-real-pixels"
+        if not model.exists():
+            shutil.copytree(_model(work, family), model)
+            config = json.loads((model / "processor_config.json").read_text())
+            config["image_processor"]["size"]["longest_edge"] = REAL_MAX_PIXELS
+            (model / "processor_config.json").write_text(json.dumps(config, indent=2))
+        ((vision_gap, logp_gap), rotary) = run_distributed(hf_bf16_vision_gap, 1, str(model))[0]
+        figures[family] = {"vision_gap": vision_gap, "response_logp_gap": logp_gap, "rotary": sorted(rotary)}
+        if rotary != {"torch.float32"} or vision_gap > VISION_GAP or logp_gap > BF16_LOGP_GAP:
+            failures.append(f"{family}: {figures[family]} (vision gap <= {VISION_GAP}, log-prob <= {BF16_LOGP_GAP})")
+    assert not failures, "; ".join(failures)
 
 
 FP8_VARIANTS = [("bf16", "none", "delayed"), ("delayed", "hybrid", "delayed"), ("tensorwise", "hybrid", "tensorwise")]
@@ -550,7 +609,9 @@ def step_memory_phases(work: Path, figures: dict) -> None:
 
 STEPS = {
     "prepare": Step(step_prepare, 180),
-    "te_parity": Step(step_te_parity, 240),
+    "te_parity": Step(step_te_parity, 300),
+    "te_tp2_sp": Step(step_te_tp2_sp, 300),
+    "vision_precision": Step(step_vision_precision, 300),
     "fp8": Step(step_fp8, 300),
     "fp8_signal": Step(step_fp8_signal, 300),
     "sleep_wake": Step(step_sleep_wake, 300),

@@ -225,6 +225,35 @@ def te_vs_local(rank, world_size, model_dir, fp8):
     return (logits["local"] - logits["transformer_engine"]).abs().max().item(), logits["local"].abs().max().item()
 
 
+def te_tp2_sp_vs_serial(rank, world_size, model_dir):
+    """GPU only, 2 ranks: the Transformer Engine actor at TP2 with sequence parallelism against the serial TE actor
+    (TP1, on each rank) on the same sample: (max |logit gap| over this rank's vocabulary shard, max |logit|)."""
+    import torch.distributed as dist
+
+    from vppo_megatron.actor import batching
+    from vppo_megatron.actor.engine import MegatronActor
+    from vppo_megatron.config import load
+    from vppo_megatron.parallel.layout import ParallelLayout, destroy, initialize
+
+    sample = make_samples(model_dir)[0]
+    logits = {}
+    base = ["model.dtype=bfloat16", "model.transformer_impl=transformer_engine"]
+    for name, layout, extra in (
+        ("serial", ParallelLayout(dp=2), []),
+        ("tp2_sp", ParallelLayout(tp=2), ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+    ):
+        actor = MegatronActor(load(None, [*base, *extra]), initialize(layout, seed=1), model_dir, training=False)
+        pixels, grid = batching.encode_images(actor.image_processor, sample.images)
+        mb = batching.collate(actor.hf_config, [sample], [pixels], [grid], actor.pad_id, length_multiple=16)
+        with torch.no_grad():
+            logits[name] = actor._forward(actor.model[0], mb.materialize(actor.device)).float().cpu()
+        destroy()
+    shard = logits["tp2_sp"].shape[-1]
+    serial = logits["serial"][..., rank * shard : (rank + 1) * shard]
+    dist.barrier()
+    return (serial - logits["tp2_sp"]).abs().max().item(), serial.abs().max().item()
+
+
 def hf_bf16_vision_gap(rank, world_size, model_dir, cast_rotary=False):
     """The bf16 actor (Float16Module, as it trains) against transformers loaded in bf16, on the largest image the
     tiny processor keeps: (max |vision-tower output gap|, max |response log-prob gap|, rotary dtypes).
@@ -251,13 +280,17 @@ def hf_bf16_vision_gap(rank, world_size, model_dir, cast_rotary=False):
     pixels, grid = batching.encode_images(processor, [image])
     prompt_ids = processor_prompt(model_dir, image)
     sample = type(sample)("big", prompt_ids, sample.response_ids, [image])
-    mb = batching.collate(actor.hf_config, [sample], [pixels], [grid], actor.pad_id).materialize()
-    ids = torch.tensor([sample.prompt_ids + sample.response_ids])
+    device = actor.device  # the actor's GPU on a CUDA host (the GPU acceptance's vision_precision step)
+    if device is not None:
+        hf, pixels, grid = hf.to(device), pixels.to(device), grid.to(device)
+    mb = batching.collate(actor.hf_config, [sample], [pixels.cpu()], [grid.cpu()], actor.pad_id).materialize(device)
+    ids = torch.tensor([sample.prompt_ids + sample.response_ids], device=device)
     with torch.no_grad():
         ours_vision = vision(pixels.to(torch.bfloat16), grid_thw=grid).pooler_output
         hf_vision = hf.model.visual(pixels.to(torch.bfloat16), grid_thw=grid).pooler_output
-        ours = actor._forward(actor.model[0], mb)[:, : ids.shape[1]].float()
-        reference = hf_logits(hf, ids, pixels, grid, mb).float()
+        ours = actor._forward(actor.model[0], mb)[:, : ids.shape[1]].float().cpu()
+        reference = hf_logits(hf, ids, pixels, grid, mb).float().cpu()
+        ids = ids.cpu()
     response = slice(len(sample.prompt_ids) - 1, ids.shape[1] - 1)  # positions that predict response tokens
     targets = ids[0, response.start + 1 : response.stop + 1]
 
