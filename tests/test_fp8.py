@@ -28,6 +28,8 @@ def test_every_recipe_layout_pads_so_each_fp8_shard_is_a_multiple_of_16(recipe):
         if p.cp > 1:
             assert length % (2 * p.cp) == 0  # the zigzag's 2 x CP chunks
     assert multiple == 16 * shard  # the smallest such multiple: no more padding than FP8 needs
+    blockwise = token_multiple(p.tp, p.cp, sp, fp8=True, fp8_recipe="blockwise")
+    assert blockwise == (128 if sp else 16) * shard  # 1 x 128 blocks of the shard TE all-gathers under SP
     # without FP8 only the split itself
     assert token_multiple(p.tp, p.cp, sp, fp8=False) == (2 * shard if p.cp > 1 else shard)
     old = math.lcm(2 * shard if p.cp > 1 else shard, 16)  # the rule before: 16 tokens of the whole sequence

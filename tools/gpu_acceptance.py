@@ -292,6 +292,9 @@ def fp8_signal_rank(rank: int, world_size: int, model_dir: str) -> dict:
     cfg = load(None, [*overrides, "model.fp8_recipe=delayed"])
     actor = MegatronActor(cfg, initialize(ParallelLayout(), seed=1), model_dir, training=False)
     samples = make_samples(model_dir)
+    cfg.model.fp8_experience = True
+    for _ in range(FP8_WARMUP_PASSES):  # delayed scaling: amax history before any measured pass
+        actor.experience(samples, step=0, with_perception=False)
     runs = {}
     for name, fp8_experience in (("bf16", False), ("fp8", True)):
         cfg.model.fp8_experience = fp8_experience

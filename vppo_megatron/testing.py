@@ -41,6 +41,8 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
     )
     torch.set_num_threads(1)  # N ranks share 2 cores: oversubscribed intra-op threads only slow gloo down
+    if torch.cuda.is_available():  # one GPU per rank where the host has them (as torchrun's LOCAL_RANK)
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         # bytes, not tensors: torch's queue would share tensor storage with a process that is about to exit

@@ -208,6 +208,7 @@ def te_vs_local(rank, world_size, model_dir, fp8):
             None,
             [
                 "model.dtype=bfloat16",
+                f"model.family={family_of(model_dir)}",
                 f"model.transformer_impl={impl}",
                 f"model.fp8={fp8 if impl == 'transformer_engine' else 'none'}",
             ],
@@ -237,7 +238,7 @@ def te_tp2_sp_vs_serial(rank, world_size, model_dir):
 
     sample = make_samples(model_dir)[0]
     logits = {}
-    base = ["model.dtype=bfloat16", "model.transformer_impl=transformer_engine"]
+    base = ["model.dtype=bfloat16", "model.transformer_impl=transformer_engine", f"model.family={family_of(model_dir)}"]
     for name, layout, extra in (
         ("serial", ParallelLayout(dp=2), []),
         ("tp2_sp", ParallelLayout(tp=2), ["parallel.tp=2", "parallel.sequence_parallel=true"]),

@@ -38,17 +38,21 @@ from vppo_megatron.parallel.layout import ParallelGroups
 from vppo_megatron.types import ActorSample
 
 FP8_TOKEN_MULTIPLE = 16  # Transformer Engine asserts FP8 GEMM inputs' token dimension is divisible by 8 (16 safe)
+FP8_BLOCK = 128  # the blockwise recipe quantizes 1 x 128 blocks: its sequence-parallel all-gather needs rows % 128
 
 
-def token_multiple(tp: int, cp: int, sequence_parallel: bool, fp8: bool) -> int:
+def token_multiple(tp: int, cp: int, sequence_parallel: bool, fp8: bool, fp8_recipe: str = "delayed") -> int:
     """The multiple every padded sequence length S is rounded up to. Context parallelism splits S into 2 x CP
     chunks (zigzag) and sequence parallelism splits each rank's S / CP tokens over TP; FP8 GEMMs see the rank's
     local shard, S / (CP x TP) tokens under sequence parallelism (its input before TE's all-gather), which must
-    be a multiple of 16: so S is a multiple of 16 x CP x TP, not of 16 (at TP8 that would leave 2 tokens)."""
+    be a multiple of 16: so S is a multiple of 16 x CP x TP, not of 16 (at TP8 that would leave 2 tokens). The
+    blockwise recipe also quantizes that shard for the all-gather in 128-row blocks (TE falls back to a bf16
+    all-gather, or asserts in TE 2.8-2.13, otherwise): 128 per shard there."""
     shard = cp * (tp if sequence_parallel else 1)
     multiple = 2 * shard if cp > 1 else shard
     if fp8:
-        multiple = math.lcm(multiple, FP8_TOKEN_MULTIPLE * shard)
+        per_shard = FP8_BLOCK if fp8_recipe == "blockwise" and sequence_parallel else FP8_TOKEN_MULTIPLE
+        multiple = math.lcm(multiple, per_shard * shard)
     return multiple
 
 
@@ -176,7 +180,8 @@ class MegatronActor:
 
     def _length_multiple(self) -> int:
         layout = self.groups.layout
-        return token_multiple(layout.tp, layout.cp, self.config.sequence_parallel, self.cfg.model.fp8 != "none")
+        m = self.cfg.model
+        return token_multiple(layout.tp, layout.cp, self.config.sequence_parallel, m.fp8 != "none", m.fp8_recipe)
 
     def _perturbed_images(self, sample: ActorSample, step: int) -> list:
         a = self.cfg.algorithm
