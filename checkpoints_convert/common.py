@@ -11,9 +11,15 @@ TENSOR_TOLERANCE = 0.0  # conversion copies bits: any difference is a bug
 PROBE_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
 
 
+LAUNCHER_PID = "VPPO_CONVERT_LAUNCHER_PID"
+
+
 def relaunch_under_torchrun(world_size: int, module: str) -> None:
-    """Re-executes this command under torchrun with `world_size` local ranks unless already distributed."""
+    """Re-executes this command under torchrun with `world_size` local ranks unless already distributed. The
+    launcher keeps this process's pid; its workers die with it (`die_with_launcher`), and torchrun forwards
+    SIGINT / SIGTERM to them."""
     if world_size > 1 and "WORLD_SIZE" not in os.environ:
+        os.environ[LAUNCHER_PID] = str(os.getpid())
         os.execvp(
             sys.executable,
             [
@@ -27,6 +33,32 @@ def relaunch_under_torchrun(world_size: int, module: str) -> None:
                 *sys.argv[1:],
             ],
         )
+
+
+def die_with_launcher() -> None:
+    """In a worker this tool's launcher started: the kernel kills it when the launcher dies (PR_SET_PDEATHSIG), so
+    a SIGKILL of the launcher leaves no worker that finishes and publishes the output after the user believed
+    the job dead."""
+    launcher = os.environ.get(LAUNCHER_PID)
+    if launcher is None or "WORLD_SIZE" not in os.environ:
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):  # not Linux: a watchdog thread instead
+        import threading
+        import time
+
+        def watch():
+            while os.getppid() == int(launcher):
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != int(launcher):  # the launcher died before the death signal was armed
+        os._exit(1)
 
 
 def hf_family(hf_dir: str | Path) -> tuple[str, dict]:
@@ -71,6 +103,8 @@ def add_layout_args(parser) -> None:
 def layout_of(args, hf_config: dict, world_size: int):
     """The layout the flags ask for on `world_size` ranks (DP fills the rest), validated against the model so an
     impossible split fails before any work."""
+    from checkpoints_convert.inputs import as_flags
+    from vppo_megatron.config import ConfigError
     from vppo_megatron.parallel.layout import ParallelLayout
 
     if world_size % (args.tp * args.pp):
@@ -84,13 +118,16 @@ def layout_of(args, hf_config: dict, world_size: int):
         last_stage_layers=args.last_stage_layers,
     )
     text = hf_config["text_config"]
-    layout.validate(
-        world_size,
-        text["num_hidden_layers"],
-        text["num_attention_heads"],
-        text["num_key_value_heads"],
-        text["vocab_size"],
-    )
+    try:
+        layout.validate(
+            world_size,
+            text["num_hidden_layers"],
+            text["num_attention_heads"],
+            text["num_key_value_heads"],
+            text["vocab_size"],
+        )
+    except ConfigError as exc:
+        raise ConfigError(as_flags(str(exc))) from None
     return layout
 
 
@@ -203,12 +240,16 @@ def verify(actor, hf_dir: str | Path, dtype: str) -> bool:
 def run_cli(module: str, args, precheck, work) -> int:
     """Checks inputs once, re-launches under torchrun if needed, runs `work(args, *prechecked)`; errors are one
     clear line and exit code 2."""
+    from checkpoints_convert.inputs import remove_stale_temporaries
     from vppo_megatron.config import ConfigError
 
+    die_with_launcher()
     try:
         prechecked = precheck(args)
     except (ConfigError, ValueError, FileExistsError, FileNotFoundError) as exc:
         return fail(str(exc))
+    if os.environ.get("RANK", "0") == "0" and LAUNCHER_PID not in os.environ:  # once, in the launcher
+        remove_stale_temporaries(args.out)
     relaunch_under_torchrun(args.tp * args.pp, module)
     try:
         return work(args, *prechecked)

@@ -36,9 +36,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def precheck(args) -> tuple[str, dict]:
     """Everything that can be checked before starting ranks, so a bad input fails once, clearly."""
     from checkpoints_convert.common import hf_family, layout_of
+    from checkpoints_convert.inputs import check_safetensors
     from vppo_megatron.actor.checkpoint import check_output_dir
 
     family, hf_config = hf_family(args.hf)
+    check_safetensors(args.hf)
     check_output_dir(args.out)
     layout_of(args, hf_config, args.tp * args.pp)
     return family, hf_config

@@ -1,10 +1,14 @@
 """HF -> Megatron (TP2 PP2) -> HF round trip, loads at other layouts, and every bad input's error."""
 
+import contextlib
 import importlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -233,6 +237,11 @@ def test_missing_and_unmapped_tensors_are_listed(tiny_model_dir, tmp_path, mutat
 
 
 def test_bad_inputs_get_clear_errors(tiny_model_dir, tp2pp2_checkpoint, tmp_path, capsys, monkeypatch):
+    other_model = tmp_path / "wider"  # the same family, another size: its config would mislabel the export
+    shutil.copytree(tiny_model_dir, other_model)
+    wider = json.loads((other_model / "config.json").read_text())
+    wider["text_config"] = dict(wider["text_config"], hidden_size=2 * wider["text_config"]["hidden_size"])
+    (other_model / "config.json").write_text(json.dumps(wider))
     llama = tmp_path / "llama"
     shutil.copytree(tiny_model_dir, llama)
     config = json.loads((llama / "config.json").read_text())
@@ -241,7 +250,7 @@ def test_bad_inputs_get_clear_errors(tiny_model_dir, tp2pp2_checkpoint, tmp_path
         (("hf_to_megatron", "--hf", llama, "--out", tmp_path / "a"), "model_type 'llama' is not a supported family"),
         (
             ("hf_to_megatron", "--hf", tiny_model_dir, "--out", tmp_path / "b", "--tp", 3),
-            "parallel.tp = 3 does not divide the model's num_attention_heads = 4",
+            "--tp = 3 does not divide the model's num_attention_heads = 4",
         ),
         (
             ("hf_to_megatron", "--hf", tiny_model_dir, "--out", tmp_path / "c", "--pp", 3),
@@ -249,11 +258,11 @@ def test_bad_inputs_get_clear_errors(tiny_model_dir, tp2pp2_checkpoint, tmp_path
         ),
         (
             ("hf_to_megatron", "--hf", tiny_model_dir, "--out", tmp_path / "c2", "--pp", 2, "--first-stage-layers", 3),
-            "parallel.first_stage_layers=3 leaves -1 of the model's num_hidden_layers = 2",
+            "--first-stage-layers=3 leaves -1 of the model's num_hidden_layers = 2",
         ),
         (
             ("megatron_to_hf", "--megatron", tp2pp2_checkpoint, "--out", tmp_path / "c3", "--vpp", 2),
-            "parallel.vpp=2: virtual stages need parallel.pp > 1",
+            "--vpp=2: virtual stages need --pp > 1",
         ),
         (("hf_to_megatron", "--hf", tmp_path / "nothing", "--out", tmp_path / "d"), "has no config.json"),
         (("hf_to_megatron", "--hf", tiny_model_dir, "--out", tp2pp2_checkpoint), "is not empty"),
@@ -262,12 +271,67 @@ def test_bad_inputs_get_clear_errors(tiny_model_dir, tp2pp2_checkpoint, tmp_path
             "is not a complete vppo-megatron checkpoint",
         ),
     ]
+    truncated = tmp_path / "truncated-hf"  # a download or copy cut short
+    shutil.copytree(tiny_model_dir, truncated)
+    weights = truncated / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    shard_cut = tmp_path / "truncated-ckpt"
+    shutil.copytree(tp2pp2_checkpoint, shard_cut)
+    shard = sorted(shard_cut.glob("*.distcp"))[-1]
+    os.truncate(shard, shard.stat().st_size - 100)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    cases += [
+        (("hf_to_megatron", "--hf", truncated, "--out", tmp_path / "g"), f"{weights}: truncated safetensors file"),
+        (("megatron_to_hf", "--megatron", shard_cut, "--out", tmp_path / "h"), f"{shard}: truncated checkpoint shard"),
+        (
+            ("megatron_to_hf", "--megatron", tp2pp2_checkpoint, "--out", tmp_path / "i", "--hf-config", other_model),
+            "--hf-config is another model's",
+        ),
+        (("hf_to_megatron", "--hf", tiny_model_dir, "--out", a_file), f"output path {a_file} is a file"),
+    ]
     for (module, *args), message in cases:
         code, stderr = _precheck_error(module, args, capsys, monkeypatch)
         assert code == 2 and message in stderr, (args, stderr[-2000:])
+        assert len(stderr.strip().splitlines()) == 1, stderr  # one line, no traceback
     incomplete = tmp_path / "incomplete"
     shutil.copytree(tp2pp2_checkpoint, incomplete)
     (incomplete / "metadata.json").unlink()  # megatron's own metadata: an interrupted or truncated copy
     args = ["--megatron", incomplete, "--out", tmp_path / "f"]
     code, stderr = _precheck_error("megatron_to_hf", args, capsys, monkeypatch)
     assert code == 2 and "is incomplete" in stderr
+
+
+def test_a_killed_tp2_conversion_leaves_no_worker_and_no_output_and_the_next_run_cleans_up(tiny_model_dir, tmp_path):
+    """SIGKILL of the launcher (the command the user started) of a TP2 conversion: its workers die with it (none
+    goes on to publish), nothing appears at --out; the next run to the same --out removes the killed run's hidden
+    temporary directory with a one-line note and converts."""
+    import psutil
+
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "checkpoints_convert.hf_to_megatron", "--hf", str(tiny_model_dir)]
+    launcher = subprocess.Popen(
+        [*command, "--out", str(out), "--tp", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    workers = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not list(tmp_path.glob(".out.tmp-*")):  # the workers are writing
+            workers = [p for p in psutil.Process(launcher.pid).children(recursive=True) if p.is_running()]
+            assert launcher.poll() is None, "the conversion ended before it could be killed"
+            time.sleep(0.2)
+        assert len(workers) >= 2 and list(tmp_path.glob(".out.tmp-*")), "no worker started writing within 120 s"
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait(timeout=30)
+        gone, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, f"workers outlived their launcher: {alive}"
+        time.sleep(2)  # a worker that survived would publish now
+        assert not out.exists()
+    finally:
+        for process in [launcher, *workers]:
+            with contextlib.suppress(Exception):
+                process.kill()
+    again = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "note: removed 1 temporary directory of killed runs next to" in again.stderr
+    assert not list(tmp_path.glob(".out.tmp-*")) and (out / "vppo_checkpoint.json").exists()

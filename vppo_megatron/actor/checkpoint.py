@@ -59,14 +59,17 @@ def copy_hf_files(hf_dir: str | Path, out_dir: str | Path) -> None:
 
 def check_output_dir(out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"output path {out_dir} is a file, not a directory; choose a new directory path")
+    if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"output directory {out_dir} is not empty; choose a new path or remove it")
 
 
 def atomic_directory(out_dir: str | Path) -> Path:
     """A hidden temporary directory next to `out_dir`, the same on every rank (collective)."""
     out_dir = Path(out_dir)
-    name = [f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}" if dist.get_rank() == 0 else None]
+    # the writer's pid in the name: a later run removes the directories of writers that are gone
+    name = [f".{out_dir.name}.tmp-p{os.getpid()}-{uuid.uuid4().hex[:8]}" if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(name, src=0)
     tmp = out_dir.parent / name[0]
     if dist.get_rank() == 0:
