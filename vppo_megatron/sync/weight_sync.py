@@ -24,6 +24,7 @@ Transports (rollout.sync_transport; auto = shm on CPU, cuda_ipc colocated, nccl 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import time
@@ -194,7 +195,6 @@ class WeightSync:
         stage's writer when it is not of the stage; rank 0 starts the engines loading each bucket it wrote at once
         and the others' once every rank is done. Returns (rank 0: the new snapshot per node, error)."""
         topo, rank, slot = self.topology, self.rank, version % 2
-        max_bytes = self.cfg.rollout.sync_bucket_mb * 2**20
         written, futures = [], []
         writes_here = self.node in topo.staging_nodes()
 
@@ -205,39 +205,13 @@ class WeightSync:
                 futures.extend(self._submit_shared(self.node, bucket))
 
         for pp in range(topo.pp):
-            group, writer = self._stage_groups.get(pp), topo.writer(pp)
-            mine = writes_here and topo.node_writer(pp, self.node) == rank
-            if topo.stage_of(rank) == pp:
-                sends = rank == writer and group is not None
-                tensors = self.actor.hf_tensors()  # TP collective: every rank of the stage walks it
-                if not (mine or sends):
-                    for _ in tensors:
-                        pass
-                    continue
-                for k, bucket in enumerate(buckets(tensors, max_bytes)):
-                    manifest, total = layout_of(bucket)
-                    path = self._node_dir(self.node) / f"p{os.getpid()}-s{slot}-pp{pp}-b{k:04d}"
-                    raw = self._map(path, total) if mine else torch.empty(total, dtype=torch.uint8)
-                    pack(bucket, manifest, raw)
-                    del bucket
-                    if sends:
-                        dist.broadcast_object_list([manifest], src=writer, group=group)
-                        dist.broadcast(raw, src=writer, group=group)
-                    if mine:
-                        stored(pp, k, path, manifest)
-                if sends:
-                    dist.broadcast_object_list([None], src=writer, group=group)
-            elif group is not None and rank in topo.receivers(pp):
-                for k in range(2**31):
-                    box = [None]
-                    dist.broadcast_object_list(box, src=writer, group=group)
-                    if box[0] is None:
-                        break
-                    manifest = box[0]
-                    path = self._node_dir(self.node) / f"p{os.getpid()}-s{slot}-pp{pp}-b{k:04d}"
-                    raw = self._map(path, sum(entry[4] for entry in manifest))
-                    dist.broadcast(raw, src=writer, group=group)  # straight into the node's mapped file
-                    stored(pp, k, path, manifest)
+            mine = writes_here and topo.node_writer(pp, self.node) == rank  # a receiver is its node's writer
+
+            def mapped(k: int, nbytes: int, pp: int = pp) -> torch.Tensor:
+                return self._map(self._staged(slot, pp, k), nbytes)
+
+            for k, manifest, _ in self._stage_buckets(pp, mine, mapped, device=None):
+                stored(pp, k, self._staged(slot, pp, k), manifest)  # packed or received into the node's file
         everything = [None] * dist.get_world_size()
         dist.all_gather_object(everything, [] if rank == 0 else written)
         if self.fleet is None:
@@ -251,6 +225,45 @@ class WeightSync:
             for node, _, _, bucket in part:
                 futures.extend(self._submit_shared(node, bucket))
         return snapshot, self._wait(futures, None)
+
+    def _stage_buckets(self, pp: int, wanted: bool, buffer, device):
+        """Yields (k, manifest, flat) for each of stage pp's buckets when this rank needs them (`wanted`): packed
+        from its own gathered tensors if it belongs to the stage, else received from the stage's writer, which
+        broadcasts every bucket to the stage's receivers. `buffer(k, nbytes)` gives the flat uint8 tensor to pack
+        or receive bucket k into (a mapped staging file, a device buffer). Every rank of the stage walks the TP
+        gather to its end, wanted or not (collective)."""
+        topo, rank = self.topology, self.rank
+        group, writer = self._stage_groups.get(pp), topo.writer(pp)
+        if topo.stage_of(rank) == pp:
+            sends = rank == writer and group is not None
+            max_bytes = self.cfg.rollout.sync_bucket_mb * 2**20
+            for k, bucket in enumerate(buckets(self.actor.hf_tensors(), max_bytes)):
+                if not (wanted or sends):
+                    continue  # the TP gather still needs this rank
+                manifest, total = layout_of(bucket)
+                flat = buffer(k, total) if wanted else torch.empty(total, dtype=torch.uint8, device=device)
+                pack(bucket, manifest, flat)
+                del bucket
+                if sends:
+                    dist.broadcast_object_list([manifest], src=writer, group=group)
+                    dist.broadcast(flat, src=writer, group=group)
+                if wanted:
+                    yield k, manifest, flat
+            if sends:
+                dist.broadcast_object_list([None], src=writer, group=group)
+        elif group is not None and rank in topo.receivers(pp):
+            for k in itertools.count():
+                box = [None]
+                dist.broadcast_object_list(box, src=writer, group=group)
+                if box[0] is None:
+                    return
+                flat = buffer(k, sum(entry[4] for entry in box[0]))
+                dist.broadcast(flat, src=writer, group=group)
+                yield k, box[0], flat
+
+    def _staged(self, slot: int, pp: int, k: int) -> Path:
+        """This rank's staging file of stage pp's bucket k in version slot `slot`, in its node's directory."""
+        return self._node_dir(self.node) / f"p{os.getpid()}-s{slot}-pp{pp}-b{k:04d}"
 
     def _map(self, path: Path, nbytes: int) -> torch.Tensor:
         path.parent.mkdir(exist_ok=True)
@@ -266,7 +279,6 @@ class WeightSync:
         gathered tensors, or broadcast by the stage's writer) and hands it to its engines; rank 0 makes sure the
         engines finished bucket k-1 before anyone packs bucket k+1 into k-1's buffer."""
         topo, rank, slot = self.topology, self.rank, version % 2
-        max_bytes = self.cfg.rollout.sync_bucket_mb * 2**20
         device = torch.device("cuda", torch.cuda.current_device())
         feeds = rank in self._feeders
         if self.transport == "nccl" and feeds:
@@ -275,35 +287,14 @@ class WeightSync:
             if box[0]:
                 self._init_nccl()
         state = {"index": 0, "pending": [], "error": None, "snapshot": {}, "slot": slot}
+
+        def buffer(k: int, nbytes: int) -> torch.Tensor:
+            return self._buffer(state["index"], nbytes, device)
+
         for pp in range(topo.pp):
-            group, writer = self._stage_groups.get(pp), topo.writer(pp)
-            if topo.stage_of(rank) == pp:
-                sends = rank == writer and group is not None
-                for bucket in buckets(self.actor.hf_tensors(), max_bytes):
-                    if not (feeds or sends):
-                        continue  # the TP gather still needs this rank
-                    manifest, total = layout_of(bucket)
-                    flat = self._buffer(state["index"], total, device)
-                    pack(bucket, manifest, flat)
-                    del bucket
-                    if sends:
-                        dist.broadcast_object_list([manifest], src=writer, group=group)
-                        dist.broadcast(flat, src=writer, group=group)
-                    if feeds:
-                        self._feed(state, manifest, flat)
-                    state["index"] += 1
-                if sends:
-                    dist.broadcast_object_list([None], src=writer, group=group)
-            elif group is not None and rank in topo.receivers(pp):
-                while True:
-                    box = [None]
-                    dist.broadcast_object_list(box, src=writer, group=group)
-                    if box[0] is None:
-                        break
-                    flat = self._buffer(state["index"], sum(entry[4] for entry in box[0]), device)
-                    dist.broadcast(flat, src=writer, group=group)
-                    self._feed(state, box[0], flat)
-                    state["index"] += 1
+            for _, manifest, flat in self._stage_buckets(pp, feeds, buffer, device):
+                self._feed(state, manifest, flat)
+                state["index"] += 1
         if self.fleet is not None:
             state["error"] = self._wait(state["pending"], state["error"])
             if state["error"] is None:  # (a failed sync's rollback reads the old files)
