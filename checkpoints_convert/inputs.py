@@ -72,11 +72,11 @@ def dcp_metadata(ckpt_dir: str | Path):
         raise ValueError(f"{ckpt_dir}/.metadata is unreadable ({type(exc).__name__}); the copy is damaged") from None
 
 
-def check_distcp(ckpt_dir: str | Path) -> None:
+def check_distcp(ckpt_dir: str | Path, metadata) -> None:
     """Every shard file the checkpoint's metadata points into exists and holds the bytes it is read from."""
     ckpt_dir = Path(ckpt_dir)
     need: dict[str, int] = {}
-    for info in (dcp_metadata(ckpt_dir).storage_data or {}).values():
+    for info in (metadata.storage_data or {}).values():
         need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
     for name, nbytes in sorted(need.items()):
         path = ckpt_dir / name
@@ -93,11 +93,11 @@ def check_distcp(ckpt_dir: str | Path) -> None:
 EMBEDDING_KEY = re.compile(r"(^|\.)embedding\.word_embeddings\.weight$")
 
 
-def check_hf_config_matches(ckpt_dir: str | Path, hf_config: dict, hf_files: str | Path) -> None:
+def check_hf_config_matches(ckpt_dir: str | Path, metadata, hf_config: dict, hf_files: str | Path) -> None:
     """The HF config an export writes describes the checkpoint's model: its embedding (vocabulary x hidden) as
     the checkpoint stores it."""
     text = hf_config.get("text_config", hf_config)
-    for key, meta in dcp_metadata(ckpt_dir).state_dict_metadata.items():
+    for key, meta in metadata.state_dict_metadata.items():
         if EMBEDDING_KEY.search(key) and hasattr(meta, "size"):
             stored = tuple(meta.size)
             wanted = (text.get("vocab_size"), text.get("hidden_size"))

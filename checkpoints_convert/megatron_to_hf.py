@@ -43,14 +43,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def precheck(args) -> tuple[dict, Path, dict]:
     from checkpoints_convert.common import hf_family, layout_of
-    from checkpoints_convert.inputs import check_distcp, check_hf_config_matches
+    from checkpoints_convert.inputs import check_distcp, check_hf_config_matches, dcp_metadata
     from vppo_megatron.actor.checkpoint import HF_FILES, check_output_dir, read_metadata
 
     meta = read_metadata(args.megatron)
-    check_distcp(args.megatron)
+    stored = dcp_metadata(args.megatron)  # torch.distributed.checkpoint's .metadata, read once
+    check_distcp(args.megatron, stored)
     hf_files = Path(args.hf_config) if args.hf_config else Path(args.megatron) / HF_FILES
     _, hf_config = hf_family(hf_files)
-    check_hf_config_matches(args.megatron, hf_config, hf_files)
+    check_hf_config_matches(args.megatron, stored, hf_config, hf_files)
     check_output_dir(args.out)
     layout_of(args, hf_config, args.tp * args.pp)
     return meta, hf_files, hf_config
