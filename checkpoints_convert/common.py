@@ -240,7 +240,7 @@ def verify(actor, hf_dir: str | Path, dtype: str) -> bool:
 def run_cli(module: str, args, precheck, work) -> int:
     """Checks inputs once, re-launches under torchrun if needed, runs `work(args, *prechecked)`; errors are one
     clear line and exit code 2."""
-    from checkpoints_convert.inputs import remove_stale_temporaries
+    from vppo_megatron.actor.integrity import remove_stale_temporaries
     from vppo_megatron.config import ConfigError
 
     die_with_launcher()

@@ -4,11 +4,8 @@ naming the file and the problem (exit code 2), never a traceback from deep insid
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import struct
-import sys
 from pathlib import Path
 
 HEADER_LIMIT = 100 * 2**20  # safetensors caps its JSON header at 100 MB
@@ -59,37 +56,6 @@ def _check_safetensors_file(path: Path) -> None:
         )
 
 
-def dcp_metadata(ckpt_dir: str | Path):
-    """torch.distributed.checkpoint's metadata of a Megatron checkpoint (the `.metadata` file megatron-core's
-    torch_dist format writes), or a clear error."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    try:
-        return FileSystemReader(str(ckpt_dir)).read_metadata()
-    except FileNotFoundError:
-        raise ValueError(f"{ckpt_dir}/.metadata is missing: the checkpoint's save was interrupted") from None
-    except Exception as exc:
-        raise ValueError(f"{ckpt_dir}/.metadata is unreadable ({type(exc).__name__}); the copy is damaged") from None
-
-
-def check_distcp(ckpt_dir: str | Path, metadata) -> None:
-    """Every shard file the checkpoint's metadata points into exists and holds the bytes it is read from."""
-    ckpt_dir = Path(ckpt_dir)
-    need: dict[str, int] = {}
-    for info in (metadata.storage_data or {}).values():
-        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
-    for name, nbytes in sorted(need.items()):
-        path = ckpt_dir / name
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: the checkpoint's metadata reads {nbytes} bytes from it")
-        size = path.stat().st_size
-        if size < nbytes:
-            raise ValueError(
-                f"{path}: truncated checkpoint shard ({size} bytes, the checkpoint's metadata reads {nbytes}); "
-                "the copy or the save was interrupted"
-            )
-
-
 EMBEDDING_KEY = re.compile(r"(^|\.)embedding\.word_embeddings\.weight$")
 
 
@@ -108,43 +74,6 @@ def check_hf_config_matches(ckpt_dir: str | Path, metadata, hf_config: dict, hf_
                     "give the HF directory the checkpoint was converted from (or leave --hf-config out)"
                 )
             return
-
-
-TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-(?:p(?P<pid>\d+)-)?[0-9a-f]{8}$")
-
-
-def remove_stale_temporaries(out_dir: str | Path) -> None:
-    """Removes the hidden temporary directories that killed runs of this tool left next to `out_dir` (their
-    writer process is gone), with a one-line note; a live writer's is kept."""
-    out_dir = Path(out_dir)
-    removed, nbytes = 0, 0
-    if not out_dir.parent.is_dir():
-        return
-    for path in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
-        match = TEMPORARY.match(path.name)
-        if not match or match["name"] != out_dir.name or not path.is_dir():
-            continue
-        if match["pid"] and _alive(int(match["pid"])):
-            continue
-        nbytes += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-        shutil.rmtree(path, ignore_errors=True)
-        removed += 1
-    if removed:
-        print(
-            f"note: removed {removed} temporary director{'y' if removed == 1 else 'ies'} of killed runs next to "
-            f"{out_dir} ({nbytes / 2**20:.1f} MiB)",
-            file=sys.stderr,
-        )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 FLAGS = {

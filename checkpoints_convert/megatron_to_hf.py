@@ -43,8 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def precheck(args) -> tuple[dict, Path, dict]:
     from checkpoints_convert.common import hf_family, layout_of
-    from checkpoints_convert.inputs import check_distcp, check_hf_config_matches, dcp_metadata
+    from checkpoints_convert.inputs import check_hf_config_matches
     from vppo_megatron.actor.checkpoint import HF_FILES, check_output_dir, read_metadata
+    from vppo_megatron.actor.integrity import check_distcp, dcp_metadata
 
     meta = read_metadata(args.megatron)
     stored = dcp_metadata(args.megatron)  # torch.distributed.checkpoint's .metadata, read once

@@ -12,6 +12,7 @@ LAYERS = {
     "config": 0,
     "types": 0,
     "testing": 0,
+    "faults": 0,
     "topology": 0.5,
     "memory": 1,
     "lifecycle": 0,

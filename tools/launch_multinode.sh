@@ -58,9 +58,35 @@ wait_for() {  # wait_for WHAT COMMAND...: polls COMMAND; gives up after RAY_JOIN
   done
 }
 
+descendants() {  # every process below pid $1
+  local child
+  for child in $(pgrep -P "$1" 2>/dev/null); do
+    echo "$child"
+    descendants "$child"
+  done
+}
+
+ray_processes=""  # this node's Ray processes (GCS, raylet, agents), recorded once the node is up
 stop_ray() {  # on SIGTERM `ray start --block` stops the Ray processes it started (this node's), then exits
   kill -TERM "$ray_pid" 2>/dev/null || true
   wait "$ray_pid" 2>/dev/null || true
+  # if `ray start` itself was killed they outlive it (the raylet and its agents wait a minute for a lost head):
+  # stop them here, SIGKILL for those still there after 5 s
+  local signal tries
+  for signal in TERM KILL; do
+    for tries in 1 2 3 4 5; do
+      [ -n "$(ray_left)" ] || return 0
+      if [ "$tries" -eq 1 ]; then ray_left | xargs -r kill "-$signal" 2>/dev/null || true; fi
+      sleep 1
+    done
+  done
+}
+
+ray_left() {  # the recorded Ray processes still running (a reused pid runs something else: not ours)
+  local pid
+  for pid in $ray_processes; do
+    if ps -o args= -p "$pid" 2>/dev/null | grep -q ray; then echo "$pid"; fi
+  done
 }
 
 if [ "$NODE_RANK" -eq 0 ]; then
@@ -74,6 +100,15 @@ trap stop_ray EXIT
 wait_for "Ray head at $RAY_ADDRESS" head_answers
 wait_for "cluster of $NNODES Ray nodes" all_nodes_alive
 echo "launch_multinode: node $NODE_RANK: $(alive_nodes) of $NNODES Ray nodes alive"
+ray_processes=$(descendants "$ray_pid" | tr '\n' ' ')
+trainer_failed() {  # torchrun's exit status; says so when this node's Ray died during the run
+  local status=$1
+  if ! kill -0 "$ray_pid" 2>/dev/null; then
+    echo "launch_multinode: node $NODE_RANK: this node's Ray stopped during the run (its log is above); the trainer" \
+      "stopped with it. Checkpoints are intact: launch again to resume from the newest" >&2
+  fi
+  return "$status"
+}
 torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC_PER_NODE" \
   --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
-  -m vppo_megatron.train --config "$CONFIG" "$@"
+  -m vppo_megatron.train --config "$CONFIG" "$@" || trainer_failed $?

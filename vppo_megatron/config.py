@@ -332,7 +332,7 @@ class CheckpointConfig:
     save_every: int = 20
     """Save a checkpoint every N steps; 0 disables."""
     keep_last: int = 2
-    """Checkpoints kept; older ones are deleted after a newer one is complete."""
+    """Checkpoints kept (at least 1); older ones are deleted after a newer one is complete."""
     resume: str = "auto"
     """auto (latest complete checkpoint in output_dir, if any), none, or a checkpoint directory."""
     load_optimizer: bool = True

@@ -8,6 +8,12 @@ state.
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,20 +38,61 @@ class Restored:
 
 
 def resume(cfg, actor) -> Restored | None:
-    """checkpoint.resume: auto (latest complete checkpoint, if any), none, or a directory (collective)."""
-    from vppo_megatron.actor import checkpoint
+    """checkpoint.resume: auto (the newest complete checkpoint whose files check out, if any), none, or a
+    directory (collective). A damaged checkpoint is never loaded: named directory, DamagedCheckpoint; auto, it is
+    moved aside (kept, renamed `damaged-step_N`) with a warning naming the file, and the previous one loads."""
+    from vppo_megatron.actor import checkpoint, integrity
 
     target = cfg.checkpoint.resume
-    path = checkpoint.latest(checkpoint_root(cfg)) if target == "auto" else None if target == "none" else target
-    if path is None:
+    if target == "none":
         return None
+    if target != "auto":
+        integrity.verify(target)
+        return _load(cfg, actor, Path(target))
+    for path in checkpoint.complete(checkpoint_root(cfg)):
+        try:
+            integrity.verify(path)
+        except integrity.DamagedCheckpoint as exc:
+            _set_aside(path, str(exc))
+            continue
+        return _load(cfg, actor, path)
+    return None
+
+
+def _load(cfg, actor, path: Path) -> Restored:
+    from vppo_megatron.actor import checkpoint
+
     state = checkpoint.load_training(actor, path, optimizer=cfg.checkpoint.load_optimizer)
-    return Restored(Path(path), state["step"], state["version"], state["loader"], cfg.checkpoint.load_optimizer)
+    return Restored(path, state["step"], state["version"], state["loader"], cfg.checkpoint.load_optimizer)
+
+
+def _set_aside(path: Path, problem: str) -> None:
+    """Rank 0 renames a damaged checkpoint out of the resume and prune order (every rank checked it first)."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    if dist.get_rank() == 0:
+        aside = path.with_name(f"damaged-{path.name}")
+        if aside.exists():
+            aside = path.with_name(f"damaged-{path.name}-{int(time.time())}")
+        path.rename(aside)
+        print(
+            f"warning: checkpoint {path} is damaged ({problem}); moved to {aside.name}, resuming from the previous "
+            "complete checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
+    dist.barrier()
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, quota, permissions); the previous ones are intact."""
 
 
 def save(cfg, actor, step: int, version: int, loader_state: dict | None) -> Path:
     """After `step`: a resumable checkpoint (collective; `loader_state` from trainer rank 0, None elsewhere),
-    the newest checkpoint.keep_last kept."""
+    the newest checkpoint.keep_last kept. A write that fails (a full disk) leaves no partial directory and raises
+    CheckpointWriteError naming the checkpoint still there to resume from."""
     import torch.distributed as dist
 
     from vppo_megatron.actor import checkpoint
@@ -53,8 +100,44 @@ def save(cfg, actor, step: int, version: int, loader_state: dict | None) -> Path
     box = [loader_state]
     dist.broadcast_object_list(box, src=0)
     state = {"step": step + 1, "loader": box[0], "version": version}
-    path = checkpoint_root(cfg) / f"{checkpoint.STEP_PREFIX}{step + 1}"
-    checkpoint.save_training(actor, path, cfg.model.path, state)
+    root = checkpoint_root(cfg)
+    path = root / f"{checkpoint.STEP_PREFIX}{step + 1}"
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with _logged_errors("megatron.core.dist_checkpointing") as logged:
+            checkpoint.save_training(actor, path, cfg.model.path, state)
+    except (OSError, CheckpointException) as exc:  # a write that failed; the shard writers log its OSError
+        if dist.get_rank() == 0:
+            from vppo_megatron.actor import integrity
+
+            integrity.remove_stale_temporaries(path, any_name=True)  # a dead writer's: gone; ours follows
+            for tmp in root.glob(f".{path.name}.tmp-p{os.getpid()}-*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+        previous = checkpoint.latest(root)
+        cause = " ".join((logged[0] if logged else f"{type(exc).__name__}: {exc}").split())[:300]
+        raise CheckpointWriteError(
+            f"checkpoint {path} could not be written ({cause}); the disk may be full. "
+            f"The partial write was removed; {f'{previous} is intact' if previous else 'no earlier checkpoint exists'}"
+            ": free space, then run again (checkpoint.resume=auto continues from it)"
+        ) from exc
     if dist.get_rank() == 0:
-        checkpoint.prune(checkpoint_root(cfg), cfg.checkpoint.keep_last)
+        checkpoint.prune(root, cfg.checkpoint.keep_last)
     return path
+
+
+@contextmanager
+def _logged_errors(name: str):
+    """The ERROR records logger `name` (and its children) emits inside the block, as text."""
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler, log = Keep(logging.ERROR), logging.getLogger(name)
+    log.addHandler(handler)
+    try:
+        yield records
+    finally:
+        log.removeHandler(handler)

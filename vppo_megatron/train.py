@@ -32,7 +32,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+from vppo_megatron import faults  # noqa: E402
 from vppo_megatron.trainer import (  # noqa: E402 - after the environment defaults above
+    CLUSTER_LOST_SAID,
     StageTimer,
     StalledRun,
     Trainer,
@@ -80,14 +82,51 @@ def main(argv=None) -> int:
     except ValueError as exc:  # ConfigError, or a model config.json the memory estimate cannot read
         print(f"vppo train: error: {exc}", file=sys.stderr)
         return 2
+    from vppo_megatron.actor.integrity import DamagedCheckpoint
+    from vppo_megatron.resume import CheckpointWriteError
+
     try:
         return run(cfg)
+    except DamagedCheckpoint as exc:  # checkpoint.resume names a damaged checkpoint: nothing was loaded
+        return _fail(f"{exc}; resume from another checkpoint (checkpoint.resume=auto picks the newest sound one)", 2)
+    except CheckpointWriteError as exc:
+        return _fail(str(exc), 1)
     except RuntimeError as exc:  # a collective past parallel.timeout_s: one line naming the stage it waited in
-        message = collective_timeout(exc, cfg.parallel.timeout_s)
+        message = collective_timeout(exc, cfg.parallel.timeout_s) or _ray_cluster_lost(cfg)
         if message is None:
             raise
+        return _fail(message, 1, every_rank=True)  # each rank names what it waited for
+    except Exception:  # trainer rank 0's Ray calls fail once its cluster is gone: say so in one line
+        message = _ray_cluster_lost(cfg)
+        if message is None:
+            raise
+        return _fail(message, 1)
+
+
+def _ray_cluster_lost(cfg) -> str | None:
+    """On trainer rank 0 (the Ray driver) whose cluster's head no longer answers: the line saying so ("" when the
+    Ray watchdog is saying it, `trainer._cluster_lost`)."""
+    if "vppo_megatron.rollout.fleet" not in sys.modules:  # this rank never drove a fleet
+        return None
+    from vppo_megatron.actor.checkpoint import latest
+    from vppo_megatron.resume import checkpoint_root
+    from vppo_megatron.rollout.fleet import cluster_lost_message, lost_cluster
+
+    address = lost_cluster()
+    if address is None:
+        return None
+    if not CLUSTER_LOST_SAID.acquire(blocking=False):
+        return ""
+    return cluster_lost_message(address, latest(checkpoint_root(cfg)))
+
+
+def _fail(message: str, code: int, every_rank: bool = False) -> int:
+    """One error line (from trainer rank 0 when every rank has the same one) and the exit code."""
+    import torch.distributed as dist
+
+    if message and (every_rank or not dist.is_initialized() or dist.get_rank() == 0):
         print(f"vppo train: error: {message}", file=sys.stderr, flush=True)
-        return 1
+    return code
 
 
 def run(cfg) -> int:
@@ -98,24 +137,27 @@ def run(cfg) -> int:
     t, every = cfg.trainer, cfg.checkpoint.save_every
     bars = cfg.logging.progress_bars and trainer.is_driver
     trainer.progress = Progress(t.total_steps, trainer.start_step, "vppo train", bars)
-    for step in range(trainer.start_step, t.total_steps):
-        trainer.progress.phase("validation")
-        metrics = trainer.validate() if t.val_every and step % t.val_every == 0 else {}
-        metrics.update(train_step(trainer, step))
-        trainer.log(step, metrics)
-        try:
-            trainer.check_skipped(step, metrics)
-        except StalledRun as exc:
-            trainer.progress.close()
-            trainer.sync.close()  # the shared memory the weight sync holds (what finish() would release)
-            if trainer.is_driver:
-                print(f"vppo train: error: {exc}", file=sys.stderr, flush=True)
-            return 2
-        if every and (step + 1) % every == 0:
-            trainer.progress.phase("checkpoint")
-            trainer.checkpoint(step)
-        trainer.progress.advance(metrics)
-    trainer.progress.close()
+    try:  # the bar ends its line before any error line (main prints them)
+        for step in range(trainer.start_step, t.total_steps):
+            faults.set_step(step)
+            trainer.progress.phase("validation")
+            metrics = trainer.validate() if t.val_every and step % t.val_every == 0 else {}
+            metrics.update(train_step(trainer, step))
+            trainer.log(step, metrics)
+            try:
+                trainer.check_skipped(step, metrics)
+            except StalledRun as exc:
+                trainer.progress.close()
+                trainer.sync.close()  # the shared memory the weight sync holds (what finish() would release)
+                if trainer.is_driver:
+                    print(f"vppo train: error: {exc}", file=sys.stderr, flush=True)
+                return 2
+            if every and (step + 1) % every == 0:
+                trainer.progress.phase("checkpoint")
+                trainer.checkpoint(step)
+            trainer.progress.advance(metrics)
+    finally:
+        trainer.progress.close()
     trainer.finish()
     return 0
 

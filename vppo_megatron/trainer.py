@@ -11,7 +11,9 @@ Legend: B rollouts on this data-parallel rank, T response positions.
 from __future__ import annotations
 
 import functools
+import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 
 from vppo_megatron import batch as batching
+from vppo_megatron import faults
 from vppo_megatron.metrics import Progress
 from vppo_megatron.resume import Restored, resume, save
 
@@ -46,7 +49,8 @@ def stage(name: str):
         @functools.wraps(method)
         def run(self, *args, **kwargs):
             _stage[0] = name
-            return method(self, *args, **kwargs)
+            with faults.injected(name):  # VPPO_FAULT: the reliability tests' injection point
+                return method(self, *args, **kwargs)
 
         return run
 
@@ -166,12 +170,13 @@ class Trainer:
         from vppo_megatron.data.dataset import PromptDataset, PromptLoader
         from vppo_megatron.metrics import MetricsLogger
         from vppo_megatron.reward.loading import load_reward_function
-        from vppo_megatron.rollout.fleet import RolloutFleet, connect
+        from vppo_megatron.rollout.fleet import RolloutFleet, connect, watch_cluster
 
         processor = AutoProcessor.from_pretrained(cfg.model.path)
         train = PromptDataset.for_processor(cfg.data.train_files, cfg.data, processor)
         val = PromptDataset.for_processor(cfg.data.val_files, cfg.data, processor)
         connect()
+        watch_cluster(partial(_cluster_lost, cfg))
         driver = Driver(
             fleet=RolloutFleet.create_or_attach(cfg, cfg.model.path),
             loader=PromptLoader(train, cfg.trainer.prompts_per_step, cfg.trainer.seed, cfg.data.shuffle),
@@ -213,6 +218,7 @@ class Trainer:
         groups, metrics = collect(d.fleet, d.loader, self.cfg, step, d.reward_fn)
         groups, dropped = batching.trim_to_dp(groups, self.groups.layout.dp)
         metrics.update({"rollout/kept_groups": float(len(groups)), "rollout/dropped_groups": float(dropped)})
+        metrics["data/skipped_rows"] = float(d.loader.dataset.report.total)  # since this launch (counted once)
         return groups, metrics
 
     @stage("distribute")
@@ -355,7 +361,29 @@ class Trainer:
             self.driver.logger.log(total, self.validate())
             curve = self.driver.logger.plot(Path(self.cfg.trainer.output_dir) / "accuracy.png")
             print(f"metrics: {self.driver.logger.path}\ncurve: {curve}", flush=True)
+            print(f"training data: {self.driver.loader.dataset.report.summary()}", flush=True)
         self.sync.close()
+
+
+def _cluster_lost(cfg, address: str) -> None:
+    """Trainer rank 0, the Ray watchdog's verdict: one error line, then the process ends (its main thread may be
+    blocked in a Ray call that would wait out its own timeout); torchrun stops the other ranks. A checkpoint being
+    written needs no Ray: it is finished first."""
+    from vppo_megatron.actor.checkpoint import latest
+    from vppo_megatron.resume import checkpoint_root
+    from vppo_megatron.rollout.fleet import cluster_lost_message
+
+    while _stage[0] == "checkpoint":
+        time.sleep(0.5)
+    CLUSTER_LOST_SAID.acquire()  # the main thread may be saying it already (a Ray call failed first)
+    message = cluster_lost_message(address, latest(checkpoint_root(cfg)))
+    # on a line of its own: a progress bar may be mid-line
+    print(f"\nvppo train: error: {message} (stage '{_stage[0]}')", file=sys.stderr, flush=True)
+    os._exit(EXIT_CLUSTER_LOST)
+
+
+EXIT_CLUSTER_LOST = 1
+CLUSTER_LOST_SAID = threading.Lock()  # held by whichever says that the Ray cluster is gone: the watchdog or main
 
 
 class StalledRun(RuntimeError):

@@ -161,4 +161,61 @@ def trainer_stages(rank, world_size, model_dir, out_dir):
             "moments": _adam_moments(resumed.actor),
             "after_update": run_step(resumed, groups)["params"],
         }
+    results["faults"] = checkpoint_faults(fixed)
     return results
+
+
+def checkpoint_faults(trainer) -> dict:
+    """On the fixed-count trainer's step_1 checkpoint: a dead writer's temporary directory, a full disk during
+    the step-3 save, a corrupted shard of step_2 (resume auto falls back; resume named fails)."""
+    import contextlib
+    import io
+    import os
+    import time
+    import types
+    from pathlib import Path
+
+    from vppo_megatron.actor import integrity
+    from vppo_megatron.resume import CheckpointWriteError, checkpoint_root, resume
+
+    root = checkpoint_root(trainer.cfg)
+    out = {}
+    trainer.sync = types.SimpleNamespace(version=1)  # no engines here: the served version the checkpoint records
+    trainer.cfg.checkpoint.keep_last = 2
+    stale = root / ".step_9.tmp-p999999999-0123abcd"  # a pid no process has: its writer is gone
+    stale.mkdir()
+    (stale / "__0_0.distcp").write_bytes(b"x" * 1000)
+    trainer.checkpoint(step=1)  # step_2; removes the dead writer's directory
+    out["stale_left"] = stale.exists()
+    out["manifest"] = (root / "step_2" / integrity.MANIFEST).exists()
+
+    os.environ["VPPO_FAULT"] = "disk_full@checkpoint:*:all"
+    try:
+        trainer.checkpoint(step=2)
+    except CheckpointWriteError as exc:
+        out["disk_full"] = str(exc)
+    finally:
+        del os.environ["VPPO_FAULT"]
+    out["after_disk_full"] = sorted(p.name for p in root.iterdir())
+
+    shard = max((root / "step_2").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: same size, different bytes
+    shard.write_bytes(bytes(data))
+    out["corrupted"] = str(shard)
+    err = io.StringIO()
+    start = time.perf_counter()
+    with contextlib.redirect_stderr(err):
+        restored = resume(trainer.cfg, trainer.actor)
+    out["fallback_s"] = time.perf_counter() - start
+    out["fallback"] = (restored.path.name, restored.step, err.getvalue())
+    out["after_fallback"] = sorted(p.name for p in root.iterdir())
+    trainer.cfg.checkpoint.resume = str(root / "damaged-step_2")
+    try:
+        resume(trainer.cfg, trainer.actor)
+    except integrity.DamagedCheckpoint as exc:
+        out["named"] = str(exc)
+    finally:
+        trainer.cfg.checkpoint.resume = "auto"
+    out["damaged_path"] = str(Path(root / "damaged-step_2" / shard.name))
+    return out

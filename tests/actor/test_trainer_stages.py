@@ -4,6 +4,7 @@ import pytest
 import torch
 from step_worker import PROMPTS, SAMPLES, trainer_stages
 
+from vppo_megatron import faults
 from vppo_megatron.testing import run_distributed
 
 
@@ -71,3 +72,30 @@ def test_the_experience_pass_holds_one_micro_batch_of_inputs_and_pixels_once_per
     assert inputs["moved"] == inputs["expected"] and len(inputs["moved"]) == 4  # every micro-batch, whole
     assert inputs["peak_live"] == max(inputs["moved"]) and inputs["live_after"] == 0
     assert inputs["pixel_bytes"] == inputs["per_prompt"] == inputs["per_rollout"] // SAMPLES
+
+
+def test_checkpoint_faults_a_full_disk_a_corrupted_shard_and_a_dead_writers_leftovers(stages):
+    """Each checkpoint carries every file's size and CRC32. A full disk (RLIMIT_FSIZE) during a save: a clear
+    error naming the checkpoint still there, no partial directory. One flipped byte in a shard: resume auto names
+    the file, sets the checkpoint aside and loads the previous one; resuming that checkpoint by name fails naming
+    the file. A killed writer's temporary directory is removed by the next save."""
+    f = stages["faults"]
+    assert not f["stale_left"] and f["manifest"]
+    assert "checkpoint" in f["disk_full"] and "step_3 could not be written" in f["disk_full"], f["disk_full"]
+    assert "Local worker 0 encountered an error" in f["disk_full"], f["disk_full"]  # the shard writer's own words
+    assert "the disk may be full" in f["disk_full"] and "step_2 is intact" in f["disk_full"], f["disk_full"]
+    assert f["after_disk_full"] == ["step_1", "step_2"]  # keep_last=2; nothing of the failed save is left
+    name, step, warning = f["fallback"]
+    assert (name, step) == ("step_1", 1)
+    assert f"{f['corrupted']}: its CRC32 differs" in warning and "moved to damaged-step_2" in warning, warning
+    assert f["after_fallback"] == ["damaged-step_2", "step_1"]  # kept for inspection, out of the resume order
+    assert f["named"].startswith(f"{f['damaged_path']}: its CRC32 differs"), f["named"]
+    redo = "none (the previous checkpoint loads; the steps since it run again)"
+    faults.record(
+        "disk full while writing a checkpoint",
+        "checkpoint write (RLIMIT_FSIZE 64 KiB)",
+        redo,
+        "the run stops with one line; resume once space is free",
+    )
+    found = f"named, set aside and the previous one loaded in {f['fallback_s']:.1f} s"
+    faults.record("corrupted checkpoint shard", "one byte flipped in the newest", redo, found)

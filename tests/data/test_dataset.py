@@ -227,3 +227,19 @@ def test_the_problem_is_trimmed_before_the_format_instruction_as_the_reference_t
 
     (message,) = build_messages("\n  <image>How many?  \n", 1, "Think, then box.")
     assert message["content"] == [{"type": "image"}, {"type": "text", "text": "How many?\n\nThink, then box."}]
+
+
+def test_a_tenth_of_bad_rows_of_every_kind_are_counted_exactly_and_the_rest_load(tmp_path, tiny_processor):
+    """36 good rows and 4 bad ones, one of each kind the loader skips (corrupt image, missing field, over-long
+    prompt, image count mismatch): one pass over the data yields the 36 good rows and the skip counters equal
+    what was injected, reason by reason."""
+    from fixtures.bad_rows import insert_bad_rows
+
+    write_dataset(tmp_path, ["count_shapes"], num_train=36, num_val=1, seed=0)
+    expected = insert_bad_rows(tmp_path / "train.parquet", CFG.max_prompt_length)  # after every 9th good row
+    assert sum(expected.values()) == 4 and len(expected) == 4
+    dataset = _dataset([tmp_path / "train.parquet"], tiny_processor)
+    loader = PromptLoader(dataset, batch_size=6, seed=0, shuffle=False)
+    uids = [s.uid for _ in range(6) for s in loader.next_batch()]
+    assert len(set(uids)) == 36 and not any(uid.startswith("bad-") for uid in uids)
+    assert dict(dataset.report.counts) == expected

@@ -83,7 +83,8 @@ def sync_rank(rank, world_size, model_dir, ray_address, overrides):
 
 
 def failing_sync_rank(rank, world_size, model_dir, ray_address):
-    """A good sync (version 1), then a sync whose bucket the engine rejects: engines must stay on version 1."""
+    """A good sync (version 1), then a sync whose bucket the engine rejects: engines must stay on version 1. Then
+    two syncs during which engine 0 is killed, then stopped (VPPO_FAULT): both complete on a restarted engine."""
     from vppo_megatron.parallel.layout import destroy
     from vppo_megatron.sync.weight_sync import SyncError
 
@@ -109,9 +110,26 @@ def failing_sync_rank(rank, world_size, model_dir, ray_address):
         message = str(exc)
     after = fleet.sequence_log_probs(sequences) if fleet else None
     versions = fleet.versions() if fleet else None
+    actor.hf_tensors = real
+    engine_faults = {}
+    for fault in ("kill_engine", "stop_engine"):  # engine 0 killed / stopped once the sync's first bucket is out
+        _perturb(actor, actor.groups)
+        os.environ["VPPO_FAULT"] = f"{fault}@sync_load"
+        if fleet is not None:
+            fleet.timeout_s = 8.0  # rollout.request_timeout_s: a stopped engine is taken for hung after 8 s
+        try:
+            metrics = sync.push()
+        finally:
+            del os.environ["VPPO_FAULT"]
+        engine_faults[fault] = {
+            "metrics": metrics,
+            "probe": sync.probe(samples, texts),
+            "versions": fleet.versions() if fleet else None,
+            "restarts": fleet.restarts if fleet else None,
+        }
     sync.close()
     destroy()
-    return {"message": message, "versions": versions, "good": good, "after": after}
+    return {"message": message, "versions": versions, "good": good, "after": after, "engine_faults": engine_faults}
 
 
 def _perturb(actor, groups, scale=0.2):

