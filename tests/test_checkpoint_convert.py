@@ -310,8 +310,9 @@ def test_a_killed_tp2_conversion_leaves_no_worker_and_no_output_and_the_next_run
 
     out = tmp_path / "out"
     command = [sys.executable, "-m", "checkpoints_convert.hf_to_megatron", "--hf", str(tiny_model_dir)]
+    hang = dict(os.environ, VPPO_FAULT="hang@checkpoint_write:*:all")  # caught mid-write: shards, no metadata
     launcher = subprocess.Popen(
-        [*command, "--out", str(out), "--tp", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [*command, "--out", str(out), "--tp", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=hang
     )
     workers = []
     try:

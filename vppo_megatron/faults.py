@@ -6,23 +6,27 @@
                                                      is written (RLIMIT_FSIZE: writes fail with EFBIG)
     VPPO_FAULT="kill_engine@sync_load"               SIGKILL engine 0 once the first bucket of a sync is handed out
     VPPO_FAULT="stop_engine@sync_load"               SIGSTOP engine 0 there (alive and silent: a hang)
+    VPPO_FAULT="hang@checkpoint_write:*:all"         every rank sleeps there (a save caught mid-write)
 
 Form: action@point[:step[:rank]], several separated by commas; step `*` (or left out) is any step; rank is a
 trainer rank or `all` (default 0). Each fault fires once per process. Points: the trainer's stages (`rollout`,
-`experience`, `update`, `sync`, `checkpoint`, `validation`), `checkpoint_write` (inside the save, between the
-tensor shards and the metadata that makes a checkpoint complete) and `sync_load` (trainer rank 0, the first bucket
-of a weight sync submitted to the engines). Unset, every call here is a dictionary lookup and nothing else.
+`experience`, `update`, `sync`, `checkpoint`, `validation`), `checkpoint_write` (inside a save, a training
+checkpoint's or a conversion's, between the tensor shards and the metadata that makes a checkpoint complete) and
+`sync_load` (trainer rank 0, the first bucket of a weight sync submitted to the engines). Unset, every call here is
+a dictionary lookup and nothing else.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 ENV = "VPPO_FAULT"
-ACTIONS = ("kill", "disk_full", "kill_engine", "stop_engine")
+ACTIONS = ("kill", "disk_full", "kill_engine", "stop_engine", "hang")
+HANG_S = 3600.0  # a hang: far longer than any test waits for the process it then kills
 POINTS = ("validation", "rollout", "experience", "update", "sync", "checkpoint", "checkpoint_write", "sync_load")
 DISK_FULL_BYTES = 64 * 2**10  # larger than the logs a step appends, smaller than any checkpoint shard
 
@@ -93,6 +97,8 @@ def injected(point: str, fleet=None):
         print(f"fault injection: {fault.action} at {point} (step {_step[0]}, rank {_rank()})", flush=True)
         if fault.action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        elif fault.action == "hang":
+            time.sleep(HANG_S)
         elif fault.action == "disk_full":
             limits = resource.getrlimit(resource.RLIMIT_FSIZE)
             resource.setrlimit(resource.RLIMIT_FSIZE, (DISK_FULL_BYTES, limits[1]))

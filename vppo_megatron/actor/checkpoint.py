@@ -175,6 +175,7 @@ def save(model_chunks, out_dir: str | Path, hf_dir: str | Path, metadata: dict, 
     state.update(extra_state or {})
     _in_process_write_results()
     dist_checkpointing.save(state, str(tmp))
+    faults.at("checkpoint_write")
     if dist.get_rank() == 0:
         copy_hf_files(hf_dir, tmp / HF_FILES)
         (tmp / METADATA).write_text(json.dumps({"format": FORMAT, **metadata}, indent=2) + "\n")
