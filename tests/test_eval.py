@@ -43,3 +43,64 @@ def test_eval_scores_the_validation_prompts_with_the_trainer_settings(tiny_model
     assert result["val/prompts"] == 3 and result["val/samples_per_prompt"] == 2
     # a random tiny model writes no \boxed{} answer in 8 tokens: every one of the 6 samples is graded wrong
     assert result["val/accuracy"] == 0.0 and result["model"] == str(tiny_model_dir)
+
+
+@pytest.mark.slow
+def test_eval_runs_the_papers_protocol_on_fixture_files_of_all_eight_benchmarks(tiny_model_dir, tmp_path):
+    """One fixture row per benchmark in its card's schema (one benchmark in the PAPO-Eval layout instead, one left
+    out): the table has every benchmark found with its accuracy, std over the samples and items, the average,
+    and names the missing one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from fixtures.benchmark_rows import ROWS
+
+    from vppo_megatron.data.benchmarks import BENCHMARKS
+
+    for name, (row, _) in ROWS.items():
+        if name not in ("MathVision", "LogicVista"):
+            pq.write_table(pa.Table.from_pylist([row] * 2), tmp_path / f"{BENCHMARKS[name].stems[0]}.parquet")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "1.png").write_bytes(ROWS["Geo3K"][0]["images"][0]["bytes"])
+    user = "<image>How many?\n\nYou first think through the reasoning process as an internal monologue."
+    papo = {
+        "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": "3"}],
+        "images": ["images/1.png"],
+    }
+    (tmp_path / "MathLLMs_MathVision.json").write_text(json.dumps([papo]))
+    markdown = tmp_path / "table.md"
+    overrides = ["data.max_prompt_length=960", "rollout.max_response_length=64"]
+    proc = subprocess.run(
+        [
+            *VPPO,
+            "--model",
+            str(tiny_model_dir),
+            "--benchmarks",
+            str(tmp_path),
+            "--papo-root",
+            str(tmp_path),
+            "--samples",
+            "2",
+            "--max-tokens",
+            "8",
+            "--markdown",
+            str(markdown),
+            "--out",
+            str(tmp_path / "r.json"),
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["missing"] == ["LogicVista"]
+    assert list(result["benchmarks"]) == [n for n in BENCHMARKS if n != "LogicVista"]
+    items = {n: t["items"] for n, t in result["benchmarks"].items()}
+    assert items == {n: 1 if n == "MathVision" else 2 for n in items}
+    # a random tiny model boxes no answer in 8 tokens: 0 for every benchmark, std 0 over the 2 samples
+    assert all(t["accuracy"] == 0.0 and t["std"] == 0.0 for t in result["benchmarks"].values())
+    assert result["average"] == 0.0 and result["protocol"]["samples"] == 2 and result["protocol"]["top_p"] == 1.0
+    table = markdown.read_text()
+    assert "| Geo3K | 0.0 | 0.0 | 2 |" in table and "| **average** | **0.0** | | |" in table
+    assert "missing (no file found): LogicVista" in table

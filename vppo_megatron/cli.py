@@ -121,17 +121,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from vppo_megatron.evaluate import main as eval_main
+    from vppo_megatron.evaluate import run
 
-    return eval_main(
-        [
-            "--config",
-            args.config,
-            *(["--model", args.model] if args.model else []),
-            *(["--out", str(args.out)] if args.out else []),
-            *args.overrides,
-        ]
-    )
+    return run(args)
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
@@ -255,11 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("eval", help="avg@k validation accuracy of an HF model directory on a vLLM fleet")
-    p.add_argument("--config", required=True)
-    p.add_argument("--model", help="HF model directory (default: model.path)")
-    p.add_argument("--out", type=Path, help="also write the result as JSON here")
-    p.add_argument("overrides", nargs="*")
+    p = sub.add_parser("eval", help="avg@k accuracy of an HF model directory (validation set or the benchmarks)")
+    from vppo_megatron.evaluate import add_arguments
+
+    add_arguments(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("convert", help="checkpoint conversion: hf-to-megatron | megatron-to-hf (see --help of each)")

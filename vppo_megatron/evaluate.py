@@ -28,8 +28,7 @@ def evaluate(cfg, model_dir: str) -> dict:
     from vppo_megatron.rollout.collect import validate
     from vppo_megatron.rollout.fleet import RolloutFleet, connect
 
-    if not (Path(model_dir) / "config.json").exists():
-        raise FileNotFoundError(f"{model_dir} has no config.json: pass an HF model directory with --model")
+    _check_model(model_dir)
     processor = AutoProcessor.from_pretrained(model_dir)
     val = PromptDataset.for_processor(cfg.data.val_files, cfg.data, processor)
     samples = val.head(cfg.trainer.val_prompts)
@@ -50,17 +49,135 @@ def evaluate(cfg, model_dir: str) -> dict:
     }
 
 
-def main(argv=None) -> int:
-    from vppo_megatron.config import load
+PROTOCOL = {  # the paper's evaluation (docs/evaluation.md): avg@8, T 1.0, top_p 1.0, 2048 tokens, 768 x 768 pixels
+    "samples": 8,
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "max_tokens": 2048,
+    "max_pixels": 768 * 768,
+}
 
-    parser = argparse.ArgumentParser(prog="vppo eval", description=__doc__)
+
+def evaluate_benchmarks(
+    cfg, model_dir: str, directory: Path, names: list[str], samples: int, max_tokens: int, root: Path | None = None
+) -> dict:
+    """The paper's protocol on the benchmarks `names` found under `directory` (docs/evaluation.md): per benchmark
+    the accuracy (mean over items of the mean over `samples` samples), its std over the samples, the item count;
+    their average; the benchmarks not found, by name."""
+    import statistics
+    import tempfile
+    from dataclasses import replace
+
+    from transformers import AutoProcessor
+
+    from vppo_megatron.data import benchmarks
+    from vppo_megatron.data.dataset import PromptDataset
+    from vppo_megatron.reward.loading import load_reward_function
+    from vppo_megatron.rollout.collect import score
+    from vppo_megatron.rollout.fleet import RolloutFleet, connect
+
+    _check_model(model_dir)
+    found, missing = benchmarks.find(directory, names)
+    if not found:
+        raise FileNotFoundError(f"none of {', '.join(names)} under {directory} (docs/evaluation.md names the files)")
+    processor = AutoProcessor.from_pretrained(model_dir)
+    data = replace(
+        cfg.data, max_pixels=PROTOCOL["max_pixels"], prompt_key="problem", answer_key="answer", image_key="images"
+    )
+    prompts, table = {}, {}
+    with tempfile.TemporaryDirectory(prefix="vppo-bench-") as tmp:
+        for name, path in found.items():
+            rows, left_out = benchmarks.load(name, path, root)
+            prompt_file = benchmarks.write_prompt_file(rows, path.parent, Path(tmp) / f"{name}.parquet")
+            dataset = PromptDataset.for_processor([str(prompt_file)], data, processor)
+            prompts[name] = dataset.head(0)
+            table[name] = {"file": str(path), "left_out": left_out, "skipped": dataset.report.total}
+    reward_fn = load_reward_function(cfg.algorithm.reward_function)
+    connect()
+    fleet = RolloutFleet(cfg, model_dir, name="vppo-eval")
+    start = time.perf_counter()
+    try:
+        for name, items in prompts.items():
+            results, _ = fleet.generate(
+                items,
+                n=samples,
+                temperature=PROTOCOL["temperature"],
+                top_p=PROTOCOL["top_p"],
+                max_tokens=max_tokens,
+                seed=cfg.trainer.seed,
+            )
+            accuracies = [g.accuracies for g in score(results, items, reward_fn)]
+            per_pass = [sum(a[k] for a in accuracies) / len(accuracies) for k in range(samples)]
+            table[name].update(
+                accuracy=sum(per_pass) / samples,
+                std=statistics.stdev(per_pass) if samples > 1 else 0.0,
+                items=len(items),
+            )
+    finally:
+        fleet.shutdown()
+    return {
+        "model": str(model_dir),
+        "benchmarks": table,
+        "average": sum(t["accuracy"] for t in table.values()) / len(table),
+        "missing": missing,
+        "protocol": dict(PROTOCOL, samples=samples, max_tokens=max_tokens),
+        "time/eval_s": time.perf_counter() - start,
+    }
+
+
+def markdown(result: dict) -> str:
+    """The per-benchmark table (accuracy and std in %, items) and the average, missing benchmarks named."""
+    lines = ["| benchmark | accuracy (%) | std over samples | items |", "|---|---|---|---|"]
+    for name, t in result["benchmarks"].items():
+        lines.append(f"| {name} | {100 * t['accuracy']:.1f} | {100 * t['std']:.1f} | {t['items']} |")
+    lines.append(f"| **average** | **{100 * result['average']:.1f}** | | |")
+    if result["missing"]:
+        lines.append(f"\nmissing (no file found): {', '.join(result['missing'])}")
+    return "\n".join(lines) + "\n"
+
+
+def _check_model(model_dir: str) -> None:
+    if not (Path(model_dir) / "config.json").exists():
+        raise FileNotFoundError(f"{model_dir} has no config.json: pass an HF model directory with --model")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`vppo eval`'s arguments (also the `vppo` command's eval subcommand)."""
+    from vppo_megatron.data.benchmarks import BENCHMARKS
+
     parser.add_argument("--config", required=True)
     parser.add_argument("--model", help="HF model directory (default: model.path)")
     parser.add_argument("--out", type=Path, help="also write the result as JSON here")
+    parser.add_argument("--benchmarks", type=Path, help="run the paper's protocol on the benchmark files here")
+    parser.add_argument("--names", default=",".join(BENCHMARKS), help="benchmarks to run (default: all eight)")
+    parser.add_argument("--samples", type=int, default=PROTOCOL["samples"], help="samples per item (protocol: 8)")
+    parser.add_argument("--max-tokens", type=int, default=PROTOCOL["max_tokens"], help="(protocol: 2048)")
+    parser.add_argument("--papo-root", type=Path, help="the PAPO-Eval checkout its files' image paths start from")
+    parser.add_argument("--markdown", type=Path, help="with --benchmarks: also write the table here")
     parser.add_argument("overrides", nargs="*")
+
+
+def main(argv=None) -> int:
+
+    parser = argparse.ArgumentParser(prog="vppo eval", description=__doc__)
+    add_arguments(parser)
     args = parser.parse_args(argv)
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vppo_megatron.config import load
+
     cfg = load(args.config, args.overrides)
-    result = evaluate(cfg, args.model or cfg.model.path)
+    model = args.model or cfg.model.path
+    if args.benchmarks:
+        names = [n.strip() for n in args.names.split(",") if n.strip()]
+        result = evaluate_benchmarks(cfg, model, args.benchmarks, names, args.samples, args.max_tokens, args.papo_root)
+        print(markdown(result), flush=True)
+        if args.markdown:
+            args.markdown.write_text(markdown(result))
+    else:
+        result = evaluate(cfg, model)
     print(json.dumps(result), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,122 +1,15 @@
 """The eight benchmarks' loaders on fixture files each test writes in the benchmark's own schema (field names and
 types as docs/evaluation.md cites from the dataset cards), and in the PAPO-Eval / VPPO-Eval layout."""
 
-import io
 import json
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from fixtures.benchmark_rows import IMG, ROWS, png
 
 from vppo_megatron.data import benchmarks
 from vppo_megatron.reward.math import compute_score
-
-
-def _png(seed: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (56, 56, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-IMG = {"bytes": _png(0), "path": None}  # a datasets Image feature as parquet stores it
-# one row per benchmark in its card's schema, and the prompt row it must become
-ROWS = {
-    "Geo3K": (
-        {
-            "images": [IMG],
-            "problem": "<image>Find $x$.",
-            "answer": "48",
-            "id": 1,
-            "choices": ["12", "48"],
-            "ground_truth": "B",
-        },
-        ("<image>Find $x$.", "48", 1),
-    ),
-    "We-Math": (
-        {
-            "ID": "1-1",
-            "split": "testmini",
-            "question": "What is the area?",
-            "option": "A. 200.96;B. 3215.36",
-            "answer": "B",
-            "image_path": IMG,
-            "key": "1",
-        },
-        ("<image>What is the area?\nA. 200.96\nB. 3215.36", "B", 1),
-    ),
-    "MMK12": (
-        {"id": "m1", "subject": "math", "question": "Which is larger?\nA. 1\nB. 2", "answer": "B", "image": IMG},
-        ("<image>Which is larger?\nA. 1\nB. 2", "B", 1),
-    ),
-    "MathVerse": (
-        {
-            "sample_index": "1",
-            "problem_index": "1",
-            "problem_version": "Vision Intensive",
-            "question": "As shown, find the angle. Choices: A:30 B:60",
-            "image": IMG,
-            "answer": "B",
-            "question_type": "multi-choice",
-            "query_wo": "q",
-            "query_cot": "q",
-            "question_for_eval": "q",
-        },
-        ("<image>As shown, find the angle. Choices: A:30 B:60", "B", 1),
-    ),
-    "MathVision": (
-        {
-            "id": "7",
-            "question": "<image1> How many dots?",
-            "options": ["3", "4", "5"],
-            "image": "images/7.jpg",
-            "decoded_image": IMG,
-            "answer": "C",
-            "solution": None,
-            "level": 2,
-            "subject": "counting",
-        },
-        ("<image><image1> How many dots?\nA. 3\nB. 4\nC. 5", "C", 1),
-    ),
-    "DynaMath": (
-        {
-            "id": "d1",
-            "question": "What is f(2)?",
-            "image": "images/d1.png",
-            "decoded_image": IMG,
-            "ground_truth": "0.5",
-            "answer_type": "float",
-            "subject": "algebra",
-            "knowledge_level": "high school",
-        },
-        ("<image>What is f(2)?", "0.5", 1),
-    ),
-    "LogicVista": (
-        {
-            "question": "Which two shapes match? A. circle B. star C. circle",
-            "answer": "A, C",
-            "reasoning": "r",
-            "image": IMG,
-            "skill": "pattern",
-            "id": "lv1",
-        },
-        ("<image>Which two shapes match? A. circle B. star C. circle", "A, C", 1),
-    ),
-    "MMMU-Pro": (
-        {
-            "id": "p1",
-            "question": "Compare <image 1> and <image 2>.",
-            "options": "['red', 'blue']",
-            "image_1": IMG,
-            "image_2": IMG,
-            "image_3": None,
-            "answer": "A",
-            "subject": "Art",
-        },
-        ("Compare <image> and <image>.\nA. red\nB. blue", "A", 2),
-    ),
-}
 
 
 @pytest.mark.parametrize("name", list(ROWS))
@@ -148,7 +41,7 @@ def test_the_mmmu_pro_vision_config_asks_about_the_screenshot(tmp_path):
 def test_the_papo_eval_layout_loads_with_its_instruction_removed_and_its_image_paths_resolved(tmp_path):
     """PAPO-Eval's files (and VPPO-Eval's data/vppo/*.json): ShareGPT messages, image paths from the checkout."""
     (tmp_path / "data" / "images" / "geo").mkdir(parents=True)
-    (tmp_path / "data" / "images" / "geo" / "1.png").write_bytes(_png(1))
+    (tmp_path / "data" / "images" / "geo" / "1.png").write_bytes(png(1))
     user = (
         "<image>Find $AC$.\n\nYou first think through the reasoning process as an internal monologue, enclosed "
         "within <think> </think> tags. Then, provide your final answer enclosed within \\boxed{}."

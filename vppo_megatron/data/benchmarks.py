@@ -163,3 +163,25 @@ def load(name: str, path: Path, root: Path | None = None) -> tuple[list[dict], i
         else:
             out.append(item)
     return out, left_out
+
+
+def image_struct(image, base: Path) -> dict:
+    """One image as the {bytes, path} struct the prompt loader reads (a relative path resolved against `base`)."""
+    if isinstance(image, dict):
+        image = image.get("bytes") or image.get("path")
+    if isinstance(image, bytes | bytearray):
+        return {"bytes": bytes(image), "path": None}
+    path = Path(image)
+    return {"bytes": None, "path": str(path if path.is_absolute() else base / path)}
+
+
+def write_prompt_file(rows: list[dict], base: Path, out: Path) -> Path:
+    """Prompt rows as a parquet file of this project's schema (problem, answer, images), images as structs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    schema = pa.schema([("problem", pa.string()), ("answer", pa.string()), ("images", pa.list_(image))])
+    table = [dict(r, images=[image_struct(i, base) for i in r["images"]]) for r in rows]
+    pq.write_table(pa.Table.from_pylist(table, schema=schema), out)
+    return out
