@@ -34,10 +34,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 from vppo_megatron import faults  # noqa: E402
 from vppo_megatron.trainer import (  # noqa: E402 - after the environment defaults above
-    CLUSTER_LOST_SAID,
     StageTimer,
     StalledRun,
     Trainer,
+    cluster_lost_line,
     collective_timeout,
 )
 
@@ -108,16 +108,10 @@ def _ray_cluster_lost(cfg) -> str | None:
     Ray watchdog is saying it, `trainer._cluster_lost`)."""
     if "vppo_megatron.rollout.fleet" not in sys.modules:  # this rank never drove a fleet
         return None
-    from vppo_megatron.actor.checkpoint import latest
-    from vppo_megatron.resume import checkpoint_root
-    from vppo_megatron.rollout.fleet import cluster_lost_message, lost_cluster
+    from vppo_megatron.rollout.fleet import lost_cluster
 
     address = lost_cluster()
-    if address is None:
-        return None
-    if not CLUSTER_LOST_SAID.acquire(blocking=False):
-        return ""
-    return cluster_lost_message(address, latest(checkpoint_root(cfg)))
+    return None if address is None else cluster_lost_line(cfg, address, wait=False) or ""
 
 
 def _fail(message: str, code: int, every_rank: bool = False) -> int:

@@ -369,17 +369,24 @@ def _cluster_lost(cfg, address: str) -> None:
     """Trainer rank 0, the Ray watchdog's verdict: one error line, then the process ends (its main thread may be
     blocked in a Ray call that would wait out its own timeout); torchrun stops the other ranks. A checkpoint being
     written needs no Ray: it is finished first."""
+    while _stage[0] == "checkpoint":
+        time.sleep(0.5)
+    message = cluster_lost_line(cfg, address, wait=True)  # the main thread may be saying it already
+    # on a line of its own: a progress bar may be mid-line
+    print(f"\nvppo train: error: {message} (stage '{_stage[0]}')", file=sys.stderr, flush=True)
+    os._exit(EXIT_CLUSTER_LOST)
+
+
+def cluster_lost_line(cfg, address: str, wait: bool) -> str | None:
+    """The line saying that the Ray cluster at `address` is gone, naming the newest checkpoint, for whichever of
+    the watchdog and the main thread asks first; None for the other (`wait=False`)."""
     from vppo_megatron.actor.checkpoint import latest
     from vppo_megatron.resume import checkpoint_root
     from vppo_megatron.rollout.fleet import cluster_lost_message
 
-    while _stage[0] == "checkpoint":
-        time.sleep(0.5)
-    CLUSTER_LOST_SAID.acquire()  # the main thread may be saying it already (a Ray call failed first)
-    message = cluster_lost_message(address, latest(checkpoint_root(cfg)))
-    # on a line of its own: a progress bar may be mid-line
-    print(f"\nvppo train: error: {message} (stage '{_stage[0]}')", file=sys.stderr, flush=True)
-    os._exit(EXIT_CLUSTER_LOST)
+    if not CLUSTER_LOST_SAID.acquire(blocking=wait):
+        return None
+    return cluster_lost_message(address, latest(checkpoint_root(cfg)))
 
 
 EXIT_CLUSTER_LOST = 1
