@@ -126,6 +126,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from vppo_megatron.compare import run
+
+    return run(args)
+
+
 def cmd_sft(args: argparse.Namespace) -> int:
     return _torchrun("vppo_megatron.sft", args.config, args.overrides)
 
@@ -252,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="VPPO vs DAPO vs GRPO (and ablations) over seeds from one warm start")
+    from vppo_megatron.compare import add_arguments as compare_arguments
+
+    compare_arguments(p)
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("convert", help="checkpoint conversion: hf-to-megatron | megatron-to-hf (see --help of each)")
     p.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
