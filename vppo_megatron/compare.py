@@ -7,7 +7,9 @@ One warm start (`vppo sft`, once) is shared by every arm; then each (arm, seed) 
 weights and train for the same steps. Runs go seed by seed (every arm of seed 0 first), so a comparison stopped
 part-way is balanced. The directory is the state: `compare.json` holds the resolved settings, a run whose final
 validation is logged is done, and running the same command again continues where it stopped (an interrupted
-run resumes from its last checkpoint, `checkpoint.resume=auto`).
+run resumes from its last checkpoint, `checkpoint.resume=auto`). The runs share one Ray cluster and one vLLM
+fleet, started once by this command (each run attaches to the engines and pushes its own weights first): the
+engines' sampling is seeded per request, so a run's rollouts do not depend on which run the engines served before.
 
 Results, in DIR (also `--report` alone, on whatever runs are finished): `results.md` and `results.json` (final
 validation accuracy mean +- std over seeds, the area under the validation curve, steps to reach a threshold, wall
@@ -18,7 +20,9 @@ mean validation curve and its +- std band).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -355,6 +359,30 @@ def run_arm(args, out: Path, arm: Arm, seed: int, model: str) -> None:
         )
 
 
+@contextlib.contextmanager
+def shared_fleet(cfg, model: str):
+    """One Ray cluster (RAY_ADDRESS's, or a local one of this process) and one vLLM fleet for every run: the runs
+    attach to the engines by name (`RolloutFleet.create_or_attach`) instead of starting Ray and vLLM each."""
+    import ray
+
+    from vppo_megatron.rollout.fleet import RolloutFleet, cluster_address, connect
+
+    connected = connect()
+    fleet = RolloutFleet(cfg, model)
+    previous = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = cluster_address()  # the runs' trainers join this cluster
+    try:
+        yield fleet
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = previous
+        fleet.shutdown()
+        if connected:
+            ray.shutdown()
+
+
 def collect(out: Path, chosen: list[Arm], seeds: list[int], total_steps: int) -> dict[str, dict[int, dict]]:
     """read_run of every finished run, by arm and seed."""
     results: dict[str, dict[int, dict]] = {}
@@ -387,8 +415,8 @@ def run(args) -> int:
         raise ValueError("--seeds: give at least one, e.g. 0,1,2")
     out = Path(args.out)
     cfg = config_lib.load(args.config, args.overrides)
-    for arm in chosen:  # every arm's settings are valid before anything runs
-        config_lib.load(args.config, [*args.overrides, *arm.overrides]).validate(check_host=False)
+    # every arm's settings are valid before anything runs
+    checked = [config_lib.load(args.config, [*args.overrides, *a.overrides]).validate(check_host=False) for a in chosen]
     total = cfg.trainer.total_steps
     if args.report:
         report(out, chosen, seeds, total, args.threshold)
@@ -404,13 +432,16 @@ def run(args) -> int:
         model = warm_start(args, out, cfg)
         todo = [(arm, seed) for seed in seeds for arm in chosen if not finished(run_dir(out, arm, seed), total)]
         print(f"== {len(todo)} of {len(chosen) * len(seeds)} runs to go ({total} steps each) ==", flush=True)
-        for index, (arm, seed) in enumerate(todo, 1):
-            began = time.perf_counter()
-            print(f"[{index}/{len(todo)}] {arm.name} seed {seed} ...", flush=True)
-            run_arm(args, out, arm, seed, model)
-            curve = read_run(run_dir(out, arm, seed))["curve"]
-            trace = ", ".join(f"{s}: {a:.3f}" for s, a in curve.items())
-            print(f"[{index}/{len(todo)}] {arm.name} seed {seed}: {time.perf_counter() - began:.0f}s; val {trace}")
+        if todo:
+            with shared_fleet(checked[0], model):
+                for index, (arm, seed) in enumerate(todo, 1):
+                    began = time.perf_counter()
+                    print(f"[{index}/{len(todo)}] {arm.name} seed {seed} ...", flush=True)
+                    run_arm(args, out, arm, seed, model)
+                    curve = read_run(run_dir(out, arm, seed))["curve"]
+                    trace = ", ".join(f"{s}: {a:.3f}" for s, a in curve.items())
+                    took = time.perf_counter() - began
+                    print(f"[{index}/{len(todo)}] {arm.name} seed {seed}: {took:.0f}s; val {trace}", flush=True)
     except RunFailed as exc:
         print(f"vppo compare: error: {exc}", file=sys.stderr, flush=True)
         return 1
