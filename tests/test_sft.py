@@ -40,6 +40,25 @@ def test_supervised_samples_cache_token_ids_and_keep_the_rows(tiny_processor, tm
         assert answer.startswith("<think>") and answer.endswith("}<|im_end|>")
 
 
+def test_a_rows_worked_solution_is_its_target_with_sft_target_field(tiny_processor, tmp_path):
+    from vppo_megatron.data.dataset import PromptDataset, PromptLoader
+    from vppo_megatron.data.synthetic import write_dataset
+
+    write_dataset(tmp_path, ["largest_value", "largest_color"], num_train=4, num_val=1, seed=0)
+    cfg = load("examples/configs/tiny_cpu.yaml", [f"data.train_files=[{tmp_path / 'train.parquet'}]"])
+    ip = tiny_processor.image_processor
+    dataset = PromptDataset(cfg.data.train_files, cfg.data, tiny_processor.tokenizer, ip.patch_size, ip.merge_size)
+    solutions = load("examples/configs/tiny_cpu.yaml", ["sft.target_field=solution"])
+    rows = supervised_samples(solutions, PromptLoader(dataset, 1, seed=0, shuffle=False), tiny_processor, {})
+    target = tiny_processor.tokenizer.decode(rows[0][2])
+    assert target.startswith("<think> The largest shape is ") and " + " in target and target.endswith("}<|im_end|>")
+    plain = supervised_samples(cfg, PromptLoader(dataset, 1, seed=0, shuffle=False), tiny_processor, {})
+    assert tiny_processor.tokenizer.decode(plain[0][2]).startswith("<think> I look at the image carefully.")
+    second = PromptLoader(dataset, 2, seed=0, shuffle=False)  # the second row (largest_color) has no solution
+    with pytest.raises(ValueError, match="has no string 'solution' column value"):
+        supervised_samples(solutions, second, tiny_processor, {})
+
+
 def _sft_rank(rank, world_size, argv):
     from vppo_megatron.sft import main
 

@@ -323,6 +323,9 @@ class SftConfig:
     """Linear learning-rate warm-up of the warm start (the RL phase uses optimizer.warmup_steps)."""
     target_template: str = "<think> I look at the image carefully. </think> \\boxed{{{answer}}}"
     """Target response for a row; {answer} is replaced by the row's answer."""
+    target_field: str = ""
+    """A string column holding each row's whole target response (e.g. `solution`, the synthetic largest_value
+    task's worked steps), used instead of target_template; empty: target_template."""
     output_dir: str = "runs/sft"
     """Where the warm-started HF model is written (the RL phase's model.path)."""
 

@@ -16,19 +16,33 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def supervised_samples(cfg, loader, processor, cache: dict) -> list[tuple]:
-    """(uid, prompt ids, target ids, images) for the loader's next batch; the target follows sft.target_template.
-    Token ids depend only on the text and the image sizes, so they are cached on those: epochs revisit rows, and
-    the processor is a third of a tiny model's step."""
+    """(uid, prompt ids, target ids, images) for the loader's next batch; the target follows sft.target_template,
+    or is the row's sft.target_field column. Token ids depend only on the text and the image sizes, so they are
+    cached on those: epochs revisit rows, and the processor is a third of a tiny model's step."""
     tokenizer = processor.tokenizer
     out = []
     for sample in loader.next_batch():
-        key = (sample.prompt_text, sample.answer, tuple(image.shape for image in sample.images))
+        text = target_text(cfg.sft, sample)
+        key = (sample.prompt_text, text, tuple(image.shape for image in sample.images))
         if key not in cache:
             prompt_ids = processor(text=[sample.prompt_text], images=sample.images)["input_ids"][0]
-            target = tokenizer.encode(cfg.sft.target_template.format(answer=sample.answer), add_special_tokens=False)
+            target = tokenizer.encode(text, add_special_tokens=False)
             cache[key] = (list(prompt_ids), target + [tokenizer.eos_token_id])
         out.append((sample.uid, *cache[key], sample.images))
     return out
+
+
+def target_text(sft, sample) -> str:
+    """The target response of one row: its sft.target_field column when set, else sft.target_template."""
+    if not sft.target_field:
+        return sft.target_template.format(answer=sample.answer)
+    text = sample.extra.get(sft.target_field)
+    if not text:
+        raise ValueError(
+            f"sft.target_field={sft.target_field}: row {sample.uid} has no string '{sft.target_field}' column "
+            "value; give every row one, or unset sft.target_field to use sft.target_template"
+        )
+    return text
 
 
 def main(argv=None) -> int:

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -153,12 +154,32 @@ def test_text_only_baseline_is_far_below_the_pixel_solver() -> None:
     val = S._mixed_rows(S.TASKS, 200, SEED, 112, "validation")
     baseline = S.text_only_baseline(train, val)
     solver = np.mean([S.solve_from_pixels(r["task"], r["problem"], _png(r)) == r["answer"] for r in val])
-    # Given the question text the answer is uniform: 1/4 for count_color, 1/5 for the other three tasks, so the
-    # best text-only accuracy on an even task mix is (1/4 + 3/5) / 4 = 0.2125. Measured for this seed: 0.255 (0.185
-    # for seed 0); 50 validation rows per task make it noisy, sd = sqrt(0.21 * 0.79 / 200) = 0.029 overall. 0.35
-    # is ~5 sd above chance. It only depends on the rng-drawn questions and answers, not on PNG encoder bytes.
+    # Given the question text the answer is uniform: 1/4 for count_color, 1/5 for the other four tasks (for
+    # largest_value: guess the colour), so the best text-only accuracy on an even task mix is (1/4 + 4/5) / 5 =
+    # 0.21; 40 validation rows per task make it noisy, sd = sqrt(0.21 * 0.79 / 200) = 0.029 overall. 0.35 is ~5 sd
+    # above chance. It only depends on the rng-drawn questions and answers, not on PNG encoder bytes.
     assert baseline < 0.35, baseline
     assert solver == 1.0
+
+
+def test_largest_value_solutions_read_one_fact_from_the_image_and_the_rest_from_the_text() -> None:
+    rows = S.generate_rows("largest_value", 200, SEED)
+    answers = Counter(r["answer"] for r in rows)
+    assert set(answers) == {str(n) for n in range(2, 10)}  # value 1..5 plus 1..4
+    for r in rows:
+        color = S.solve_from_pixels("largest_color", r["problem"], _png(r))  # the one step that needs the image
+        table = dict(re.findall(r"([a-z]+)=(\d)", r["problem"]))
+        add = re.search(r"(?:plus|Add) (\d)", r["problem"]).group(1)
+        assert sorted(table.values()) == ["1", "2", "3", "4", "5"] and set(table) == set(S.PALETTE)
+        value = table[color]
+        assert r["answer"] == str(int(value) + int(add))
+        assert r["solution"] == (
+            f"<think> The largest shape is {color}. {color} is {value}. {value} + {add} = {r['answer']}. </think> "
+            f"\\boxed{{{r['answer']}}}"
+        )
+    assert all(r["solution"] is None for r in S.generate_rows("largest_color", 5, SEED))
+    # text alone: any colour's value plus the number, right for 1 colour in 5
+    assert S.text_only_baseline(rows, rows) == pytest.approx(0.2)
 
 
 def test_text_only_baseline_uses_the_question_text() -> None:

@@ -11,6 +11,11 @@ five-colour palette, drawn without anti-aliasing so pixel colours are exact) and
   for both sizes and colours.
 * ``color_of_shape`` "What colour is the triangle?" -> a colour, uniform; the image holds exactly one shape of the
   kind asked for and the others have other colours.
+* ``largest_value``  "Colour values: red=3, green=1, ... What is the value of the largest shape's colour plus 2?"
+  -> "5". A several-step answer of which one step needs the image: read the largest shape's colour (as in
+  ``largest_color``), look its value up in the text (a fresh permutation of 1..5 per row), add the number in the
+  text (1..4). The row's ``solution`` spells the steps out (`sft.target_field=solution` warm-starts on it), so of
+  its ~25 response tokens only the colour's depends on the image. Text alone guesses the colour: 1/5.
 
 Rows follow the ViRL39K layout (``problem`` starting with ``<image>``, ``answer``, ``images`` as Hugging Face
 ``Image`` structs) plus ``task``, ``uid`` and ``template`` (the question template, for text-only baselines).
@@ -37,7 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-TASKS = ("count_color", "count_shapes", "largest_color", "color_of_shape")
+TASKS = ("count_color", "count_shapes", "largest_color", "color_of_shape", "largest_value")
 SPLITS = ("train", "validation")
 IMAGE_TOKEN = "<image>"  # ViRL39K's placeholder; the prompt builder swaps it for the processor's vision tokens
 
@@ -82,6 +87,15 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "What colour is the {shape}?" + _ONE_WORD,
         "In which colour is the {shape} drawn?" + _ONE_WORD,
     ),
+    "largest_value": (
+        "Colour values: {table}. What is the value of the largest shape's colour plus {add}?" + _ONE_NUMBER,
+        "Each colour has a value: {table}. Add {add} to the value of the biggest shape's colour." + _ONE_NUMBER,
+    ),
+}
+# largest_value's worked solution: the colour is read from the image, everything after it from the text
+SOLUTIONS = {
+    "largest_value": "<think> The largest shape is {color}. {color} is {value}. {value} + {add} = {answer}. </think> "
+    "\\boxed{{{answer}}}",
 }
 
 IMAGES_TYPE = pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))  # datasets.Image encoding
@@ -93,6 +107,7 @@ SCHEMA = pa.schema(
         ("task", pa.string()),
         ("uid", pa.string()),
         ("template", pa.string()),
+        ("solution", pa.string()),  # a worked target response (largest_value), else null
     ]
 )
 
@@ -171,6 +186,13 @@ def _sample_scene(task: str, rng: np.random.Generator, image_size: int) -> tuple
                 shapes = [(*geo[0], target)] + [(k, s, _pick(rng, others)) for k, s in geo[1:]]
                 return shapes, {}, target
         raise RuntimeError("could not sample a scene with an unambiguous largest shape")
+    if task == "largest_value":
+        shapes, _, color = _sample_scene("largest_color", rng, image_size)
+        values = dict(zip(colors, (int(v) for v in rng.permutation(len(colors)) + 1), strict=True))
+        add = int(rng.integers(1, 5))
+        table = ", ".join(f"{c}={v}" for c, v in values.items())
+        fields = {"table": table, "add": str(add), "color": color, "value": str(values[color])}
+        return shapes, fields, str(values[color] + add)
     # color_of_shape
     target = _pick(rng, colors)
     kind = _pick(rng, SHAPE_KINDS)
@@ -233,6 +255,7 @@ def generate_rows(
         shapes, fields, answer = _sample_scene(task, rng, image_size)
         png = _render_png(shapes, _place(rng, [s for _, s, _ in shapes], image_size), image_size)
         template = int(rng.integers(len(TEMPLATES[task])))
+        solution = SOLUTIONS[task].format(answer=answer, **fields) if task in SOLUTIONS else None
         rows.append(
             {
                 "problem": IMAGE_TOKEN + TEMPLATES[task][template].format(**fields),
@@ -241,6 +264,7 @@ def generate_rows(
                 "task": task,
                 "uid": f"{task}-{split}-{index}",
                 "template": f"{task}/{template}",
+                "solution": solution,
             }
         )
     return rows
@@ -303,6 +327,12 @@ def solve_from_pixels(task: str, question: str, png_bytes: bytes) -> str:
         return str(sum(c == color for _, c, _ in objects))
     if task == "largest_color":
         return max(objects)[1]
+    if task == "largest_value":
+        values = dict(re.findall(r"\b([a-z]+)=(\d+)", question))
+        add = re.search(r"(?:plus|Add) (\d+)", question)
+        if set(values) != set(PALETTE) or add is None:
+            raise ValueError(f"expected a value per colour and a number to add in {question!r}")
+        return str(int(values[max(objects)[1]]) + int(add.group(1)))
     kind = _asked(question, SHAPE_KINDS)
     matches = [c for _, c, k in objects if k == kind]
     if len(matches) != 1:
@@ -311,14 +341,18 @@ def solve_from_pixels(task: str, question: str, png_bytes: bytes) -> str:
 
 
 def text_only_baseline(train_rows: Sequence[dict[str, Any]], val_rows: Sequence[dict[str, Any]]) -> float:
-    """Validation accuracy of answering each problem text with its most common train answer (image ignored)."""
+    """Validation accuracy of answering each problem text with its most common train answer (image ignored);
+    largest_value's text holds the answer for each colour, so its best guess is right for 1 colour in 5."""
     by_text: dict[str, Counter[str]] = {}
     by_task: dict[str, Counter[str]] = {}
     for row in train_rows:
         by_text.setdefault(row["problem"], Counter())[row["answer"]] += 1
         by_task.setdefault(row["task"], Counter())[row["answer"]] += 1
-    correct = 0
+    correct = 0.0
     for row in val_rows:
+        if row["task"] == "largest_value":
+            correct += 1 / len(PALETTE)
+            continue
         votes = by_text.get(row["problem"]) or by_task.get(row["task"]) or Counter()
         correct += bool(votes) and votes.most_common(1)[0][0] == row["answer"]
     return correct / len(val_rows)
