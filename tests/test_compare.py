@@ -95,7 +95,6 @@ def test_a_comparison_runs_every_arm_and_seed_from_one_warm_start_and_continues_
         "algorithm.dynamic_sampling=false",  # a barely trained model solves nothing: keep every group
         "algorithm.entropy_coef=0.06",
         "checkpoint.save_every=1",
-        "logging.tensorboard=false",
     ]
     env = dict(os.environ, VPPO_FAULT="kill@update:1")  # the first run dies in step 1, after step 0's checkpoint
     killed = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
@@ -132,6 +131,17 @@ def test_a_comparison_runs_every_arm_and_seed_from_one_warm_start_and_continues_
     assert "| vppo | 2 |" in (out / "results.md").read_text() and "| dapo | 2 |" in done.stdout
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "warm_start" / "config.json").exists()
+
+    # the perception diagnostics of a VPPO run: scalars, TensorBoard histograms, the end-of-run PNG (none for DAPO)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    vppo_run, dapo_run = out / "runs" / "vppo" / "seed1", out / "runs" / "dapo" / "seed1"
+    assert 0 < rows["vppo", 1][1]["vppo/dependency_top10_share"] <= 1 and "vppo/tas_alpha_mean" in rows["vppo", 1][1]
+    assert (vppo_run / "perception.png").read_bytes()[:4] == b"\x89PNG" and not (dapo_run / "perception.png").exists()
+    events = EventAccumulator(str(vppo_run / "tensorboard"), size_guidance={"histograms": 0})
+    events.Reload()
+    assert [h.step for h in events.Histograms("vppo/token_dependency")] == [0, 1]
+    assert "vppo/tas_alpha" in events.Tags()["histograms"]
 
     again = subprocess.run([*command, "--report"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "| dapo | 2 |" in again.stdout and "runs to go" not in again.stdout

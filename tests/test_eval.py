@@ -16,7 +16,33 @@ def test_eval_refuses_a_directory_that_is_not_a_model(tmp_path, capsys):
 
     assert main([*VPPO[3:], "--model", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "has no config.json: pass an HF model directory with --model" in err and "Traceback" not in err
+    assert "has no config.json: pass an HF model directory or a checkpoint" in err and "Traceback" not in err
+
+
+def test_a_megatron_checkpoint_is_exported_once_beside_it(tmp_path, capsys):
+    """A checkpoint of this project (or its checkpoints directory: the newest) is evaluated through its HF export
+    `<step>-hf`, made on first use and reused; a failed export is one line."""
+    from vppo_megatron.actor.checkpoint import METADATA, TRAINER_STATE
+    from vppo_megatron.cli import main
+    from vppo_megatron.evaluate import resolve_model
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 4):
+        (root / f"step_{step}").mkdir(parents=True)
+        (root / f"step_{step}" / METADATA).write_text("{}")
+        (root / f"step_{step}" / TRAINER_STATE).write_text("{}")
+    (root / "step_4-hf").mkdir()
+    (root / "step_4-hf" / "config.json").write_text("{}")
+    assert resolve_model(str(root)) == str(root / "step_4-hf")  # the newest, its export already there
+    assert resolve_model(str(root / "step_4")) == str(root / "step_4-hf")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    assert resolve_model(str(hf)) == str(hf)
+    # step_2 has no export: the conversion runs, and refuses this empty checkpoint in one line
+    assert main([*VPPO[3:], "--model", str(root / "step_2")]) == 2
+    err = capsys.readouterr().err
+    assert f"could not export {root / 'step_2'}" in err and not (root / "step_2-hf").exists()
 
 
 @pytest.mark.slow

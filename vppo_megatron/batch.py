@@ -26,7 +26,7 @@ class RankBatch:
 
 
 def _plain(group) -> tuple:
-    """A Group as plain data (uid, prompt ids, response ids per rollout, images, rewards)."""
+    """A Group as plain data (uid, prompt ids, response ids per rollout, images, rewards, answer spans)."""
     g = group
     return (
         g.prompt.uid,
@@ -34,6 +34,7 @@ def _plain(group) -> tuple:
         [r.response_ids for r in g.rollouts],
         g.prompt.images,
         g.rewards,
+        [r.answer_span for r in g.rollouts],
     )
 
 
@@ -66,9 +67,9 @@ def distribute(groups, parallel) -> RankBatch:
 
 def to_rank_batch(shard: list[tuple[int, tuple]]) -> RankBatch:
     samples, rewards, group_ids = [], [], []
-    for g, (uid, prompt_ids, responses, images, group_rewards) in shard:
-        for j, (response, reward) in enumerate(zip(responses, group_rewards)):
-            samples.append(ActorSample(f"{uid}/{j}", prompt_ids, response, images))
+    for g, (uid, prompt_ids, responses, images, group_rewards, spans) in shard:
+        for j, (response, reward, span) in enumerate(zip(responses, group_rewards, spans, strict=True)):
+            samples.append(ActorSample(f"{uid}/{j}", prompt_ids, response, images, span))
             rewards.append(reward)
             group_ids.append(g)
     return RankBatch(samples, torch.tensor(rewards, dtype=torch.float32), torch.tensor(group_ids, dtype=torch.long))

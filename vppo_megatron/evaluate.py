@@ -3,8 +3,8 @@ trainer's prompts, sampling settings and reward: the number `val/accuracy` would
 
     vppo eval --config X [--model DIR] [--out result.json] [key=value ...]
 
-No Megatron and no torchrun: evaluate a warm-started model, an exported checkpoint (`megatron_to_hf`) or the
-original release side by side. The fleet is named `vppo-eval`, so it never attaches to a training run's engines.
+No Megatron and no torchrun: evaluate a warm-started model, a training checkpoint (exported to HF once, beside
+it) or the original release side by side. The fleet is named `vppo-eval`, so it never attaches to a training run's engines.
 """
 
 from __future__ import annotations
@@ -138,7 +138,32 @@ def markdown(result: dict) -> str:
 
 def _check_model(model_dir: str) -> None:
     if not (Path(model_dir) / "config.json").exists():
-        raise FileNotFoundError(f"{model_dir} has no config.json: pass an HF model directory with --model")
+        raise FileNotFoundError(
+            f"{model_dir} has no config.json: pass an HF model directory or a checkpoint of this project with --model"
+        )
+
+
+def resolve_model(path: str) -> str:
+    """An HF directory as it is; a Megatron checkpoint of this project (a `step_N` directory, or a checkpoints
+    directory: its newest complete one) exported once to `<checkpoint>-hf` beside it (`vppo convert
+    megatron-to-hf`, one rank) and that export; a later evaluation of the same checkpoint reuses it."""
+    import subprocess
+
+    from vppo_megatron.actor.checkpoint import METADATA, latest
+
+    model = Path(path)
+    if (model / "config.json").exists() or not model.is_dir():
+        return path
+    checkpoint = model if (model / METADATA).exists() else latest(model)
+    if checkpoint is None:
+        return path  # _check_model says what is wrong
+    export = checkpoint.with_name(f"{checkpoint.name}-hf")
+    if not (export / "config.json").exists():
+        print(f"exporting the Megatron checkpoint {checkpoint} to {export} (HF) for the evaluation", flush=True)
+        command = [sys.executable, "-m", "checkpoints_convert.megatron_to_hf", "--megatron", str(checkpoint)]
+        if subprocess.run([*command, "--out", str(export)]).returncode:
+            raise ValueError(f"could not export {checkpoint} for the evaluation (the lines above say why)")
+    return str(export)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -146,7 +171,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from vppo_megatron.data.benchmarks import BENCHMARKS
 
     parser.add_argument("--config", required=True)
-    parser.add_argument("--model", help="HF model directory (default: model.path)")
+    parser.add_argument(
+        "--model", help="HF model directory, or a checkpoint of this project (exported once) (default: model.path)"
+    )
     parser.add_argument("--out", type=Path, help="also write the result as JSON here")
     parser.add_argument("--benchmarks", type=Path, help="run the paper's protocol on the benchmark files here")
     parser.add_argument("--names", default=",".join(BENCHMARKS), help="benchmarks to run (default: all eight)")
@@ -169,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     from vppo_megatron.config import load
 
     cfg = load(args.config, args.overrides)
-    model = args.model or cfg.model.path
+    model = resolve_model(args.model or cfg.model.path)
     if args.benchmarks:
         names = [n.strip() for n in args.names.split(",") if n.strip()]
         result = evaluate_benchmarks(cfg, model, args.benchmarks, names, args.samples, args.max_tokens, args.papo_root)

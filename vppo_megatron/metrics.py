@@ -61,6 +61,84 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(ordered, step=step)
 
+    def log_histograms(self, step: int, histograms: dict[str, dict]) -> None:
+        """Per-step histograms (algo/diagnostics.py: edges, counts with under- and overflow bins, moments) to
+        histograms.jsonl and TensorBoard (`vppo/<name>`)."""
+        if not histograms:
+            return
+        if self.cfg.jsonl:
+            with open(self.dir / "histograms.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, **histograms}) + "\n")
+        if self.tensorboard is not None:
+            for name, h in histograms.items():
+                total = sum(h["counts"])
+                if not total:
+                    continue
+                edges = list(h["edges"])
+                limits = [*edges, max(h["max"], edges[-1]) * 2 + 1e-12]  # each bucket's right edge; last: overflow
+                self.tensorboard.add_histogram_raw(
+                    f"vppo/{name}", h["min"], h["max"], total, h["sum"], h["sum_squares"], limits, h["counts"], step
+                )
+            self.tensorboard.flush()
+
+    def histograms(self) -> list[dict]:
+        path = self.dir / "histograms.jsonl"
+        if not path.exists():
+            return []
+        by_step = {}
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                by_step[row["step"]] = row  # a resumed run's repeat of a step replaces it
+        return [by_step[s] for s in sorted(by_step)]
+
+    def plot_perception(self, path: Path) -> Path | None:
+        """The end-of-run PNG of the perception histograms: each panel the first and the last step's distribution
+        (share of its entries per bin), with the last step's diagnostics above (None without histograms)."""
+        from PIL import Image, ImageDraw
+
+        rows = self.histograms()
+        if not rows:
+            return None
+        first, last = rows[0], rows[-1]
+        names = [n for n in ("token_dependency", "trajectory_dependency", "tas_alpha") if n in last]
+        panel_w, panel_h, pad, top = 300, 220, 40, 70
+        image = Image.new("RGB", (pad + len(names) * (panel_w + pad), top + panel_h + pad + 20), "white")
+        draw = ImageDraw.Draw(image)
+        metrics = next((r for r in reversed(self.history()) if "vppo/dependency_top10_share" in r), {})
+        facts = [
+            ("top-10% share of dependency", "vppo/dependency_top10_share"),
+            ("answer tokens", "vppo/answer_token_fraction"),
+            ("selected that are answer", "vppo/selected_answer_fraction"),
+            ("answer tokens selected", "vppo/answer_tokens_selected"),
+        ]
+        line = "  ".join(f"{label} {metrics[key]:.3f}" for label, key in facts if key in metrics)
+        draw.text((pad, 10), f"perception diagnostics ({self.dir.name}), steps {first['step']} and {last['step']}")
+        draw.text((pad, 28), f"step {metrics.get('step', last['step'])}: {line}", fill="black")
+        draw.text((pad, 46), f"step {first['step']}", fill=(120, 120, 120))
+        draw.text((pad + 80, 46), f"step {last['step']}", fill=(200, 30, 30))
+        for k, name in enumerate(names):
+            x0, y0 = pad + k * (panel_w + pad), top
+            draw.rectangle([x0, y0, x0 + panel_w, y0 + panel_h], outline="black")
+            edges = last[name]["edges"]
+            log_x = name != "tas_alpha"
+            ticks = [f"{e:.0e}" if log_x else f"{e:.2f}" for e in (edges[0], edges[len(edges) // 2], edges[-1])]
+            for tick, frac in zip(ticks, (0.0, 0.5, 1.0)):
+                draw.text((x0 + frac * panel_w - 14, y0 + panel_h + 4), tick, fill="black")
+            draw.text((x0 + 4, y0 + 4), name.replace("_", " "), fill="black")
+            for row, colour in ((first, (120, 120, 120)), (last, (200, 30, 30))):
+                counts = row[name]["counts"]
+                total = sum(counts) or 1
+                shares = [c / total for c in counts]
+                width = panel_w / len(shares)
+                points = [
+                    (x0 + width * (i + 0.5), y0 + panel_h - (panel_h - 20) * share / max(max(shares), 1e-12))
+                    for i, share in enumerate(shares)
+                ]
+                draw.line(points, fill=colour, width=2)
+        image.save(path)
+        return path
+
     def history(self) -> list[dict]:
         if not self.path.exists():
             return []

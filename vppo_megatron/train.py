@@ -57,6 +57,7 @@ def train_step(t: Trainer, step: int) -> dict[str, float]:
     timer.lap("experience")
     advantage_B, shaping = t.advantages(data, experience)  # 4: GRPO advantages x TAS
     mask_BT = t.token_filter(experience, step)  # 5: TGF gradient mask
+    shaping.update(t.diagnose(data, experience, mask_BT))  # where the dependency and the mask land
     t.progress.phase("update")
     updates = t.update(data, experience, advantage_B, mask_BT)  # 6: ppo_epochs x mini-batches optimizer steps
     timer.lap("update")

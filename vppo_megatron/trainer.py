@@ -116,6 +116,8 @@ class Trainer:
         self.driver = driver
         self.start_step = 0
         self.skipped_in_a_row = 0
+        self.step_alpha_B: torch.Tensor | None = None  # TAS alpha of the step (stage 4), for its diagnostics
+        self.step_histograms: dict = {}  # the step's perception histograms, logged with its metrics (rank 0)
         self.progress = Progress(cfg.trainer.total_steps, 0, "vppo train", enabled=False)  # main() sets the bars
 
     @property
@@ -217,6 +219,12 @@ class Trainer:
         d = self.driver
         groups, metrics = collect(d.fleet, d.loader, self.cfg, step, d.reward_fn)
         groups, dropped = batching.trim_to_dp(groups, self.groups.layout.dp)
+        if self.cfg.algorithm.needs_perception:  # where each answer is, for the perception diagnostics
+            from vppo_megatron.algo.diagnostics import answer_span
+
+            for group in groups:
+                for r in group.rollouts:
+                    r.answer_span = answer_span(d.processor.tokenizer, r.response_ids)
         metrics.update({"rollout/kept_groups": float(len(groups)), "rollout/dropped_groups": float(dropped)})
         metrics["data/skipped_rows"] = float(d.loader.dataset.report.total)  # since this launch (counted once)
         return groups, metrics
@@ -261,6 +269,7 @@ class Trainer:
                 experience.response_mask_BT[rows],
                 dp_group=self.groups.dp,
             )
+        self.step_alpha_B = scale_B  # for the step's perception diagnostics (after stage 5)
         if not self.cfg.algorithm.needs_perception:
             return advantage_B, {}
         metrics = dependency_metrics(experience.dependency_BT, experience.response_mask_BT)
@@ -281,6 +290,26 @@ class Trainer:
             experience.response_mask_BT,
             seed=self.cfg.trainer.seed * 7919 + step,
         )
+
+    def diagnose(self, data: StepData, experience, mask_BT: torch.Tensor) -> dict[str, float]:
+        """The step's perception diagnostics (algo/diagnostics.py; collective over DP): scalars returned, the
+        histograms kept for rank 0's log of this step. Nothing without the dual pass."""
+        self.step_histograms = {}
+        if not self.cfg.algorithm.needs_perception:
+            return {}
+        from vppo_megatron.algo.diagnostics import answer_mask, perception_diagnostics
+
+        response_mask_BT = experience.response_mask_BT
+        spans = [s.answer_span for s in data.rollouts.samples]
+        metrics, self.step_histograms = perception_diagnostics(
+            experience.dependency_BT,
+            response_mask_BT,
+            mask_BT,
+            self.step_alpha_B,
+            answer_mask(spans, response_mask_BT.shape),
+            dp_group=self.groups.dp,
+        )
+        return metrics
 
     @stage("update")
     def update(self, data: StepData, experience, advantage_B, mask_BT) -> dict[str, float]:
@@ -331,6 +360,8 @@ class Trainer:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self.is_driver:
             self.driver.logger.log(step, metrics)
+            self.driver.logger.log_histograms(step, self.step_histograms)
+        self.step_histograms = {}
 
     def check_skipped(self, step: int, metrics: dict[str, float]) -> None:
         """A step that trained on nothing warns (rank 0) with the reason; algorithm.max_skipped_steps of them in a
@@ -361,6 +392,9 @@ class Trainer:
             self.driver.logger.log(total, self.validate())
             curve = self.driver.logger.plot(Path(self.cfg.trainer.output_dir) / "accuracy.png")
             print(f"metrics: {self.driver.logger.path}\ncurve: {curve}", flush=True)
+            perception = self.driver.logger.plot_perception(Path(self.cfg.trainer.output_dir) / "perception.png")
+            if perception is not None:
+                print(f"perception diagnostics: {perception}", flush=True)
             print(f"training data: {self.driver.loader.dataset.report.summary()}", flush=True)
         self.sync.close()
 

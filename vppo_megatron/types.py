@@ -37,6 +37,9 @@ class ActorSample:
     """Sampled response token ids (T_i of them)."""
     images: list[np.ndarray]
     """The prompt's decoded images, uint8 [H, W, 3], as the data stage produced them."""
+    answer_span: tuple[int, int] | None = None
+    """Response positions [a, b) of the answer (the last \\boxed{...}'s content), for the perception
+    diagnostics; None when there is none or it was not looked for."""
 
 
 @dataclass
@@ -56,3 +59,6 @@ class RolloutResult:
     finish_reason: str
     policy_version: int
     """Weight version of the engine that produced it."""
+    answer_span: tuple[int, int] | None = None
+    """Response positions [a, b) of the answer (algo/diagnostics.answer_span), set by the trainer's rollout stage
+    when it computes perception diagnostics."""
