@@ -189,7 +189,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     if len(val) > 1:
         verdict = "rose" if val[-1][1] > val[0][1] else "did NOT rise"
-        print(f"validation accuracy {verdict} during the RL phase: {val[0][1]:.3f} -> {val[-1][1]:.3f}")
+        print(
+            f"validation accuracy {verdict} during the RL phase: {val[0][1]:.3f} -> {val[-1][1]:.3f} (one run is one "
+            "sample, and CPU results differ between machines: `vppo compare` runs VPPO, DAPO and GRPO over seeds)"
+        )
     print(
         f"curve: {run_dir / 'accuracy.png'}\nmetrics: {run_dir / 'metrics.jsonl'}\n"
         f"checkpoints: {run_dir / 'checkpoints'}\nwarm-started model: {sft_dir}"

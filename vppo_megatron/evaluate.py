@@ -4,7 +4,8 @@ trainer's prompts, sampling settings and reward: the number `val/accuracy` would
     vppo eval --config X [--model DIR] [--out result.json] [key=value ...]
 
 No Megatron and no torchrun: evaluate a warm-started model, a training checkpoint (exported to HF once, beside
-it) or the original release side by side. The fleet is named `vppo-eval`, so it never attaches to a training run's engines.
+it) or the original release side by side. The fleet is named `vppo-eval`, so it never attaches to a training
+run's engines.
 """
 
 from __future__ import annotations
