@@ -33,6 +33,7 @@ LAYERS = {
     "sft": 5,
     "evaluate": 5,
     "miniature": 5,
+    "compare": 5,
     "resume": 4,
     "cli": 7,
 }

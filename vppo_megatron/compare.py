@@ -363,9 +363,7 @@ def run_arm(args, out: Path, arm: Arm, seed: int, model: str) -> None:
 def shared_fleet(cfg, model: str):
     """One Ray cluster (RAY_ADDRESS's, or a local one of this process) and one vLLM fleet for every run: the runs
     attach to the engines by name (`RolloutFleet.create_or_attach`) instead of starting Ray and vLLM each."""
-    import ray
-
-    from vppo_megatron.rollout.fleet import RolloutFleet, cluster_address, connect
+    from vppo_megatron.rollout.fleet import RolloutFleet, cluster_address, connect, disconnect
 
     connected = connect()
     fleet = RolloutFleet(cfg, model)
@@ -380,7 +378,7 @@ def shared_fleet(cfg, model: str):
             os.environ["RAY_ADDRESS"] = previous
         fleet.shutdown()
         if connected:
-            ray.shutdown()
+            disconnect()
 
 
 def collect(out: Path, chosen: list[Arm], seeds: list[int], total_steps: int) -> dict[str, dict[int, dict]]:
