@@ -78,19 +78,10 @@ def _torchrun(module: str, config: str | None, overrides: list[str]) -> int:
     import subprocess
 
     from vppo_megatron import config as config_lib
+    from vppo_megatron.compare import torchrun_command
 
     world = config_lib.load(config, overrides).parallel.world_size or 1
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={world}",
-        "-m",
-        module,
-        *(["--config", config] if config else []),
-        *overrides,
-    ]
+    command = torchrun_command(module, config, overrides, world)
     return subprocess.run(command).returncode
 
 

@@ -248,7 +248,8 @@ def plot(results: dict[str, dict[int, dict]], path: Path, title: str) -> Path:
 # ---------------------------------------------------------------------------------------------------- running
 
 
-def _command(module: str, config: str, overrides: list[str], world: int) -> list[str]:
+def torchrun_command(module: str, config: str | None, overrides: list[str], world: int) -> list[str]:
+    """`module` under torchrun on `world` local ranks, with the config file (if any) and dotted overrides."""
     return [
         sys.executable,
         "-m",
@@ -257,8 +258,7 @@ def _command(module: str, config: str, overrides: list[str], world: int) -> list
         f"--nproc-per-node={world}",
         "-m",
         module,
-        "--config",
-        config,
+        *(["--config", config] if config else []),
         *overrides,
     ]
 
@@ -318,7 +318,7 @@ def warm_start(args, out: Path, cfg) -> str:
         print(f"== warm start: vppo sft -> {target} ==", flush=True)
         overrides = [*args.overrides, *args.sft_overrides, f"sft.output_dir={target}", "logging.progress_bars=false"]
         world = _world(args.config, [*args.overrides, *args.sft_overrides])
-        if _launch(_command("vppo_megatron.sft", args.config, overrides, world), out / "warm_start.log"):
+        if _launch(torchrun_command("vppo_megatron.sft", args.config, overrides, world), out / "warm_start.log"):
             raise RunFailed(f"the warm start failed (log: {out / 'warm_start.log'}); rerun the same command")
     return str(target.resolve())
 
@@ -348,7 +348,8 @@ def run_arm(args, out: Path, arm: Arm, seed: int, model: str) -> None:
     state = json.loads(record.read_text()) if record.exists() else {"wall_s": 0.0, "attempts": 0}
     start = time.perf_counter()
     code = _launch(
-        _command("vppo_megatron.train", args.config, overrides, _world(args.config, overrides)), directory / "run.log"
+        torchrun_command("vppo_megatron.train", args.config, overrides, _world(args.config, overrides)),
+        directory / "run.log",
     )
     state = {"wall_s": state["wall_s"] + time.perf_counter() - start, "attempts": state["attempts"] + 1}
     record.write_text(json.dumps(state) + "\n")
