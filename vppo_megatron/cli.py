@@ -77,12 +77,9 @@ def _torchrun(module: str, config: str | None, overrides: list[str]) -> int:
     """Runs `module` under torchrun with parallel.world_size local ranks (1 when unset)."""
     import subprocess
 
-    from vppo_megatron import config as config_lib
     from vppo_megatron.compare import torchrun_command
 
-    world = config_lib.load(config, overrides).parallel.world_size or 1
-    command = torchrun_command(module, config, overrides, world)
-    return subprocess.run(command).returncode
+    return subprocess.run(torchrun_command(module, config, overrides)).returncode
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -248,8 +248,12 @@ def plot(results: dict[str, dict[int, dict]], path: Path, title: str) -> Path:
 # ---------------------------------------------------------------------------------------------------- running
 
 
-def torchrun_command(module: str, config: str | None, overrides: list[str], world: int) -> list[str]:
-    """`module` under torchrun on `world` local ranks, with the config file (if any) and dotted overrides."""
+def torchrun_command(module: str, config: str | None, overrides: list[str]) -> list[str]:
+    """`module` under torchrun on the config's parallel.world_size local ranks (1 when unset), with the config file
+    (if any) and dotted overrides."""
+    from vppo_megatron import config as config_lib
+
+    world = config_lib.load(config, overrides).parallel.world_size or 1
     return [
         sys.executable,
         "-m",
@@ -317,20 +321,13 @@ def warm_start(args, out: Path, cfg) -> str:
     if not (target / "config.json").exists():
         print(f"== warm start: vppo sft -> {target} ==", flush=True)
         overrides = [*args.overrides, *args.sft_overrides, f"sft.output_dir={target}", "logging.progress_bars=false"]
-        world = _world(args.config, [*args.overrides, *args.sft_overrides])
-        if _launch(torchrun_command("vppo_megatron.sft", args.config, overrides, world), out / "warm_start.log"):
+        if _launch(torchrun_command("vppo_megatron.sft", args.config, overrides), out / "warm_start.log"):
             raise RunFailed(f"the warm start failed (log: {out / 'warm_start.log'}); rerun the same command")
     return str(target.resolve())
 
 
 class RunFailed(RuntimeError):
     pass
-
-
-def _world(config: str, overrides: list[str]) -> int:
-    from vppo_megatron import config as config_lib
-
-    return config_lib.load(config, overrides).parallel.world_size or 1
 
 
 def run_arm(args, out: Path, arm: Arm, seed: int, model: str) -> None:
@@ -347,10 +344,7 @@ def run_arm(args, out: Path, arm: Arm, seed: int, model: str) -> None:
     record = directory / "compare_run.json"
     state = json.loads(record.read_text()) if record.exists() else {"wall_s": 0.0, "attempts": 0}
     start = time.perf_counter()
-    code = _launch(
-        torchrun_command("vppo_megatron.train", args.config, overrides, _world(args.config, overrides)),
-        directory / "run.log",
-    )
+    code = _launch(torchrun_command("vppo_megatron.train", args.config, overrides), directory / "run.log")
     state = {"wall_s": state["wall_s"] + time.perf_counter() - start, "attempts": state["attempts"] + 1}
     record.write_text(json.dumps(state) + "\n")
     if code:
