@@ -13,9 +13,11 @@ five-colour palette, drawn without anti-aliasing so pixel colours are exact) and
   kind asked for and the others have other colours.
 * ``largest_value``  "Colour values: red=3, green=1, ... What is the value of the largest shape's colour plus 2?"
   -> "5". A several-step answer of which one step needs the image: read the largest shape's colour (as in
-  ``largest_color``), look its value up in the text (a fresh permutation of 1..5 per row), add the number in the
-  text (1..4). The row's ``solution`` spells the steps out (`sft.target_field=solution` warm-starts on it), so of
-  its ~25 response tokens only the colour's depends on the image. Text alone guesses the colour: 1/5.
+  ``largest_color``), look its value up in the text (``VALUES``, the same table in every row: with a fresh
+  permutation per row a 2-layer model's warm start wrote the right colour 86% of the time but its value only at
+  chance), add the number in the text (1..4). The row's ``solution`` spells the steps out
+  (`sft.target_field=solution` warm-starts on it), so of its ~25 response tokens only the colour's depends on the
+  image. Text alone guesses the colour: 1/5.
 
 Rows follow the ViRL39K layout (``problem`` starting with ``<image>``, ``answer``, ``images`` as Hugging Face
 ``Image`` structs) plus ``task``, ``uid`` and ``template`` (the question template, for text-only baselines).
@@ -54,6 +56,8 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "yellow": (250, 210, 0),
     "purple": (150, 0, 200),
 }
+# largest_value's colour values, printed in every row's question (not in colour order: the value is looked up)
+VALUES: dict[str, int] = {"red": 3, "green": 1, "blue": 4, "yellow": 5, "purple": 2}
 BACKGROUND = (255, 255, 255)
 SHAPE_KINDS = ("circle", "square", "triangle")
 
@@ -188,11 +192,10 @@ def _sample_scene(task: str, rng: np.random.Generator, image_size: int) -> tuple
         raise RuntimeError("could not sample a scene with an unambiguous largest shape")
     if task == "largest_value":
         shapes, _, color = _sample_scene("largest_color", rng, image_size)
-        values = dict(zip(colors, (int(v) for v in rng.permutation(len(colors)) + 1), strict=True))
         add = int(rng.integers(1, 5))
-        table = ", ".join(f"{c}={v}" for c, v in values.items())
-        fields = {"table": table, "add": str(add), "color": color, "value": str(values[color])}
-        return shapes, fields, str(values[color] + add)
+        table = ", ".join(f"{c}={v}" for c, v in VALUES.items())
+        fields = {"table": table, "add": str(add), "color": color, "value": str(VALUES[color])}
+        return shapes, fields, str(VALUES[color] + add)
     # color_of_shape
     target = _pick(rng, colors)
     kind = _pick(rng, SHAPE_KINDS)
