@@ -125,6 +125,10 @@ def summarise(rows: list[dict], warmup: int) -> dict:
     out["ratio_step_min"], out["ratio_step_max"] = min(per_step), max(per_step)
     out["ratio_trainer"] = out["vppo"]["trainer_s"] / out["dapo"]["trainer_s"]
     out["perception_share"] = (out["vppo"]["experience"] - out["dapo"]["experience"]) / out["vppo"]["step_s"]
+    # VPPO's extra cost in units of DAPO's experience pass (its intrinsic extra is one more such forward pass)
+    unit = out["dapo"]["experience"]
+    out["extra_x_experience"] = {s: (out["vppo"][s] - out["dapo"][s]) / unit for s in STAGES[1:]}
+    out["extra_x_experience"]["step"] = (out["vppo"]["step_s"] - out["dapo"]["step_s"]) / unit
     return out
 
 
@@ -133,9 +137,15 @@ def report(s: dict) -> str:
     lines.append(f"  1 rollout + reward (shared)        {s['rollout_s']:8.3f}  {s['rollout_s']:8.3f}")
     labels = {"distribute": "2 distribute + micro-batches", "experience": "3 experience pass",
               "update": "4-6 advantages, TGF, updates", "sync_stage": "7 weight sync"}  # fmt: skip
+    extra = s["extra_x_experience"]
+    lines[0] += "   VPPO - DAPO, x DAPO's experience pass"
     for stage, label in labels.items():
-        lines.append(f"  {label:<34} {s['vppo'][stage]:8.3f}  {s['dapo'][stage]:8.3f}")
-    lines.append(f"  {'step':<34} {s['vppo']['step_s']:8.3f}  {s['dapo']['step_s']:8.3f}")
+        lines.append(f"  {label:<34} {s['vppo'][stage]:8.3f}  {s['dapo'][stage]:8.3f}  {extra[stage]:+8.3f}")
+    lines.append(f"  {'step':<34} {s['vppo']['step_s']:8.3f}  {s['dapo']['step_s']:8.3f}  {extra['step']:+8.3f}")
+    lines.append(
+        f"VPPO's extra cost: {extra['step']:.3f} x DAPO's experience pass (target <= 1.10: one more forward pass, "
+        "the perturbed view, and little else)"
+    )
     lines.append(
         f"VPPO / DAPO step: {s['ratio_step']:.3f} (per step {s['ratio_step_min']:.3f}..{s['ratio_step_max']:.3f}; "
         f"target <= 1.10, the paper's 7B GPU run: 1.097)"

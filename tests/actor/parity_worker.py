@@ -4,6 +4,7 @@ Importable by spawned ranks (tests/actor is on sys.path while pytest runs), kept
 that ranks do not import pytest fixtures.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -165,9 +166,17 @@ def schedule_calls(rank, world_size, model_dir):
     engine.get_forward_backward_func = counting
     cfg = load(None, ["model.dtype=float32", "model.transformer_impl=local", "trainer.micro_batch_size=2"])
     actor = engine.MegatronActor(cfg, initialize(ParallelLayout(), seed=1), model_dir, training=False)
-    experience = actor.experience(make_samples(model_dir), step=0)
+    samples = make_samples(model_dir)
+    experience = actor.experience(samples, step=0)
+    dual_calls = list(calls)
+    # the dual pass blackens each prompt's encoded patches; a plain pass over the blackened images themselves
+    # (the perturbation as the reference applies it, before the processor) must give the same log-probs
+    fast = [actor._blackens_patches(s.images, actor.prepare([s]).views[0].image_grid_thw) for s in samples]
+    blackened = [dataclasses.replace(s, images=actor._perturbed_images(s, 0)) for s in samples]
+    plain = actor.experience(blackened, step=0, with_perception=False)
+    gap = (plain.old_logp_BT - experience.aug_logp_BT).abs().max().item()
     destroy()
-    return calls, experience.dependency_BT.shape
+    return dual_calls, experience.dependency_BT.shape, fast, gap
 
 
 def bf16_update(rank, world_size, model_dir):

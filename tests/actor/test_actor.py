@@ -43,10 +43,14 @@ def test_bf16_actor_keeps_the_vision_rotary_fp32_like_transformers(family, reque
 
 
 def test_experience_pass_is_one_schedule_over_paired_micro_batches(tiny_model_dir):
-    ((calls, shape),) = run_distributed(schedule_calls, 1, str(tiny_model_dir))
+    ((calls, shape, fast, gap),) = run_distributed(schedule_calls, 1, str(tiny_model_dir))
     # 4 rollouts, micro-batch 2: ONE forward-only schedule of 2 micro-batches, each holding both views (2 x 2)
     assert calls == [{"num_microbatches": 2, "micro_batch_size": 4, "forward_only": True}]
     assert shape[0] == 4
+    # the perturbed view blackens the encoded patches (every image is at the processor's size), and equals a
+    # plain pass over the blackened images
+    assert fast == [True] * 4
+    assert gap <= 1e-5, gap
 
 
 @pytest.mark.skipif(transformer_engine_available(), reason="host has Transformer Engine")

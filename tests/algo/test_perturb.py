@@ -86,3 +86,34 @@ def test_grey_and_dispatch():
         assert out.shape == _image().shape and out.dtype == torch.uint8
     with pytest.raises(ValueError, match="unknown perturbation 'cutout'"):
         perturb_image(_image(), "cutout", seed=1, cell_size=14)
+
+
+@pytest.mark.parametrize("model", ["tiny_model_dir", "tiny_qwen3_vl_dir"])
+def test_blackening_the_encoded_patches_equals_encoding_the_blackened_image(model, request):
+    # the actor blackens a prompt's one encoding per rollout instead of encoding each rollout's blackened copy:
+    # the same pixel values bit for bit, for either family's patch size, several image shapes and masks
+    import numpy as np
+    from transformers import AutoProcessor
+
+    from vppo_megatron.actor.batching import blacken_patches, encode_images, unresized
+    from vppo_megatron.algo.perturb import blackening_keep
+
+    processor = AutoProcessor.from_pretrained(request.getfixturevalue(model)).image_processor
+    side = processor.patch_size * processor.merge_size
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h * side, w * side, 3), dtype=np.uint8) for h, w in [(4, 3), (2, 5), (3, 3)]]
+    pixels, grid = encode_images(processor, images)
+    assert unresized(processor, images, grid)
+    black = encode_images(processor, [np.zeros((side, side, 3), dtype=np.uint8)])[0][0]
+    for seeds in [(1, 2, 3), (4, 5, 6)]:
+        keeps = [blackening_keep((h, w), 0.5, seed) for seed, (_, h, w) in zip(seeds, grid.tolist(), strict=True)]
+        fast = blacken_patches(pixels, grid, keeps, processor.merge_size, black)
+        blackened = [
+            patch_blackening(torch.from_numpy(image), processor.patch_size, 0.5, seed).numpy()
+            for image, seed in zip(images, seeds, strict=True)
+        ]
+        slow, slow_grid = encode_images(processor, blackened)
+        assert torch.equal(fast, slow) and torch.equal(grid, slow_grid)
+        assert 0.3 < (fast != pixels).any(-1).float().mean() < 0.7  # about half the patches changed
+    odd = [rng.integers(0, 256, (side * 2 + 5, side * 3, 3), dtype=np.uint8)]  # the processor resizes this one
+    assert not unresized(processor, odd, encode_images(processor, odd)[1])

@@ -172,6 +172,32 @@ def encode_images(image_processor, images: list[np.ndarray]) -> tuple[torch.Tens
     return out["pixel_values"], out["image_grid_thw"]
 
 
+def unresized(image_processor, images: list[np.ndarray], grid_thw: torch.Tensor) -> bool:
+    """Whether the processor encoded these images at their own size (each one patch_size x patch_size pixel cell
+    per patch, one frame): then an image operation that works per cell can work on the encoded patches."""
+    patch = image_processor.patch_size
+    return all(
+        t == 1 and image.shape[0] == h * patch and image.shape[1] == w * patch
+        for image, (t, h, w) in zip(images, grid_thw.tolist(), strict=True)
+    )
+
+
+def blacken_patches(
+    pixel_values_NC: torch.Tensor, grid_thw: torch.Tensor, keeps: list[torch.Tensor], merge: int, black_C: torch.Tensor
+) -> torch.Tensor:
+    """Patch blackening on the processor's output: the patches of cells not kept (keeps: one [Hc, Wc] mask per
+    image, one cell per patch) become `black_C`, the encoding of a black patch. The processor's rows run over
+    (frame, row block, column block, row in block, column in block), blocks being merge x merge patches; its
+    rescale and normalisation act pixel by pixel, so this equals encoding the blackened image, bit for bit."""
+    keep_N = torch.cat(
+        [
+            keep.view(h // merge, merge, w // merge, merge).permute(0, 2, 1, 3).reshape(-1).repeat(t)
+            for keep, (t, h, w) in zip(keeps, grid_thw.tolist(), strict=True)
+        ]
+    )
+    return torch.where(keep_N[:, None], pixel_values_NC, black_C)
+
+
 def image_token_mask(hf_config, input_ids_S: torch.Tensor, prompt_length: int) -> torch.Tensor:
     """Image tokens are the prompt's <|image_pad|> tokens; a sampled response token never counts as one."""
     mask = input_ids_S == hf_config.image_token_id

@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -107,6 +108,7 @@ class MegatronActor:
         )
         processor = AutoProcessor.from_pretrained(model_dir)
         self.image_processor = processor.image_processor
+        self._black = None  # one encoded black patch (_black_patch), made on first use
         self.pad_id = processor.tokenizer.pad_token_id
         self.spec_name = layer_spec_name(cfg)
         self.config = transformer_config(self.hf_config, cfg, groups.layout)
@@ -235,13 +237,48 @@ class MegatronActor:
             )
             for r in rows
         ]
-        perturb = partial(self._encode_perturbed, step) if with_perception else None
+        perturb = partial(self._encode_perturbed, step, by_images) if with_perception else None
         return batching.StepBatch(samples, rows, views, perturb)
 
-    def _encode_perturbed(self, step: int, samples: list[ActorSample]) -> list[tuple]:
+    def _encode_perturbed(self, step: int, encoded: dict[int, tuple], samples: list[ActorSample]) -> list[tuple]:
         """Each rollout's perturbed images, encoded (its own seeded mask, as the reference draws one per
-        response): built for one micro-batch when the dual pass reaches it."""
-        return [batching.encode_images(self.image_processor, self._perturbed_images(s, step)) for s in samples]
+        response): built for one micro-batch when the dual pass reaches it. Patch blackening with one cell per
+        patch is applied to the prompt's one encoding (`encoded`, by image list) instead of encoding each
+        rollout's blackened copy again: the same tensor, without the processor's per-rollout work."""
+        out = []
+        for s in samples:
+            pixels, grid = encoded[id(s.images)]
+            if pixels is not None and self._blackens_patches(s.images, grid):
+                a, merge = self.cfg.algorithm, self.image_processor.merge_size
+                keeps = [
+                    perturb.blackening_keep(
+                        (h, w), a.perturb_probability, perturb.perturbation_seed(self.cfg.trainer.seed, step, s.uid, k)
+                    )
+                    for k, (_, h, w) in enumerate(grid.tolist())
+                ]
+                out.append((batching.blacken_patches(pixels, grid, keeps, merge, self._black_patch()), grid))
+            else:
+                out.append(batching.encode_images(self.image_processor, self._perturbed_images(s, step)))
+        return out
+
+    def _blackens_patches(self, images: list, grid_thw: torch.Tensor) -> bool:
+        """Whether this rollout's perturbation can act on its prompt's encoded patches (`_encode_perturbed`)."""
+        a = self.cfg.algorithm
+        cell = a.perturb_cell_size or self.hf_config.vision_config.patch_size
+        return (
+            a.perturbation == "patch_blackening"
+            and cell == getattr(self.image_processor, "patch_size", None)
+            and hasattr(self.image_processor, "merge_size")
+            and batching.unresized(self.image_processor, images, grid_thw)
+        )
+
+    def _black_patch(self) -> torch.Tensor:
+        """One encoded black patch [C * temporal_patch * patch^2] (every black patch encodes the same)."""
+        if self._black is None:
+            side = self.image_processor.patch_size * self.image_processor.merge_size
+            pixels, _ = batching.encode_images(self.image_processor, [np.zeros((side, side, 3), dtype=np.uint8)])
+            self._black = pixels[0].clone()
+        return self._black
 
     def _local(self, values_BS: torch.Tensor) -> torch.Tensor:
         """This CP rank's zigzag part of a full-sequence [B, S] tensor."""

@@ -32,6 +32,12 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
+def blackening_keep(grid_shape: tuple[int, int], probability: float, seed: int) -> torch.Tensor:
+    """The cells patch blackening keeps [Hc, Wc] (bool): each is blackened with `probability`. The one draw
+    behind `patch_blackening`, so a blackening applied to already-encoded patches is the same I'."""
+    return torch.rand(grid_shape, generator=_generator(seed)) >= probability
+
+
 def patch_blackening(image_HWC: torch.Tensor, cell_size: int, probability: float, seed: int) -> torch.Tensor:
     """Random patch blackening (VPPO's I').
 
@@ -39,8 +45,7 @@ def patch_blackening(image_HWC: torch.Tensor, cell_size: int, probability: float
     each cell is set to 0 in every channel independently with `probability`.
     """
     height, width = image_HWC.shape[:2]
-    grid_shape = (math.ceil(height / cell_size), math.ceil(width / cell_size))
-    keep_HcWc = torch.rand(grid_shape, generator=_generator(seed)) >= probability
+    keep_HcWc = blackening_keep((math.ceil(height / cell_size), math.ceil(width / cell_size)), probability, seed)
     keep_HW = keep_HcWc.repeat_interleave(cell_size, 0).repeat_interleave(cell_size, 1)[:height, :width]
     return image_HWC * keep_HW.unsqueeze(-1).to(image_HWC.dtype)
 
