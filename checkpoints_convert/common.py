@@ -77,6 +77,11 @@ def hf_family(hf_dir: str | Path) -> tuple[str, dict]:
     return model_type, config
 
 
+def weight_bytes(hf_dir: str | Path) -> int:
+    """The size of an HF directory's safetensors files (what a conversion reads)."""
+    return sum(p.stat().st_size for p in Path(hf_dir).glob("*.safetensors"))
+
+
 def dtype_of(hf_config: dict) -> str:
     dtype = (
         hf_config.get("dtype")

@@ -66,7 +66,8 @@ def convert(args, hf_config: dict) -> int:
     )
     if dist.get_rank() == 0:
         split = " ".join(f"{k}={v}" for k, v in layout.items())
-        print(f"wrote {args.out} at {split} ({dtype}) in {time.perf_counter() - start:.1f}s")
+        elapsed, mib = time.perf_counter() - start, common.weight_bytes(args.hf) / 2**20
+        print(f"wrote {args.out} at {split} ({dtype}) in {elapsed:.2f}s ({mib / elapsed:.0f} MiB/s)")
     ok = verify(args, cfg, groups, dtype) if args.verify else True
     return 0 if ok else 1
 

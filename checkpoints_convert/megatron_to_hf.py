@@ -73,7 +73,7 @@ def export(args, meta: dict, hf_files: Path, hf_config: dict) -> int:
     total = checkpoint.export_hf(actor, args.out, hf_files, args.max_shard_mb * 2**20, progress=True)
     if dist.get_rank() == 0:
         elapsed = time.perf_counter() - start
-        print(f"wrote {total / 2**20:.1f} MiB to {args.out} in {elapsed:.1f}s")
+        print(f"wrote {total / 2**20:.1f} MiB to {args.out} in {elapsed:.2f}s ({total / 2**20 / elapsed:.0f} MiB/s)")
     return 0 if not args.verify or common.verify(actor, args.out, dtype) else 1
 
 

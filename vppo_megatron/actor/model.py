@@ -228,6 +228,16 @@ class InterleavedMRoPE(MultimodalRotaryEmbedding):
         return emb
 
 
+def _no_init_weights():
+    """transformers' context that builds a model without running its weight initialisation (buffers such as the
+    rotary frequencies are still computed; parameters hold uninitialised memory until weights are loaded)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers < 5
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
 class VLModel(MegatronModule):
     """One pipeline stage (or virtual stage) of the actor, for any registered family."""
 
@@ -249,7 +259,10 @@ class VLModel(MegatronModule):
         if pre_process:
             vision_config = hf_config.vision_config
             vision_config._attn_implementation = "sdpa"
-            self.vision = self.family.vision_tower()._from_config(vision_config)
+            # built in the actor's dtype (no fp32 copy of a bf16 tower) and not initialised: the actor always loads
+            # the tower's weights, so HF's random init of every parameter would be wasted work
+            with _no_init_weights():
+                self.vision = self.family.vision_tower()._from_config(vision_config, dtype=config.params_dtype)
             keep_rotary_fp32(self.vision)
             self.vision.to(config.params_dtype)
             if config.recompute_granularity == "full":

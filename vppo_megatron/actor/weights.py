@@ -87,13 +87,16 @@ class SafetensorsReader:
         else:
             raise FileNotFoundError(f"{model_dir} has no model.safetensors or model.safetensors.index.json")
         self.model_dir, self.weight_map = model_dir, weight_map
+        self._files: dict[str, object] = {}  # file name -> open safe_open handle (each file's header read once)
 
     def keys(self) -> set[str]:
         return set(self.weight_map)
 
     def get(self, name: str) -> torch.Tensor:
-        with safe_open(self.model_dir / self.weight_map[name], "pt") as f:
-            return f.get_tensor(name)
+        file = self.weight_map[name]
+        if file not in self._files:
+            self._files[file] = safe_open(self.model_dir / file, "pt")
+        return self._files[file].get_tensor(name)
 
 
 def load_hf_weights(
