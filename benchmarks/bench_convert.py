@@ -1,87 +1,113 @@
-"""Conversion throughput, side by side in one run: HF -> Megatron (TP1 PP1, torch_dist) and Megatron -> HF,
-against a plain safetensors load + save of the same bytes (the machine's I/O + serialisation limit).
+"""Conversion throughput, side by side in one run: the converters as users run them (HF -> Megatron torch_dist,
+Megatron -> HF safetensors), against a plain safetensors load + save of the same model file (the machine's
+I/O + serialisation limit).
 
-  python benchmarks/bench_convert.py [--layers 8 --hidden 512] [--repeats 3]
+  python benchmarks/bench_convert.py [--layers 12 --hidden 2048] [--repeats 3] [--dtype bfloat16]
 
-Builds a larger tiny Qwen2.5-VL so the numbers are not dominated by start-up; times only the conversion work
-inside already-started ranks (model build + read + fuse/shard + write).
+The model is a tiny-architecture Qwen2.5-VL made large (default: 12 layers of hidden 2048, 1.4 GiB in bf16) so
+the numbers are not dominated by process start-up. Each converter prints the time of its work (model build, read,
+fuse/shard, write); the benchmark times the whole command too and reports the difference, the start-up (Python,
+imports, torch.distributed), separately. Each number is the median of --repeats runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+HF_TO_MEGATRON, MEGATRON_TO_HF = "checkpoints_convert.hf_to_megatron", "checkpoints_convert.megatron_to_hf"
+WORK_TIME = re.compile(r" in ([0-9.]+)s")
 
-def _convert(rank, world_size, hf_dir, work_dir, repeats):
-    import shutil
 
-    from vppo_megatron.actor import checkpoint
-    from vppo_megatron.actor.engine import MegatronActor
-    from vppo_megatron.config import load
-    from vppo_megatron.parallel.layout import ParallelLayout, destroy, initialize
+def build_model(out: Path, layers: int, hidden: int, dtype: str) -> Path:
+    """A tiny-architecture model of the given size, its weights stored in `dtype` (as releases are: bf16)."""
+    import torch
+    from safetensors.torch import load_file, save_file
 
-    cfg = load(None, ["model.dtype=float32"])
-    groups = initialize(ParallelLayout(), seed=0)
-    to_megatron, to_hf = [], []
-    for i in range(repeats):
-        out = Path(work_dir) / f"megatron{i}"
-        start = time.perf_counter()
-        actor = MegatronActor(cfg, groups, hf_dir, training=False)
-        checkpoint.save(
-            actor.chunks, out, hf_dir, {"family": actor.hf_config.model_type, "written_at": {}, "dtype": "float32"}
-        )
-        to_megatron.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        fresh = MegatronActor(cfg, groups, hf_dir, training=False, load_weights=False)
-        checkpoint.load(fresh.chunks, out)
-        export = Path(work_dir) / f"hf{i}"
-        export.mkdir()
-        checkpoint.write_hf_shards(fresh.hf_tensors(), export, 0, 2**32)
-        to_hf.append(time.perf_counter() - start)
-        shutil.rmtree(out)
-        shutil.rmtree(export)
-    destroy()
-    return statistics.median(to_megatron), statistics.median(to_hf)
+    from vppo_megatron.tiny_model import TinySpec, build_tiny_model
+
+    spec = TinySpec(num_layers=layers, hidden_size=hidden, intermediate_size=4 * hidden, num_heads=16, num_kv_heads=4)
+    model_dir = build_tiny_model(out, spec)
+    if dtype != "float32":
+        weights = model_dir / "model.safetensors"
+        tensors = {k: v.to(getattr(torch, dtype)) for k, v in load_file(weights).items()}
+        save_file(tensors, weights, metadata={"format": "pt"})
+        config = json.loads((model_dir / "config.json").read_text())
+        for section in (config, config.get("text_config", {}), config.get("vision_config", {})):
+            for key in ("dtype", "torch_dtype"):
+                if key in section:
+                    section[key] = dtype
+        config.setdefault("torch_dtype", dtype)
+        (model_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return model_dir
+
+
+PLAIN = """
+import sys, time
+from safetensors.torch import load_file, save_file
+start = time.perf_counter()
+save_file(load_file(sys.argv[1]), sys.argv[2], metadata={"format": "pt"})
+print(f"copied in {time.perf_counter() - start:.3f}s")
+"""
+
+
+def run_timed(command: list[str]) -> tuple[float, float]:
+    """(whole command, the work it reports as "... in Xs") in seconds: a fresh process for every measurement,
+    so each pays the same start-up and the same first touches of its memory."""
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    wall = time.perf_counter() - start
+    if done.returncode:
+        raise SystemExit(f"{command[:3]} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    found = WORK_TIME.findall(done.stdout)
+    if not found:
+        raise SystemExit(f"{command[:3]} printed no work time:\n{done.stdout[-2000:]}")
+    return wall, float(found[-1])
+
+
+def run_converter(module: str, *args: str) -> tuple[float, float]:
+    return run_timed([sys.executable, "-m", module, *args])
 
 
 def main() -> None:
-    from safetensors.torch import load_file, save_file
-
-    from vppo_megatron.testing import run_distributed
-    from vppo_megatron.tiny_model import TinySpec, build_tiny_model
+    import shutil
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--work-dir", help="where the model and outputs go (default: a temporary directory)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as work:
-        hf_dir = build_tiny_model(
-            Path(work) / "model",
-            TinySpec(
-                num_layers=args.layers,
-                hidden_size=args.hidden,
-                intermediate_size=4 * args.hidden,
-                num_heads=8,
-                num_kv_heads=2,
-            ),
-        )
-        megabytes = (hf_dir / "model.safetensors").stat().st_size / 2**20
-        plain = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            save_file(load_file(hf_dir / "model.safetensors"), Path(work) / "copy.safetensors")
-            plain.append(time.perf_counter() - start)
-        ((to_megatron, to_hf),) = run_distributed(_convert, 1, str(hf_dir), work, args.repeats, timeout_s=3600)
-    base = statistics.median(plain)
-    print(f"model: {megabytes:.1f} MiB fp32 ({args.layers} layers, hidden {args.hidden})")
-    print(f"  safetensors load+save  {megabytes / base:8.1f} MiB/s")
-    print(f"  HF -> Megatron         {megabytes / to_megatron:8.1f} MiB/s  ({base / to_megatron:.2f}x of plain)")
-    print(f"  Megatron -> HF         {megabytes / to_hf:8.1f} MiB/s  ({base / to_hf:.2f}x of plain)")
+    with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
+        work = Path(work)
+        model_dir = build_model(work / "model", args.layers, args.hidden, args.dtype)
+        weights = model_dir / "model.safetensors"
+        mib = weights.stat().st_size / 2**20
+        plain, to_megatron, to_hf = [], [], []
+        for i in range(args.repeats):  # interleaved, so a slow spell of the machine hits every column alike
+            plain.append(run_timed([sys.executable, "-c", PLAIN, str(weights), str(work / "copy.safetensors")]))
+            (work / "copy.safetensors").unlink()
+            megatron, hf = work / f"megatron{i}", work / f"hf{i}"
+            to_megatron.append(run_converter(HF_TO_MEGATRON, "--hf", str(model_dir), "--out", str(megatron)))
+            to_hf.append(run_converter(MEGATRON_TO_HF, "--megatron", str(megatron), "--out", str(hf)))
+            shutil.rmtree(megatron)
+            shutil.rmtree(hf)
+    base = statistics.median(w for _, w in plain)
+    print(f"model: {mib:.0f} MiB {args.dtype} ({args.layers} layers, hidden {args.hidden}); median of {args.repeats}")
+    print(f"  {'':24s} {'MiB/s':>8s} {'x plain':>8s} {'work s':>8s} {'start-up s':>11s}")
+    for name, runs in (("safetensors load+save", plain), ("HF -> Megatron", to_megatron), ("Megatron -> HF", to_hf)):
+        work_s = statistics.median(w for _, w in runs)
+        startup = statistics.median(wall - w for wall, w in runs)
+        print(f"  {name:24s} {mib / work_s:8.0f} {base / work_s:8.2f} {work_s:8.2f} {startup:11.2f}")
 
 
 if __name__ == "__main__":

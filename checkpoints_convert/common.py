@@ -144,11 +144,24 @@ def setup(args, hf_config: dict, dtype: str):
     from vppo_megatron.parallel.layout import init_distributed, initialize
 
     init_distributed()
+    _import_everything(hf_config["model_type"])
     layout = layout_of(args, hf_config, dist.get_world_size())
     # one probe sample per micro-batch: the interleaved schedule needs at least pp of them (verify)
     overrides = [f"model.dtype={dtype}", f"model.family={hf_config['model_type']}", "trainer.micro_batch_size=1"]
     cfg = load(None, overrides)
     return cfg, initialize(layout, seed=0)
+
+
+def _import_everything(model_type: str) -> None:
+    """Imports what the conversion's work will use (transformers' processors and the family's model code,
+    megatron-core's checkpointing), so that the work's printed time is the work's, and start-up is start-up."""
+    import megatron.core.dist_checkpointing.strategies.torch  # noqa: F401
+    from transformers import AutoConfig, AutoProcessor  # noqa: F401
+
+    from vppo_megatron import families
+
+    family = families.get(model_type)
+    family.vision_tower(), family.model_class()
 
 
 def probe_sample(model_dir: str | Path):

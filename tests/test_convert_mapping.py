@@ -80,3 +80,29 @@ def test_te_spec_renames_only_the_norms():
         "language_model.decoder.layers.{i}.self_attention.linear_qkv.layer_norm_weight",
         "language_model.decoder.layers.{i}.mlp.linear_fc1.layer_norm_weight",
     }
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_load_shard_writes_exactly_the_shard_of_the_fusion_in_place(tp):
+    # the actor's weight loading writes each rank's slice straight into the parameter: the same values as
+    # shard(fuse(...)) for every rule kind (qkv weight and bias, gate_up, column, row, replicated), bf16 -> fp32
+    q, k, v = (t.to(torch.bfloat16) for t in _qkv())
+    gate, up = torch.randn(4, 5).to(torch.bfloat16), torch.randn(4, 5).to(torch.bfloat16)
+    cases = [
+        (mapping.Rule("qkv", ("q", "k", "v"), kind="qkv", tp_dim=0), [q, k, v]),
+        (mapping.Rule("qkv_bias", ("q", "k", "v"), kind="qkv", tp_dim=0), [q[:, 0], k[:, 0], v[:, 0]]),
+        (mapping.Rule("fc1", ("g", "u"), kind="gate_up", tp_dim=0), [gate, up]),
+        (mapping.Rule("column", ("c",), tp_dim=0), [gate]),
+        (mapping.Rule("row", ("o",), tp_dim=1), [q[:, :4]]),
+        (mapping.Rule("norm", ("n",)), [q[0]]),
+    ]
+    for rule, hf in cases:
+        for rank in range(tp):
+            expected = mapping.shard(rule, mapping.fuse(rule, hf, DIMS), rank, tp).float()
+            out = torch.full_like(expected, float("nan"))
+            mapping.load_shard(rule, hf, DIMS, out, rank, tp)
+            assert torch.equal(out, expected), (rule.megatron, rank)
+    with pytest.raises(ValueError, match="checkpoint gives shape"):
+        mapping.load_shard(cases[2][0], [gate, up], DIMS, torch.empty(7, 5), 0, 1)
+    with pytest.raises(ValueError, match="does not split into 3"):
+        mapping.load_shard(cases[4][0], [q[:, :4]], DIMS, torch.empty(12, 1), 0, 3)

@@ -120,14 +120,8 @@ def load_hf_weights(
     with torch.no_grad():
         for name, param in tqdm(params.items(), desc="loading HF weights", disable=not progress):
             rule = by_name[name]
-            full = mapping.fuse(rule.rule, [reader.get(h) for h in rule.hf], dims)
-            local = mapping.shard(rule.rule, full, tp_rank, tp_size)
-            if local.shape != param.shape:
-                raise ValueError(
-                    f"{name}: checkpoint gives shape {tuple(local.shape)} for TP rank {tp_rank}, "
-                    f"the model has {tuple(param.shape)}"
-                )
-            param.copy_(local.to(param.dtype))
+            hf_tensors = [reader.get(h) for h in rule.hf]
+            mapping.load_shard(dataclasses.replace(rule.rule, megatron=name), hf_tensors, dims, param, tp_rank, tp_size)
 
 
 def stage_hf_tensors(model: torch.nn.Module, rules, dims, tp_group) -> Iterator[tuple[str, torch.Tensor]]:

@@ -99,6 +99,49 @@ def shard(rule: Rule, full: torch.Tensor, tp_rank: int, tp_size: int) -> torch.T
     return full.chunk(tp_size, dim=rule.tp_dim)[tp_rank].contiguous()
 
 
+def load_shard(rule: Rule, hf_tensors: list[torch.Tensor], dims: AttentionDims, out: torch.Tensor, tp_rank: int,
+               tp_size: int) -> None:  # fmt: skip
+    """Writes this TP rank's slice of the fused HF tensors straight into `out` (the parameter): what
+    `shard(fuse(...))` gives, without materialising the full or the fused tensor (each HF tensor, often a view of
+    the memory-mapped file, is read once into its place; a dtype difference is converted by the copy)."""
+    if rule.kind == "qkv" and dims.num_kv_heads % tp_size:
+        raise ValueError(f"{rule.megatron}: {dims.num_kv_heads} KV heads do not split into {tp_size} TP ranks")
+    parts = [t if rule.tp_dim is None or tp_size == 1 else _rank_slice(rule, t, tp_rank, tp_size) for t in hf_tensors]
+    expected = (sum(p.shape[0] for p in parts), *parts[0].shape[1:]) if rule.kind != "copy" else parts[0].shape
+    if tuple(expected) != tuple(out.shape):
+        raise ValueError(
+            f"{rule.megatron}: checkpoint gives shape {tuple(expected)} for TP rank {tp_rank}, the model has "
+            f"{tuple(out.shape)}"
+        )
+    if rule.kind == "copy":
+        out.copy_(parts[0])
+    elif rule.kind == "gate_up":  # each rank holds [gate_r; up_r]
+        gate, up = parts
+        out[: gate.shape[0]].copy_(gate)
+        out[gate.shape[0] :].copy_(up)
+    elif rule.kind == "qkv":  # rows per KV group: [the group's q heads, k, v]; a rank holds whole groups
+        q, k, v = parts
+        per_group, tail = dims.num_heads // dims.num_kv_heads, q.shape[1:]
+        grouped = out.view(k.shape[0] // dims.head_dim, (per_group + 2) * dims.head_dim, *tail)
+        width = per_group * dims.head_dim
+        grouped[:, :width].copy_(q.reshape(grouped.shape[0], width, *tail))
+        grouped[:, width : width + dims.head_dim].copy_(k.reshape(grouped.shape[0], dims.head_dim, *tail))
+        grouped[:, width + dims.head_dim :].copy_(v.reshape(grouped.shape[0], dims.head_dim, *tail))
+    else:
+        raise AssertionError(f"unknown rule kind {rule.kind}")
+
+
+def _rank_slice(rule: Rule, hf_tensor: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """TP rank's slice of one HF tensor of a rule (q, k and v split by whole KV groups, gate and up each in
+    tp_size parts): a view, no copy."""
+    if hf_tensor.shape[rule.tp_dim] % tp_size:
+        raise ValueError(
+            f"{rule.megatron}: dimension {rule.tp_dim} of size {hf_tensor.shape[rule.tp_dim]} "
+            f"does not split into {tp_size} tensor-parallel shards"
+        )
+    return hf_tensor.chunk(tp_size, dim=rule.tp_dim)[tp_rank]
+
+
 def unshard(rule: Rule, shards: list[torch.Tensor]) -> torch.Tensor:
     """The full Megatron tensor from every TP rank's slice, in rank order."""
     if rule.tp_dim is None or len(shards) == 1:
