@@ -102,6 +102,7 @@ def worker(args) -> None:
         row = {"step": step, "rollout_s": timer.metrics["time/rollout_s"]}
         for trainer in (vppo, dapo) if step % 2 == 0 else (dapo, vppo):
             trainer.shared = (groups, dict(metrics))
+            trainer.sync.claim_engines()  # the fleet reads weights from this trainer's staging directory
             out = train_step(trainer, step)
             name = "vppo" if trainer is vppo else "dapo"
             row[name] = {s: out.get(f"time/{s}_s", 0.0) for s in STAGES[1:]}

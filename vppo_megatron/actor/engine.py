@@ -92,7 +92,7 @@ class MegatronActor:
         progress: bool = False,
     ):
         """`model_dir` holds the HF config and processor files (and, with load_weights, the weights)."""
-        from transformers import AutoConfig, AutoProcessor
+        from transformers import AutoConfig
 
         self.cfg, self.groups = cfg, groups
         self.hf_config = AutoConfig.from_pretrained(model_dir)
@@ -106,10 +106,9 @@ class MegatronActor:
             text.vocab_size,
             deepstack_layers=families.Family.deepstack_layers(self.hf_config),
         )
-        processor = AutoProcessor.from_pretrained(model_dir)
-        self.image_processor = processor.image_processor
+        self.model_dir = model_dir
+        self._processor = None  # AutoProcessor of model_dir, loaded on first use (a conversion never needs it)
         self._black = None  # one encoded black patch (_black_patch), made on first use
-        self.pad_id = processor.tokenizer.pad_token_id
         self.spec_name = layer_spec_name(cfg)
         self.config = transformer_config(self.hf_config, cfg, groups.layout)
         spec = layer_spec(cfg, self.config, families.get(self.hf_config.model_type))
@@ -179,6 +178,21 @@ class MegatronActor:
         self.residency = ActorOffload(self.model, self.optimizer)
 
     # ----------------------------------------------------------------------------------- micro-batches
+
+    @property
+    def image_processor(self):
+        return self._loaded_processor().image_processor
+
+    @property
+    def pad_id(self) -> int:
+        return self._loaded_processor().tokenizer.pad_token_id
+
+    def _loaded_processor(self):
+        if self._processor is None:
+            from transformers import AutoProcessor
+
+            self._processor = AutoProcessor.from_pretrained(self.model_dir)
+        return self._processor
 
     def _length_multiple(self) -> int:
         layout = self.groups.layout

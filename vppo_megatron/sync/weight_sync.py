@@ -110,10 +110,16 @@ class WeightSync:
         self._nccl_stale = False  # rank 0: an engine restarted; its NCCL group is made again at the next push
         self.probe_set: tuple[list, list[str]] | None = None
         """(ActorSamples, chat prompt texts) scored every rollout.verify_sync_every syncs (set_probe)."""
-        if fleet is not None:
-            fleet.resync = self._resync_engine
-            for i in range(len(fleet.engines)):
-                fleet.call_one(i, "set_staging", str(self._node_dir(self._engine_node(i))))
+        self.claim_engines()
+
+    def claim_engines(self) -> None:
+        """Points every engine at this sync's staging directory on its node (the only place it reads weights
+        from), and the fleet's engine restarts at this sync. At start-up; and when two trainers share one fleet
+        (`Trainer.build(alongside=...)`, benchmarks), each claims the engines before its turn."""
+        if self.fleet is not None:
+            self.fleet.resync = self._resync_engine
+            for i in range(len(self.fleet.engines)):
+                self.fleet.call_one(i, "set_staging", str(self._node_dir(self._engine_node(i))))
 
     def _transport(self, name: str) -> str:
         if name == "auto":
