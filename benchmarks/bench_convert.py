@@ -73,10 +73,6 @@ def run_timed(command: list[str]) -> tuple[float, float]:
     return wall, float(found[-1])
 
 
-def run_converter(module: str, *args: str) -> tuple[float, float]:
-    return run_timed([sys.executable, "-m", module, *args])
-
-
 def main() -> None:
     import shutil
 
@@ -97,8 +93,12 @@ def main() -> None:
             plain.append(run_timed([sys.executable, "-c", PLAIN, str(weights), str(work / "copy.safetensors")]))
             (work / "copy.safetensors").unlink()
             megatron, hf = work / f"megatron{i}", work / f"hf{i}"
-            to_megatron.append(run_converter(HF_TO_MEGATRON, "--hf", str(model_dir), "--out", str(megatron)))
-            to_hf.append(run_converter(MEGATRON_TO_HF, "--megatron", str(megatron), "--out", str(hf)))
+            to_megatron.append(
+                run_timed([sys.executable, "-m", HF_TO_MEGATRON, "--hf", str(model_dir), "--out", str(megatron)])
+            )
+            to_hf.append(
+                run_timed([sys.executable, "-m", MEGATRON_TO_HF, "--megatron", str(megatron), "--out", str(hf)])
+            )
             shutil.rmtree(megatron)
             shutil.rmtree(hf)
     base = statistics.median(w for _, w in plain)

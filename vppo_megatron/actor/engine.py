@@ -199,9 +199,12 @@ class MegatronActor:
         m = self.cfg.model
         return token_multiple(layout.tp, layout.cp, self.config.sequence_parallel, m.fp8 != "none", m.fp8_recipe)
 
+    def _perturb_cell(self) -> int:
+        """The perturbation's cell size in pixels: algorithm.perturb_cell_size, else the vision patch size."""
+        return self.cfg.algorithm.perturb_cell_size or self.hf_config.vision_config.patch_size
+
     def _perturbed_images(self, sample: ActorSample, step: int) -> list:
-        a = self.cfg.algorithm
-        cell = a.perturb_cell_size or self.hf_config.vision_config.patch_size
+        a, cell = self.cfg.algorithm, self._perturb_cell()
         return [
             perturb.perturb_image(
                 torch.from_numpy(image),
@@ -277,11 +280,9 @@ class MegatronActor:
 
     def _blackens_patches(self, images: list, grid_thw: torch.Tensor) -> bool:
         """Whether this rollout's perturbation can act on its prompt's encoded patches (`_encode_perturbed`)."""
-        a = self.cfg.algorithm
-        cell = a.perturb_cell_size or self.hf_config.vision_config.patch_size
         return (
-            a.perturbation == "patch_blackening"
-            and cell == getattr(self.image_processor, "patch_size", None)
+            self.cfg.algorithm.perturbation == "patch_blackening"
+            and self._perturb_cell() == getattr(self.image_processor, "patch_size", None)
             and hasattr(self.image_processor, "merge_size")
             and batching.unresized(self.image_processor, images, grid_thw)
         )

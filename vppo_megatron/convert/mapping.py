@@ -88,11 +88,7 @@ def shard(rule: Rule, full: torch.Tensor, tp_rank: int, tp_size: int) -> torch.T
     """This TP rank's slice of a full Megatron tensor."""
     if rule.tp_dim is None or tp_size == 1:
         return full
-    if full.shape[rule.tp_dim] % tp_size:
-        raise ValueError(
-            f"{rule.megatron}: dimension {rule.tp_dim} of size {full.shape[rule.tp_dim]} "
-            f"does not split into {tp_size} tensor-parallel shards"
-        )
+    _check_split(rule, full, tp_size)
     if rule.kind == "gate_up":  # each rank holds [gate_r; up_r]
         gate, up = full.chunk(2, dim=0)
         return torch.cat([gate.chunk(tp_size, 0)[tp_rank], up.chunk(tp_size, 0)[tp_rank]], dim=0)
@@ -134,12 +130,16 @@ def load_shard(rule: Rule, hf_tensors: list[torch.Tensor], dims: AttentionDims, 
 def _rank_slice(rule: Rule, hf_tensor: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
     """TP rank's slice of one HF tensor of a rule (q, k and v split by whole KV groups, gate and up each in
     tp_size parts): a view, no copy."""
-    if hf_tensor.shape[rule.tp_dim] % tp_size:
+    _check_split(rule, hf_tensor, tp_size)
+    return hf_tensor.chunk(tp_size, dim=rule.tp_dim)[tp_rank]
+
+
+def _check_split(rule: Rule, tensor: torch.Tensor, tp_size: int) -> None:
+    if tensor.shape[rule.tp_dim] % tp_size:
         raise ValueError(
-            f"{rule.megatron}: dimension {rule.tp_dim} of size {hf_tensor.shape[rule.tp_dim]} "
+            f"{rule.megatron}: dimension {rule.tp_dim} of size {tensor.shape[rule.tp_dim]} "
             f"does not split into {tp_size} tensor-parallel shards"
         )
-    return hf_tensor.chunk(tp_size, dim=rule.tp_dim)[tp_rank]
 
 
 def unshard(rule: Rule, shards: list[torch.Tensor]) -> torch.Tensor:
