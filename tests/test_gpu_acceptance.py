@@ -54,6 +54,20 @@ def test_runner_records_each_step_and_goes_on_after_a_failure(tmp_path):
     assert Path(te["log"]).exists() and te["seconds"] > 0
 
 
+def test_rollout_steps_name_the_missing_stack_in_one_line(monkeypatch):
+    """A GPU host without vLLM or Ray (the first one lent to this project had neither): the rollout steps fail
+    with the packages and the install command, not an ImportError from deep inside a rank."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(RuntimeError, match=r"^vllm not importable on this node: pip install -r requirements/gpu"):
+        gpu_acceptance._require_rollout_stack()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(RuntimeError, match=r"^vllm and ray not importable"):
+        gpu_acceptance.step_sleep_wake(Path("unused"), {})
+
+
 @pytest.fixture(scope="module")
 def acceptance_work(tmp_path_factory):
     work = tmp_path_factory.mktemp("gpu_acceptance")

@@ -130,6 +130,18 @@ def _perturb(actor) -> None:
             param.add_(0.2 * noise * param.abs().mean().clamp_min(1e-3))
 
 
+def _require_rollout_stack() -> None:
+    """vLLM and Ray, the rollout side: one line naming what is missing and how to install it."""
+    import importlib.util
+
+    missing = [name for name in ("vllm", "ray") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise RuntimeError(
+            f"{' and '.join(missing)} not importable on this node: pip install -r requirements/gpu.txt (vLLM's CUDA "
+            "build and Ray) before the rollout steps"
+        )
+
+
 # ----------------------------------------------------------------------------------------------- the steps
 
 
@@ -345,6 +357,7 @@ def step_sleep_wake(work: Path, figures: dict) -> None:
     # CPU: tests/rollout/test_fleet.py (this RolloutEngine: generation with images, weight loading) and
     # tests/test_lifecycle.py (the order of sleep / wake_up calls and the engine's residency tracking; vLLM
     # refuses sleep mode on CPU, so there the calls stop short of llm.sleep / llm.wake_up)
+    _require_rollout_stack()
     from sync_worker import probe_samples
 
     from vppo_megatron.rollout.engine import RolloutEngine
@@ -465,6 +478,7 @@ def step_cuda_ipc_sync(work: Path, figures: dict) -> None:
     # CPU: tests/rollout/test_fleet.py::test_sync_from_tp2_actor_matches_engine_log_probs and
     # ::test_two_simulated_nodes_sync_roll_back_and_restart_from_their_own_node (the same push, rollback and
     # restart over shared memory; cuda_ipc differs in _push_gpu / _feed and the worker's vppo_load_ipc)
+    _require_rollout_stack()
     from vppo_megatron.testing import run_distributed
 
     overrides = ["rollout.placement=colocated", "rollout.sync_transport=cuda_ipc"]
@@ -497,6 +511,7 @@ def step_nccl_sync(work: Path, figures: dict) -> None:
         raise Skipped(
             f"NCCL sync needs 2 GPUs (trainer, disaggregated engine); this host has {torch.cuda.device_count()}"
         )
+    _require_rollout_stack()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -531,6 +546,7 @@ def _gpu_trainer_overrides(work: Path, out: Path, steps: int) -> list[str]:
 def step_vppo_steps(work: Path, figures: dict) -> None:
     # CPU: tests/rollout/test_fleet.py::test_two_vppo_steps_end_to_end_with_torchrun_tp2 (the same trainer command
     # and overrides), tests/test_lifecycle.py and tests/actor/test_offload.py (actor.offload=all on CPU)
+    _require_rollout_stack()
     out = work / "vppo"
     overrides = [
         *_gpu_trainer_overrides(work, out, steps=3),
@@ -565,6 +581,7 @@ def _peaks(out: Path) -> list[dict]:
 def step_memory_phases(work: Path, figures: dict) -> None:
     # CPU: tests/rollout/test_fleet.py (the recorded start-up order, fresh and resumed, and the actor's bytes at
     # every phase boundary against the plan) and tests/actor/test_trainer_stages.py (one micro-batch of inputs)
+    _require_rollout_stack()
     import torch
 
     from vppo_megatron import memory

@@ -1,21 +1,27 @@
 """Run a function on N gloo ranks in their own processes and collect each rank's return value (tests, benchmarks).
 
 `run_distributed(fn, world_size, *args)` starts `world_size` processes, initialises a gloo process group on a
-free loopback port, calls `fn(rank, world_size, *args)` and returns the list of return values by rank. A failing
-rank's traceback is re-raised in the caller; a hung run is killed after `timeout_s`.
+free loopback port (CUDA tensors over NCCL where each rank has a GPU of its own), calls `fn(rank, world_size,
+*args)` and returns the list of return values by rank. A failing rank's traceback is re-raised in the caller; a
+hung run is killed after `timeout_s`.
 
 Ranks are forked from one forkserver that imported torch, Megatron and transformers once per calling process:
 a spawned rank re-imports them (about 12 s of CPU each), which dominated every short multi-rank run. The server's
 environment is the one of the moment it started, so each rank takes the caller's environment of the moment of
-the call (a Ray cluster started later, with its auth token, is reachable from the ranks).
+the call (a Ray cluster started later, with its auth token, is reachable from the ranks). On a CUDA host ranks are
+spawned instead: the imports ask torch.cuda.is_available(), which initialises the CUDA driver (cuInit), and a
+process forked from one that did cannot use CUDA.
+A rank that dies without reporting (a crash, a kill) fails the run at once with its exit code.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import io
 import os
 import queue
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +32,18 @@ import torch.multiprocessing as mp
 
 # imported once by the forkserver; a rank that needs more imports it itself
 PRELOAD = ("torch", "torch.distributed", "megatron.core", "transformers", "vppo_megatron.actor.engine")
+DEAD_RANK_GRACE_S = 5.0  # a rank's result can still be in the pipe when its process has exited
+
+
+def fresh_process_context(preload: list[str] | tuple[str, ...]) -> mp.context.BaseContext:
+    """Fresh processes from a forkserver that imported `preload` once; spawned ones on a CUDA host, where those
+    imports (megatron-core, transformers) call torch.cuda.is_available() in the server, which initialises the
+    driver, and its forked children then fail with "Cannot re-initialize CUDA in forked subprocess"."""
+    if torch.cuda.is_available():  # the caller may: it never forks
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(list(preload))  # takes effect when the server starts (the first call)
+    return ctx
 
 
 def free_port() -> int:
@@ -41,10 +59,14 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
     )
     torch.set_num_threads(1)  # N ranks share 2 cores: oversubscribed intra-op threads only slow gloo down
-    if torch.cuda.is_available():  # one GPU per rank where the host has them (as torchrun's LOCAL_RANK)
-        torch.cuda.set_device(rank % torch.cuda.device_count())
+    faulthandler.enable()  # a rank killed by a signal (SIGSEGV, SIGABRT) prints its Python stack first
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        backend = "gloo"
+        if torch.cuda.is_available():  # one GPU per rank where the host has them (as torchrun's LOCAL_RANK)
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+            if world_size <= torch.cuda.device_count():  # CUDA tensors over NCCL, as the trainer's ranks
+                backend = "cpu:gloo,cuda:nccl"
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
         # bytes, not tensors: torch's queue would share tensor storage with a process that is about to exit
         buffer = io.BytesIO()
         torch.save(fn(rank, world_size, *args), buffer)
@@ -57,8 +79,7 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
 
 
 def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float = 300.0) -> list[Any]:
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(list(PRELOAD))  # takes effect when the server starts (the first call)
+    ctx = fresh_process_context(PRELOAD)
     results = ctx.Queue()
     port = free_port()
     environ = dict(os.environ)  # the caller's, now: the forkserver's may be older
@@ -68,14 +89,24 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float 
     for p in procs:
         p.start()
     out: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout_s
+    dead_since: dict[int, float] = {}
     try:
-        for _ in range(world_size):
-            rank, status, value = results.get(timeout=timeout_s)
+        while len(out) < world_size:
+            try:
+                rank, status, value = results.get(timeout=1.0)
+            except queue.Empty:
+                now = time.monotonic()
+                if now > deadline:
+                    raise TimeoutError(f"distributed run did not finish in {timeout_s}s") from None
+                for r, p in enumerate(procs):
+                    dead = r not in out and p.exitcode is not None
+                    if dead and now - dead_since.setdefault(r, now) > DEAD_RANK_GRACE_S:
+                        raise RuntimeError(f"rank {r} exited with code {p.exitcode} before reporting") from None
+                continue
             if status == "error":
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
             out[rank] = torch.load(io.BytesIO(value), weights_only=False)
-    except queue.Empty:
-        raise TimeoutError(f"distributed run did not finish in {timeout_s}s") from None
     finally:
         for p in procs:
             p.join(timeout=10)

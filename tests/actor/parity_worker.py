@@ -125,13 +125,14 @@ def hf_logit_gap(rank, world_size, model_dir, without_deepstack=False):
     family = family_of(model_dir)
     cfg = load(None, ["model.dtype=float32", "model.transformer_impl=local", f"model.family={family}"])
     actor = MegatronActor(cfg, initialize(ParallelLayout(), seed=1), model_dir, training=False)
-    hf = families.get(family).model_class().from_pretrained(model_dir).eval()
+    device = actor.device or torch.device("cpu")  # both models on the actor's device (a GPU where there is one)
+    hf = families.get(family).model_class().from_pretrained(model_dir).eval().to(device)
     samples = [s for s in make_samples(model_dir) if 5 not in s.response_ids]  # HF counts any id 5 as image
     gaps, without = [], []
     for sample in samples:
-        pixels, grid = batching.encode_images(actor.image_processor, sample.images)
-        mb = batching.collate(actor.hf_config, [sample], [pixels], [grid], actor.pad_id).materialize()
-        ids = torch.tensor([sample.prompt_ids + sample.response_ids])
+        pixels, grid = (t.to(device) for t in batching.encode_images(actor.image_processor, sample.images))
+        mb = batching.collate(actor.hf_config, [sample], [pixels.cpu()], [grid.cpu()], actor.pad_id).materialize(device)
+        ids = torch.tensor([sample.prompt_ids + sample.response_ids], device=device)
         with torch.no_grad():
             ours = actor._forward(actor.model[0], mb)[:, : ids.shape[1]]
             reference = hf_logits(hf, ids, pixels, grid, mb)

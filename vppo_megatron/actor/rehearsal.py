@@ -22,7 +22,6 @@ group's all-gathers leave their outputs unwritten, which changes values, not the
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -33,6 +32,7 @@ import torch
 from vppo_megatron import families, memory
 from vppo_megatron.config import Config, ConfigError
 from vppo_megatron.parallel.layout import ParallelLayout
+from vppo_megatron.testing import fresh_process_context
 
 
 def published_hf_config(cfg: Config, num_layers: int | None = None):
@@ -161,10 +161,8 @@ _PRELOAD = [
 
 def _pool(workers: int) -> ProcessPoolExecutor:
     """Fresh processes, one task each (megatron-core's groups and torch.distributed are per process), forked from
-    a fork server that has only imported the libraries (nothing initialised)."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(_PRELOAD)
-    return ProcessPoolExecutor(workers, mp_context=context, max_tasks_per_child=1)
+    a fork server that has only imported the libraries (spawned on a CUDA host: see fresh_process_context)."""
+    return ProcessPoolExecutor(workers, mp_context=fresh_process_context(_PRELOAD), max_tasks_per_child=1)
 
 
 def rehearse(cfg: Config, workers: int | None = None) -> list[dict]:
