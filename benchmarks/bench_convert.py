@@ -7,7 +7,9 @@ I/O + serialisation limit).
 The model is a tiny-architecture Qwen2.5-VL made large (default: 12 layers of hidden 2048, 1.4 GiB in bf16) so
 the numbers are not dominated by process start-up. Each converter prints the time of its work (model build, read,
 fuse/shard, write); the benchmark times the whole command too and reports the difference, the start-up (Python,
-imports, torch.distributed), separately. Each number is the median of --repeats runs.
+imports, torch.distributed), separately. Each number is the median of --repeats runs. Beside them, the floor
+of the torch_dist format itself on this machine (FLOOR below): what a converter would take if reading, building
+and fusing cost nothing.
 """
 
 from __future__ import annotations
@@ -59,6 +61,35 @@ print(f"copied in {time.perf_counter() - start:.3f}s")
 """
 
 
+# The floor of megatron-core's torch_dist format on this machine: its writer serialises every tensor with
+# torch.save into the shard file and its reader torch.load's every item back (megatron-core 0.19 fixes
+# SerializationFormat.TORCH_SAVE), which no converter can beat. Timed here on tensors already in memory (owned
+# copies, as a model's parameters are), so neither reading the HF file nor building a model is counted.
+FLOOR = """
+import io, sys, time, torch
+from safetensors.torch import load_file, save_file
+tensors = {k: v.clone() for k, v in load_file(sys.argv[1]).items()}
+start = time.perf_counter()
+offsets = []
+with open(sys.argv[2], "wb") as f:
+    for value in tensors.values():
+        offset = f.tell()
+        torch.save(value, f)
+        offsets.append((offset, f.tell() - offset))
+written = time.perf_counter()
+with open(sys.argv[2], "rb") as f:
+    loaded = {}
+    for key, (offset, length) in zip(tensors, offsets):
+        f.seek(offset)
+        loaded[key] = torch.load(io.BytesIO(f.read(length)), weights_only=True)
+read = time.perf_counter()
+save_file(loaded, sys.argv[3], metadata={"format": "pt"})
+print(f"torch.save per item in {written - start:.3f}s")
+print(f"torch.load per item + safetensors save in {time.perf_counter() - written:.3f}s (load {read - written:.3f}s)")
+"""
+FLOOR_TIMES = re.compile(r"torch.save per item in ([0-9.]+)s|load per item \+ safetensors save in ([0-9.]+)s")
+
+
 def run_timed(command: list[str]) -> tuple[float, float]:
     """(whole command, the work it reports as "... in Xs") in seconds: a fresh process for every measurement,
     so each pays the same start-up and the same first touches of its memory."""
@@ -88,10 +119,23 @@ def main() -> None:
         model_dir = build_model(work / "model", args.layers, args.hidden, args.dtype)
         weights = model_dir / "model.safetensors"
         mib = weights.stat().st_size / 2**20
-        plain, to_megatron, to_hf = [], [], []
+        plain, to_megatron, to_hf, floor_write, floor_read = [], [], [], [], []
         for i in range(args.repeats):  # interleaved, so a slow spell of the machine hits every column alike
             plain.append(run_timed([sys.executable, "-c", PLAIN, str(weights), str(work / "copy.safetensors")]))
             (work / "copy.safetensors").unlink()
+            items, copy = work / "items.bin", work / "copy.safetensors"
+            done = subprocess.run(
+                [sys.executable, "-c", FLOOR, str(weights), str(items), str(copy)],
+                capture_output=True,
+                text=True,
+                timeout=3600,
+                check=True,
+            )
+            (write,), (read,) = ([float(t) for t in m if t] for m in FLOOR_TIMES.findall(done.stdout))
+            floor_write.append(write)
+            floor_read.append(read)
+            items.unlink()
+            copy.unlink()
             megatron, hf = work / f"megatron{i}", work / f"hf{i}"
             to_megatron.append(
                 run_timed([sys.executable, "-m", HF_TO_MEGATRON, "--hf", str(model_dir), "--out", str(megatron)])
@@ -102,12 +146,26 @@ def main() -> None:
             shutil.rmtree(megatron)
             shutil.rmtree(hf)
     base = statistics.median(w for _, w in plain)
+    floors = {"HF -> Megatron": statistics.median(floor_write), "Megatron -> HF": statistics.median(floor_read)}
     print(f"model: {mib:.0f} MiB {args.dtype} ({args.layers} layers, hidden {args.hidden}); median of {args.repeats}")
-    print(f"  {'':24s} {'MiB/s':>8s} {'x plain':>8s} {'work s':>8s} {'start-up s':>11s}")
+    columns = ("MiB/s", "x plain", "work s", "start-up s", "floor s", "x floor")
+    print(f"  {'':24s} " + " ".join(f"{c:>{11 if c == 'start-up s' else 8}s}" for c in columns))
     for name, runs in (("safetensors load+save", plain), ("HF -> Megatron", to_megatron), ("Megatron -> HF", to_hf)):
         work_s = statistics.median(w for _, w in runs)
         startup = statistics.median(wall - w for wall, w in runs)
-        print(f"  {name:24s} {mib / work_s:8.0f} {base / work_s:8.2f} {work_s:8.2f} {startup:11.2f}")
+        floor = floors.get(name, base)
+        print(
+            f"  {name:24s} {mib / work_s:8.0f} {base / work_s:8.2f} {work_s:8.2f} {startup:11.2f} {floor:8.2f}"
+            f" {floor / work_s:8.2f}"
+        )
+    print(
+        "  floor: the torch_dist format's own cost on tensors in memory (HF -> Megatron: torch.save per item; "
+        "Megatron -> HF: torch.load per item + the safetensors save)"
+    )
+    print(
+        f"  the format's floor against the plain copy: write {base / floors['HF -> Megatron']:.2f}x, "
+        f"read + export {base / floors['Megatron -> HF']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

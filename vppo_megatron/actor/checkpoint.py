@@ -15,6 +15,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from vppo_megatron import faults
@@ -124,13 +125,40 @@ def model_state(model_chunks) -> dict:
     return {name: canonical_sharded_state_dict(c) for name, c in zip(_state_names(model_chunks), model_chunks)}
 
 
+def _loaded_in_place(value, target) -> bool:
+    """True when a loaded value already is `target`'s memory: the distributed load reads into the tensors of the
+    sharded state it is given (the parameters), so these need no copy. A list: a factory's parts left unmerged,
+    views that tile `target` (SwiGLU fc1's two halves)."""
+    if not isinstance(target, torch.Tensor):
+        return False
+    if isinstance(value, torch.Tensor):
+        return (
+            value.data_ptr() == target.data_ptr()
+            and value.shape == target.shape
+            and value.stride() == target.stride()
+            and value.dtype == target.dtype
+        )
+    parts = value if isinstance(value, (list, tuple)) else []
+    base = target.untyped_storage().data_ptr()
+    return (
+        bool(parts)
+        and all(isinstance(p, torch.Tensor) and p.untyped_storage().data_ptr() == base for p in parts)
+        and sum(p.numel() for p in parts) == target.numel()
+        and len({p.data_ptr() for p in parts}) == len(parts)
+    )
+
+
 def load_model_state(model_chunks, loaded: dict, ckpt_dir) -> None:
-    """Copies the loaded `model_state` into the chunks; raises on any parameter the checkpoint lacks."""
+    """Copies the loaded `model_state` into the chunks (skipping what was loaded in place); raises on any
+    parameter the checkpoint lacks."""
     problems = {"missing": [], "unexpected": []}
     for name, chunk in zip(_state_names(model_chunks), model_chunks):
-        missing, unexpected = chunk.load_state_dict(loaded[name], strict=False)
-        problems["missing"] += [k for k in missing if not k.endswith("_extra_state")]
-        problems["unexpected"] += unexpected
+        own = chunk.state_dict(keep_vars=True)
+        state = loaded[name]
+        copies = {k: v for k, v in state.items() if not _loaded_in_place(v, own.get(k))}
+        chunk.load_state_dict(copies, strict=False)
+        problems["missing"] += [k for k in own if k not in state and not k.endswith("_extra_state")]
+        problems["unexpected"] += [k for k in state if k not in own]
     if problems["missing"] or problems["unexpected"]:
         raise KeyError(
             f"{ckpt_dir}: checkpoint does not fit the model: missing {problems['missing'][:10]}, "
@@ -185,9 +213,20 @@ def save(model_chunks, out_dir: str | Path, hf_dir: str | Path, metadata: dict, 
 def load(model_chunks, ckpt_dir: str | Path) -> dict:
     """Loads the model weights (at this rank's layout; optimizer state, if any, is left alone)."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory, apply_factories
 
     meta = read_metadata(ckpt_dir, model_chunks[0].family.model_type)
-    load_model_state(model_chunks, dist_checkpointing.load(model_state(model_chunks), str(ckpt_dir)), ckpt_dir)
+    state = model_state(model_chunks)
+    factories = {(n, k): v for n, s in state.items() for k, v in s.items() if isinstance(v, ShardedTensorFactory)}
+    # built here, so the load reads each part into its view of the parameter and megatron-core does not merge
+    # them into a new tensor to be copied back (SwiGLU fc1: a full copy of every MLP's largest weight, twice)
+    apply_factories(state)
+    loaded = dist_checkpointing.load(state, str(ckpt_dir))
+    for (name, key), factory in factories.items():
+        parts = loaded[name][key]
+        if not _loaded_in_place(parts, factory.data):  # a build that copies: merged as megatron-core would
+            loaded[name][key] = factory.merge_fn(parts)
+    load_model_state(model_chunks, loaded, ckpt_dir)
     return meta
 
 
