@@ -12,6 +12,7 @@ LAYERS = {
     "config": 0,
     "types": 0,
     "testing": 0,
+    "processes": -0.5,
     "faults": 0,
     "topology": 0.5,
     "memory": 1,

@@ -99,3 +99,23 @@ def test_vppo_plan_prints_the_estimate_and_the_rehearsed_7b_rank(command, capsys
     # 4.48B on each TP2 rank: 28 split layers + the whole vision tower + half of the embedding and output layer
     (row,) = [line for line in stdout.splitlines() if line.startswith("  only")]
     assert "4,484,460,544" in row and row.endswith("equal")
+
+
+def _visible_devices():
+    import os
+
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_rehearsal_workers_never_see_a_gpu(monkeypatch):
+    """On a CUDA host the stage builds still run on the meta device and the host (megatron-core would otherwise
+    allocate every weight of a full-size stage on the GPU): the workers are spawned with no GPU visible."""
+    import os
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with rehearsal._pool(1) as pool:
+        assert pool.submit(_visible_devices).result(timeout=120) == ""
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ

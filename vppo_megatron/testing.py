@@ -5,13 +5,13 @@ free loopback port (CUDA tensors over NCCL where each rank has a GPU of its own)
 *args)` and returns the list of return values by rank. A failing rank's traceback is re-raised in the caller; a
 hung run is killed after `timeout_s`.
 
-Ranks are forked from one forkserver that imported torch, Megatron and transformers once per calling process:
-a spawned rank re-imports them (about 12 s of CPU each), which dominated every short multi-rank run. The server's
-environment is the one of the moment it started, so each rank takes the caller's environment of the moment of
-the call (a Ray cluster started later, with its auth token, is reachable from the ranks). On a CUDA host ranks are
-spawned instead: the imports ask torch.cuda.is_available(), which initialises the CUDA driver (cuInit), and a
-process forked from one that did cannot use CUDA.
-A rank that dies without reporting (a crash, a kill) fails the run at once with its exit code.
+Ranks are fresh processes (vppo_megatron/processes.py): forked from one forkserver that imported torch, Megatron
+and transformers once, or spawned on a CUDA host. The server's environment is the one of the moment it started, so
+each rank takes the caller's environment of the moment of the call (a Ray cluster started later, with its auth
+token, is reachable from the ranks). On a CUDA host with a GPU per rank, CUDA tensors go over NCCL as in the
+trainer; with fewer GPUs than ranks the ranks see none and run on the host (gloo cannot carry device tensors
+between ranks that share one GPU). A rank that dies without reporting (a crash, a kill) fails the run at once
+with its exit code.
 """
 
 from __future__ import annotations
@@ -28,22 +28,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from vppo_megatron.processes import HOST_AND_DEVICE_BACKEND, cuda_hidden, fresh_process_context
 
 # imported once by the forkserver; a rank that needs more imports it itself
 PRELOAD = ("torch", "torch.distributed", "megatron.core", "transformers", "vppo_megatron.actor.engine")
 DEAD_RANK_GRACE_S = 5.0  # a rank's result can still be in the pipe when its process has exited
-
-
-def fresh_process_context(preload: list[str] | tuple[str, ...]) -> mp.context.BaseContext:
-    """Fresh processes from a forkserver that imported `preload` once; spawned ones on a CUDA host, where those
-    imports (megatron-core, transformers) call torch.cuda.is_available() in the server, which initialises the
-    driver, and its forked children then fail with "Cannot re-initialize CUDA in forked subprocess"."""
-    if torch.cuda.is_available():  # the caller may: it never forks
-        return mp.get_context("spawn")
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(list(preload))  # takes effect when the server starts (the first call)
-    return ctx
 
 
 def free_port() -> int:
@@ -62,10 +52,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
     faulthandler.enable()  # a rank killed by a signal (SIGSEGV, SIGABRT) prints its Python stack first
     try:
         backend = "gloo"
-        if torch.cuda.is_available():  # one GPU per rank where the host has them (as torchrun's LOCAL_RANK)
-            torch.cuda.set_device(rank % torch.cuda.device_count())
-            if world_size <= torch.cuda.device_count():  # CUDA tensors over NCCL, as the trainer's ranks
-                backend = "cpu:gloo,cuda:nccl"
+        if torch.cuda.is_available():  # one GPU per rank (as torchrun's LOCAL_RANK); else CUDA is hidden
+            torch.cuda.set_device(rank)
+            backend = HOST_AND_DEVICE_BACKEND
         dist.init_process_group(backend, rank=rank, world_size=world_size)
         # bytes, not tensors: torch's queue would share tensor storage with a process that is about to exit
         buffer = io.BytesIO()
@@ -81,13 +70,17 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
 def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float = 300.0) -> list[Any]:
     ctx = fresh_process_context(PRELOAD)
     results = ctx.Queue()
+    share_a_gpu = torch.cuda.is_available() and world_size > torch.cuda.device_count()
     port = free_port()
     environ = dict(os.environ)  # the caller's, now: the forkserver's may be older
+    if share_a_gpu:  # in the environment a rank starts with, and in the one it takes on
+        environ["CUDA_VISIBLE_DEVICES"] = ""
     procs = [
         ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, environ)) for r in range(world_size)
     ]
-    for p in procs:
-        p.start()
+    with cuda_hidden(share_a_gpu):
+        for p in procs:
+            p.start()
     out: dict[int, Any] = {}
     deadline = time.monotonic() + timeout_s
     dead_since: dict[int, float] = {}

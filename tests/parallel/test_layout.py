@@ -133,3 +133,21 @@ def test_only_the_backends_timeouts_are_taken_for_a_collective_timeout():
     assert collective_timeout(stalled, 60.0) is None  # an engine's stall names its own setting
     gloo = RuntimeError("[../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 2000ms for recv operation")
     assert "parallel.timeout_s=60 s" in collective_timeout(gloo, 60.0)
+
+
+def test_gpu_ranks_reduce_host_tensors_over_gloo_and_device_tensors_over_nccl(monkeypatch):
+    """The trainer reduces some tensors on the host (advantage statistics over DP, metrics): on a CUDA host the
+    default group has a gloo side for them beside NCCL, which an NCCL-only group would refuse."""
+    import torch
+    import torch.distributed as dist
+
+    from vppo_megatron.parallel import layout
+
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout=None: calls.append(backend))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    for cuda, backend in ((True, "cpu:gloo,cuda:nccl"), (False, "gloo")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        layout.init_distributed()
+        assert calls.pop() == backend

@@ -49,3 +49,19 @@ def test_cuda_hosts_spawn_their_ranks(monkeypatch):
     monkeypatch.setattr(testing.torch.cuda, "is_available", lambda: True)
     assert testing.fresh_process_context(testing.PRELOAD).get_start_method() == "spawn"
     assert run_distributed(_sum_of_ranks, 2, 1.0) == [3.0, 3.0]
+
+
+def _visible_devices(rank, world_size):
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_ranks_that_would_share_a_gpu_see_none(monkeypatch):
+    """More ranks than GPUs: gloo cannot carry device tensors between ranks on one GPU, so the ranks run on the
+    host; the caller's own environment is left as it was."""
+    monkeypatch.setattr(testing.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(testing.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert run_distributed(_visible_devices, 2) == ["", ""]
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
+    monkeypatch.setattr(testing.torch.cuda, "device_count", lambda: 2)  # a GPU each: nothing hidden
+    assert run_distributed(_visible_devices, 2) == [None, None]

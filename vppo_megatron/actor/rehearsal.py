@@ -21,9 +21,11 @@ group's all-gathers leave their outputs unwritten, which changes values, not the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -32,7 +34,7 @@ import torch
 from vppo_megatron import families, memory
 from vppo_megatron.config import Config, ConfigError
 from vppo_megatron.parallel.layout import ParallelLayout
-from vppo_megatron.testing import fresh_process_context
+from vppo_megatron.processes import cuda_hidden, fresh_process_context
 
 
 def published_hf_config(cfg: Config, num_layers: int | None = None):
@@ -159,10 +161,17 @@ _PRELOAD = [
 ]
 
 
-def _pool(workers: int) -> ProcessPoolExecutor:
+@contextlib.contextmanager
+def _pool(workers: int) -> Iterator[ProcessPoolExecutor]:
     """Fresh processes, one task each (megatron-core's groups and torch.distributed are per process), forked from
-    a fork server that has only imported the libraries (spawned on a CUDA host: see fresh_process_context)."""
-    return ProcessPoolExecutor(workers, mp_context=fresh_process_context(_PRELOAD), max_tasks_per_child=1)
+    a fork server that has only imported the libraries (spawned on a CUDA host). They never see a GPU: a stage is
+    built on the meta device and its activations measured on the host, as on a login node (megatron-core would
+    otherwise place every weight of a full-size stage on the GPU)."""
+    with (
+        cuda_hidden(torch.cuda.is_available()),
+        ProcessPoolExecutor(workers, mp_context=fresh_process_context(_PRELOAD), max_tasks_per_child=1) as pool,
+    ):
+        yield pool
 
 
 def rehearse(cfg: Config, workers: int | None = None) -> list[dict]:

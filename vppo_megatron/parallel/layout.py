@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from vppo_megatron.config import ConfigError, ParallelConfig
+from vppo_megatron.processes import HOST_AND_DEVICE_BACKEND
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,9 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
     if torch.cuda.is_available():  # one GPU per local rank, before NCCL binds the process to a device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     timeout = timedelta(seconds=timeout_s) if timeout_s else None
-    dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"), timeout=timeout)
+    dist.init_process_group(
+        backend or (HOST_AND_DEVICE_BACKEND if torch.cuda.is_available() else "gloo"), timeout=timeout
+    )
 
 
 def initialize(layout: ParallelLayout, seed: int, timeout_s: float | None = None) -> ParallelGroups:
