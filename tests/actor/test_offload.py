@@ -58,3 +58,39 @@ def test_offload_releases_storages_and_restores_them_bit_exactly(tiny_model_dir,
         assert set(result["during"][kind]) == {0}, f"{kind}: a storage kept its memory while offloaded"
     assert result["same"] == {"optimizer": True, "weights": True}
     assert result["grads_zero"] and result["again_ok"] == 1.0
+
+
+def test_a_kind_that_grows_gets_a_new_host_buffer_and_the_old_pinned_one_is_released(monkeypatch):
+    """Start-up offloads the optimizer before its first step, when it holds only the master copies; the moments
+    appear at that step. The next offload needs a larger buffer: the old one is dropped first and torch's cached
+    pinned block released (on a GPU it would otherwise stay cached for the whole run: 8 GiB per rank at 7B)."""
+    import types
+    import weakref
+
+    from vppo_megatron.actor import offload
+
+    released = []
+    on_gpu = [True]  # the offload's CUDA branch, on this host's memory; the optimizer's step on the host
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: on_gpu[0])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(offload, "_host_buffer", lambda nbytes, pinned: torch.empty(nbytes, dtype=torch.uint8))
+    monkeypatch.setattr(offload, "_release_cached_pinned_memory", lambda: released.append(True))
+    model = torch.nn.Linear(8, 8)
+    adam = torch.optim.AdamW(model.parameters())
+    moved = offload.ActorOffload([model], types.SimpleNamespace(optimizer=adam))
+    moved.offload(("weights", "optimizer"))  # before any step: no moments, an empty optimizer buffer
+    first = weakref.ref(moved._host["optimizer"])
+    moved.onload()
+    model(torch.ones(1, 8)).sum().backward()
+    on_gpu[0] = False
+    adam.step()  # the moments appear
+    on_gpu[0] = True
+    moved.offload(("weights", "optimizer"))
+    assert moved._host["optimizer"].numel() == 2 * 4 * (8 * 8 + 8)  # exp_avg + exp_avg_sq, fp32
+    assert first() is None and released == [True]  # the old buffer is gone, the cache released once
+    weights = moved._host["weights"]
+    moved.onload()
+    moved.offload(("weights", "optimizer"))  # same sizes: the buffers are reused, nothing released
+    assert moved._host["weights"] is weights and released == [True]
+    moved.onload()

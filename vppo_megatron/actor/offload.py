@@ -64,6 +64,18 @@ def _bytes(storage: torch.UntypedStorage) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
 
 
+def _host_buffer(nbytes: int, pinned: bool) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+
+
+def _release_cached_pinned_memory() -> None:
+    """Frees the pinned blocks torch's caching host allocator keeps after their tensors died: a kind's buffer that
+    was replaced by a larger one would otherwise stay cached for the life of the run, since the allocator reuses a
+    block only for a request of the same power-of-two size (torch.cuda.empty_cache frees device memory only)."""
+    empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+    empty() if empty is not None else torch._C._host_emptyCache()
+
+
 def _optimizers(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", [optimizer])) if optimizer is not None else []
 
@@ -130,8 +142,13 @@ class ActorOffload:
             if kind != "grads":
                 total = sum(storage.nbytes() for storage in storages)
                 buffer = self._host.get(kind)
-                if buffer is None or buffer.numel() != total:
-                    buffer = self._host[kind] = torch.empty(total, dtype=torch.uint8, pin_memory=cuda)
+                if buffer is not None and buffer.numel() != total:
+                    # the kind grew: the optimizer's moments appear at its first step, after start-up's offload
+                    buffer = self._host[kind] = None
+                    if cuda:
+                        _release_cached_pinned_memory()
+                if buffer is None:
+                    buffer = self._host[kind] = _host_buffer(total, cuda)
             parked, offset = [], 0
             for storage in storages:
                 host = None

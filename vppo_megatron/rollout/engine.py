@@ -54,10 +54,12 @@ class ProgressBoard:
         return dict(self.steps)
 
 
-def _free_device_bytes() -> int | None:
+def _free_device_bytes(owns_gpu: bool) -> int | None:
+    """Free memory of this process's GPU, where it has one of its own: the front end of a TP > 1 engine holds no
+    GPU (its workers do) and sees every GPU of the node, so it would read GPU 0's and open a CUDA context there."""
     import torch
 
-    return torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
+    return torch.cuda.mem_get_info()[0] if owns_gpu else None
 
 
 class RolloutEngine:
@@ -116,6 +118,7 @@ class RolloutEngine:
         self.log_records = _WarningLines()
         logging.getLogger("vllm").addHandler(self.log_records)
         self.sleep_mode = enable_sleep_mode
+        self.owns_gpu = torch.cuda.is_available() and tensor_parallel_size == 1  # the fleet gives it num_gpus=1
         self.asleep: set[str] = set()
         self.residency_events: list[tuple[float, str, int | None]] = []
         self.version = 0
@@ -235,7 +238,7 @@ class RolloutEngine:
                 self.llm.wake_up(tags=["weights"])
             self.llm.sleep(level=level)
         self.asleep = set(ALL_ASLEEP)
-        self.residency_events.append((time.time(), f"sleep(level={level})", _free_device_bytes()))
+        self.residency_events.append((time.time(), f"sleep(level={level})", _free_device_bytes(self.owns_gpu)))
 
     def wake_up(self, tags: list[str]) -> None:
         """Colocated: weights before a sync, then the KV cache (the scheduler resumes once both are back)."""
@@ -245,7 +248,8 @@ class RolloutEngine:
         self.asleep -= set(tags)
         if "weights" in tags:
             self._close_stale_session()
-        self.residency_events.append((time.time(), f"wake_up({','.join(tags)})", _free_device_bytes()))
+        event = (time.time(), f"wake_up({','.join(tags)})", _free_device_bytes(self.owns_gpu))
+        self.residency_events.append(event)
 
     def residency(self) -> dict:
         """What sleeps now and every sleep / wake_up so far: (unix time, call, free device bytes or None)."""

@@ -172,6 +172,8 @@ class WeightSync:
             outcome = [error, restarted]
             dist.broadcast_object_list(outcome, src=0)
             error, restarted = outcome
+            if self.transport != "shm":
+                self._release_gpu_buffers()
             if error is None:
                 break
             if not restarted:
@@ -352,10 +354,15 @@ class WeightSync:
                     self.fleet.submit(i, "remove_stale_staging")  # a restarted snapshot writer's old files
         self._buffers = [None, None]
         flat = None  # noqa: F841 - the last bucket's view: its buffer goes back with the others
+        return state["snapshot"], state["error"]
+
+    def _release_gpu_buffers(self) -> None:
+        """The sync's device buffers back to the device before the KV cache wakes. Only once every rank knows the
+        outcome, i.e. rank 0 heard the engines load the last bucket: before that an engine may still hold a
+        buffer through CUDA IPC, which ipc_collect would keep (until the next sync) instead of freeing."""
         if self.transport == "cuda_ipc":
             torch.cuda.ipc_collect()  # buffers the engines held past their last reference
-        torch.cuda.empty_cache()  # the sync's buffers back to the device before the KV cache wakes
-        return state["snapshot"], state["error"]
+        torch.cuda.empty_cache()
 
     def _buffer(self, index: int, nbytes: int, device) -> torch.Tensor:
         held = self._buffers[index % 2]
