@@ -377,7 +377,9 @@ class MegatronActor:
     def _experience_outputs(self, mb: batching.MicroBatch, paired: bool, with_entropy: bool, logits_BSV: torch.Tensor):
         """Last stage: logits [2B, S_l, V_tp] of both views (or [B, ...] of one) -> per-token results [B, S]."""
         with torch.no_grad():
-            logits = logits_BSV.float() / self.cfg.rollout.temperature
+            # scaled in place: Float16Module's output is already fp32 (.float() is the same tensor), and nothing reads
+            # it after this; a copy would be one more [2B, S, V_tp] fp32 tensor than the memory plan counts
+            logits = logits_BSV.float().div_(self.cfg.rollout.temperature)
             batch = logits.shape[0] // 2 if paired else logits.shape[0]
             vocab_tp = logits.shape[-1]
             logp_BS = self._token_log_probs(logits, self._local(mb.labels_BS))

@@ -26,7 +26,8 @@ def log_normalizer(logits_NV_tp: torch.Tensor, group=None) -> torch.Tensor:
     """log sum_v exp(logit_v) over the full vocabulary, [N]. Max and sum all-reduced over `group`."""
     logits = logits_NV_tp.float()
     max_N = _all_reduce(logits.max(dim=-1).values, dist.ReduceOp.MAX, group)
-    sum_N = _all_reduce(torch.exp(logits - max_N.unsqueeze(-1)).sum(dim=-1), dist.ReduceOp.SUM, group)
+    # one vocabulary-sized temporary, not two: exp in place on the shifted copy (autograd keeps exp's output)
+    sum_N = _all_reduce((logits - max_N.unsqueeze(-1)).exp_().sum(dim=-1), dist.ReduceOp.SUM, group)
     return max_N + torch.log(sum_N)
 
 
