@@ -115,12 +115,15 @@ def failing_sync_rank(rank, world_size, model_dir, ray_address):
     for fault in ("kill_engine", "stop_engine"):  # engine 0 killed / stopped once the sync's first bucket is out
         _perturb(actor, actor.groups)
         os.environ["VPPO_FAULT"] = f"{fault}@sync_load"
+        configured = fleet.timeout_s if fleet is not None else None
         if fleet is not None:
             fleet.timeout_s = 8.0  # rollout.request_timeout_s: a stopped engine is taken for hung after 8 s
         try:
             metrics = sync.push()
         finally:
             del os.environ["VPPO_FAULT"]
+            if fleet is not None:  # the probe's first request to the restarted engine may take longer on a busy host
+                fleet.timeout_s = configured
         engine_faults[fault] = {
             "metrics": metrics,
             "probe": sync.probe(samples, texts),
