@@ -5,8 +5,12 @@
   plain      one forward-only log-prob pass (DAPO/GRPO need only this)
 
 Prints seconds per pass (median of --repeats) and the ratios fused/plain, two-pass/plain, fused/two-pass.
+Then, on a second actor built for packing (the same attention code for both arms), the fused pass with padded
+micro-batches against packed ones (trainer.pack_sequences), with the share of the padded micro-batches' tokens
+that is padding. --spread draws each response's length from [(1 - spread) x length, length].
 
   python benchmarks/bench_experience.py --model runs/demo/tiny-qwen2_5_vl [--rollouts 32 --response-length 64]
+  python benchmarks/bench_experience.py --model runs/demo/tiny-qwen2_5_vl --spread 0.9 --response-length 256
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ def _run(rank, world_size, args):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Count the shapes."}]}]
         text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         prompt = processor(text=[text], images=[image], return_tensors="pt")["input_ids"][0].tolist()
-        samples.append(ActorSample(f"r{i}", prompt, rng.integers(8, 600, args.response_length).tolist(), [image]))
+        length = int(rng.integers(max(1, round((1 - args.spread) * args.response_length)), args.response_length + 1))
+        samples.append(ActorSample(f"r{i}", prompt, rng.integers(8, 600, length).tolist(), [image]))
     cell = actor.hf_config.vision_config.patch_size
     perturbed = [
         ActorSample(
@@ -65,15 +70,34 @@ def _run(rank, world_size, args):
     def plain():
         actor.experience(samples, step=0, with_perception=False)
 
-    timings = {}
-    for name, fn in (("fused", fused), ("two-pass", two_pass), ("plain", plain)):
+    def median_s(fn) -> float:
         fn()  # warm-up
         runs = []
         for _ in range(args.repeats):
             start = time.perf_counter()
             fn()
             runs.append(time.perf_counter() - start)
-        timings[name] = statistics.median(runs)
+        return statistics.median(runs)
+
+    timings = {name: median_s(fn) for name, fn in (("fused", fused), ("two-pass", two_pass), ("plain", plain))}
+    destroy()
+
+    cfg.trainer.pack_sequences = True  # the local spec's packing attention, used by both arms below
+    actor = MegatronActor(cfg, initialize(ParallelLayout(), seed=1), args.model, training=False)
+
+    def fused_with(packed: bool):
+        def run():
+            cfg.trainer.pack_sequences = packed
+            actor.experience(samples, step=0)
+
+        return run
+
+    timings["padded"] = median_s(fused_with(False))
+    timings["packed"] = median_s(fused_with(True))
+    cfg.trainer.pack_sequences = False
+    views = actor.prepare(samples, 0).views
+    tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+    timings["padding_share"] = 1 - tokens / sum(v.input_ids_BS.numel() for v in views)
     destroy()
     return timings
 
@@ -85,6 +109,7 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--rollouts", type=int, default=32)
     parser.add_argument("--response-length", type=int, default=64)
+    parser.add_argument("--spread", type=float, default=0.0, help="response lengths vary by this fraction")
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
@@ -95,11 +120,15 @@ def main() -> None:
         f"rollouts={args.rollouts} response_length={args.response_length} image={args.image_size}px "
         f"micro_batch={args.micro_batch_size}"
     )
-    for name, seconds in t.items():
-        print(f"  {name:9s} {seconds:8.3f} s")
+    for name in ("fused", "two-pass", "plain"):
+        print(f"  {name:9s} {t[name]:8.3f} s")
     print(f"  fused / plain     = {t['fused'] / t['plain']:.2f}x  (cost of the perception pass)")
     print(f"  two-pass / plain  = {t['two-pass'] / t['plain']:.2f}x")
     print(f"  fused / two-pass  = {t['fused'] / t['two-pass']:.2f}x")
+    print(f"packing (spread {args.spread:g}: {t['padding_share']:.1%} of the padded micro-batches' tokens are padding)")
+    print(f"  padded    {t['padded']:8.3f} s")
+    print(f"  packed    {t['packed']:8.3f} s")
+    print(f"  packed / padded   = {t['packed'] / t['padded']:.2f}x")
 
 
 if __name__ == "__main__":

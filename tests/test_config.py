@@ -93,6 +93,11 @@ def test_bad_values_name_the_field(override, words):
             ["parallel.first_stage_layers=3", "multiple of parallel.vpp=2"],
         ),
         (["parallel.sequence_parallel=true"], None, ["sequence_parallel", "tp > 1"]),
+        (
+            ["trainer.pack_sequences=true", "parallel.cp=2"],
+            None,
+            ["trainer.pack_sequences=True", "context parallelism (parallel.cp=2)", "parallel.cp=1"],
+        ),
         (["algorithm.token_fraction=0"], None, ["algorithm.token_fraction", "(0, 1]"]),
         (
             ["algorithm.tas_range=fixed", "algorithm.beta_max=0.5"],

@@ -67,3 +67,17 @@ def test_the_dry_run_prints_the_sync_topology_and_the_most_a_rank_holds(capsys):
     assert "node 7: engine 14 <- ranks 56-59; engine 15 <- ranks 60-63" in out
     assert "stage 3 (ranks 48-63): buckets passed by rank 48 to ranks 0-47" in out
     assert "most any rank holds during a sync: 6.96 GiB (5.1% of the 136.7 GiB model)" in out
+
+
+def test_the_nccl_rendezvous_is_this_hosts_address_and_a_port_held_open():
+    """The disaggregated NCCL sync's store address (rollout/nccl.py) through vLLM's own helper, on any host."""
+    import socket
+
+    from vppo_megatron.rollout.nccl import rendezvous_address
+
+    host, port, listener = rendezvous_address()
+    try:
+        assert host and port == listener.getsockname()[1] > 0
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()  # held open: the store can bind it
+    finally:
+        listener.close()

@@ -201,6 +201,26 @@ def step_te_tp2_sp(work: Path, figures: dict) -> None:
     assert not failures, "; ".join(failures)
 
 
+def step_te_packed(work: Path, figures: dict) -> None:
+    # CPU: tests/actor/test_actor.py::test_packed_experience_equals_padded_on_one_actor (the local spec's own THD
+    # attention) and tests/actor/test_parallel_parity.py::test_packed_sequences_equal_padded_serial (TP2 + SP, PP2,
+    # the update); here Transformer Engine's THD attention (cu_seqlens) on the packed row, in bf16
+    from parity_worker import packed_vs_padded
+
+    from vppo_megatron.testing import run_distributed
+
+    _require_te()
+    failures = []
+    for family in FAMILIES:
+        ((gaps, shapes, scale),) = run_distributed(
+            packed_vs_padded, 1, str(_model(work, family)), "transformer_engine", "bfloat16"
+        )
+        figures[family] = {"max_abs_gap": gaps, "packed_shapes": shapes, "max_abs_logp": scale}
+        if shapes != [(1, shapes[0][1])] or max(gaps.values()) > BF16_LOGP_GAP:
+            failures.append(f"{family}: packed vs padded {gaps} (<= {BF16_LOGP_GAP}), micro-batches {shapes}")
+    assert not failures, "; ".join(failures)
+
+
 def step_vision_precision(work: Path, figures: dict) -> None:
     # CPU: tests/actor/test_actor.py::test_bf16_actor_keeps_the_vision_rotary_fp32_like_transformers (the same
     # comparison on the tiny processor's largest image, ~200 patches); here an image of the recipes' max_pixels
@@ -631,6 +651,7 @@ STEPS = {
     "prepare": Step(step_prepare, 180),
     "te_parity": Step(step_te_parity, 300),
     "te_tp2_sp": Step(step_te_tp2_sp, 300),
+    "te_packed": Step(step_te_packed, 300),
     "vision_precision": Step(step_vision_precision, 300),
     "fp8": Step(step_fp8, 300),
     "fp8_signal": Step(step_fp8_signal, 300),

@@ -301,8 +301,13 @@ class TrainerConfig:
     micro_batch_size: int = 4
     """Rollouts per micro-batch on each data-parallel rank (the bound when max_tokens_per_micro_batch is 0)."""
     max_tokens_per_micro_batch: int = 0
-    """Token budget of a micro-batch (rows x padded length, prompt + response): consecutive rollouts are packed
-    while they fit, like the reference's dynamic batching; 0 = micro_batch_size rollouts each."""
+    """Token budget of a micro-batch (rows x padded length, prompt + response; with pack_sequences the padded sum
+    of the rollouts' lengths): consecutive rollouts are taken while they fit, like the reference's dynamic
+    batching; 0 = micro_batch_size rollouts each."""
+    pack_sequences: bool = False
+    """Each micro-batch's rollouts run back to back in one row (megatron-core's THD format: attention stays inside
+    each rollout, each keeps its own positions) instead of each padded to the longest: the same results, no
+    compute on padding. Needs parallel.cp=1."""
     val_every: int = 5
     """Validate every N steps (and before the first); 0 disables."""
     val_prompts: int = 0
@@ -543,6 +548,13 @@ def _check_batches(cfg: Config, world_size: int) -> None:
     step (prompts) = k x update (prompts); update = dp x groups per rank; a rank's update rollouts (groups x n) =
     whole micro-batches (fixed count) and whole TAS segments."""
     t, a, p = cfg.trainer, cfg.algorithm, cfg.parallel
+    if t.pack_sequences and p.cp > 1:
+        _fail(
+            "trainer.pack_sequences",
+            True,
+            f"packed rollouts are not split for context parallelism (parallel.cp={p.cp}); set "
+            "trainer.pack_sequences=false, or parallel.cp=1 (packing suits many short rollouts, CP one long one)",
+        )
     if t.prompts_per_step < 1 or t.prompts_per_update < 1:
         _fail("trainer.prompts_per_update", t.prompts_per_update, "prompt counts must be >= 1")
     if t.prompts_per_step % t.prompts_per_update:

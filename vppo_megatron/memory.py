@@ -309,7 +309,10 @@ def vision_activation_bytes(arch: Arch, patches: int, recompute: bool = False, d
 
 def rollouts_per_micro_batch(cfg) -> int:
     """Rows of the largest micro-batch: trainer.micro_batch_size, or with a token budget as many longest
-    sequences (prompt + response limits) as fit it, at least one: the budget's tokens, the activations' driver."""
+    sequences (prompt + response limits) as fit it, at least one: the budget's tokens, the activations' driver.
+    Packed micro-batches (trainer.pack_sequences) have the same worst case: that many longest rollouts in one row,
+    each attending to itself (Transformer Engine's THD attention, and the local spec's own), so the padded
+    estimate bounds them."""
     t = cfg.trainer
     if t.max_tokens_per_micro_batch:
         return max(1, t.max_tokens_per_micro_batch // (cfg.data.max_prompt_length + cfg.rollout.max_response_length))

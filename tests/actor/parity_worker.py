@@ -236,6 +236,37 @@ def te_vs_local(rank, world_size, model_dir, fp8):
     return (logits["local"] - logits["transformer_engine"]).abs().max().item(), logits["local"].abs().max().item()
 
 
+def packed_vs_padded(rank, world_size, model_dir, impl, dtype):
+    """The dual-pass experience of the same rollouts on one actor, padded and then packed (trainer.pack_sequences,
+    all four in one row): max |gap| per result over the response tokens, and the packed micro-batches' shapes.
+    The local spec is built for packing (its own attention), which also runs the padded rows."""
+    from vppo_megatron.actor.engine import MegatronActor
+    from vppo_megatron.config import load
+    from vppo_megatron.parallel.layout import ParallelLayout, destroy, initialize
+
+    cfg = load(
+        None,
+        [
+            f"model.dtype={dtype}",
+            f"model.family={family_of(model_dir)}",
+            f"model.transformer_impl={impl}",
+            "trainer.micro_batch_size=4",
+            "trainer.pack_sequences=true",
+        ],
+    )
+    actor = MegatronActor(cfg, initialize(ParallelLayout(), seed=1), model_dir, training=False)
+    samples = make_samples(model_dir)
+    cfg.trainer.pack_sequences = False
+    padded = actor.experience(samples, step=3)
+    cfg.trainer.pack_sequences = True
+    batch = actor.prepare(samples, step=3)
+    packed = actor.experience(batch, step=3)
+    destroy()
+    names = ("old_logp_BT", "aug_logp_BT", "dependency_BT", "entropy_BT")
+    gaps = {name: (getattr(packed, name) - getattr(padded, name)).abs().max().item() for name in names}
+    return gaps, [tuple(view.input_ids_BS.shape) for view in batch.views], padded.old_logp_BT.abs().max().item()
+
+
 def te_tp2_sp_vs_serial(rank, world_size, model_dir):
     """GPU only, 2 ranks: the Transformer Engine actor at TP2 with sequence parallelism against the serial TE actor
     (TP1, on each rank) on the same sample: (max |logit gap| over this rank's vocabulary shard, max |logit|)."""

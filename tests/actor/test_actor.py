@@ -1,6 +1,6 @@
 import pytest
 import torch
-from parity_worker import bf16_update, hf_bf16_vision_gap, hf_logit_gap, schedule_calls, te_vs_local
+from parity_worker import bf16_update, hf_bf16_vision_gap, hf_logit_gap, packed_vs_padded, schedule_calls, te_vs_local
 
 from vppo_megatron.config import ConfigError, load, transformer_engine_available
 from vppo_megatron.testing import run_distributed
@@ -107,3 +107,13 @@ def test_transformer_engine_actor_matches_local_spec_on_gpu(tiny_model_dir, fp8)
     ((gap, norm),) = run_distributed(te_vs_local, 1, str(tiny_model_dir), fp8)
     # bf16 TE vs bf16 local spec: rounding-level; FP8 linear layers: a few percent of the logit scale
     assert gap <= (0.05 if fp8 == "none" else 0.25) * max(1.0, norm)
+
+
+def test_packed_experience_equals_padded_on_one_actor(tiny_model_dir):
+    """trainer.pack_sequences: the four rollouts in one row (THD: attention within each rollout, each with its own
+    M-RoPE positions) give the padded micro-batch's per-token results (gpu_acceptance.sh te_packed: the same on
+    Transformer Engine's THD attention)."""
+    ((gaps, shapes, scale),) = run_distributed(packed_vs_padded, 1, str(tiny_model_dir), "local", "float32")
+    assert shapes == [(1, shapes[0][1])]  # one micro-batch, one row
+    assert scale > 1.0  # the comparison is of real log-probs, not zeros
+    assert max(gaps.values()) <= 1e-5, gaps

@@ -123,3 +123,23 @@ def test_sequence_parallel_equals_serial(name, serial_of, request):
     model_fixture = FAMILY_MODELS[family]
     result = _run(request.getfixturevalue(model_fixture), layout, world_size, ["parallel.sequence_parallel=true"])
     _assert_equal(result, serial_of(model_fixture))
+
+
+# Packed micro-batches (trainer.pack_sequences: one row of rollouts, THD attention within each): the same numbers
+# as the padded serial run, alone, with TP2 + sequence parallelism, and across a pipeline (DeepStack on stage 1)
+PACKED = {
+    "qwen2_5_vl_serial": ("qwen2_5_vl", {}, 1, []),
+    "qwen2_5_vl_tp2_sp": ("qwen2_5_vl", {"tp": 2}, 2, ["parallel.sequence_parallel=true"]),
+    "qwen3_vl_pp2": ("qwen3_vl", {"pp": 2}, 2, []),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(PACKED))
+def test_packed_sequences_equal_padded_serial(name, serial_of, request):
+    family, layout, world_size, overrides = PACKED[name]
+    model_fixture = FAMILY_MODELS[family]
+    result = _run(
+        request.getfixturevalue(model_fixture), layout, world_size, ["trainer.pack_sequences=true", *overrides]
+    )
+    _assert_equal(result, serial_of(model_fixture))

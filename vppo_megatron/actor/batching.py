@@ -4,6 +4,11 @@ Sequences are [prompt | response | padding] (right padding): with causal attenti
 padding, so no padding mask is needed. Per-token values live at *label positions*: position t predicts token
 t + 1, so response token j of a rollout with P prompt tokens sits at label position P - 1 + j.
 
+Packed (`trainer.pack_sequences`): a micro-batch is ONE row, its rollouts back to back and the padding once at
+the end ([r1 | r2 | ... | padding]); `cu_seqlens` bounds each rollout (and the padding, a segment of its own), and
+attention stays inside a segment (megatron-core's THD format). Each rollout keeps its own M-RoPE positions, so a
+packed rollout computes what it computes alone.
+
 With context parallelism the padded length is a multiple of 2 * cp (the zigzag split); with sequence
 parallelism also of tp.
 
@@ -42,6 +47,40 @@ class MicroBatch:
     pixel_parts: list[torch.Tensor] = field(default_factory=list)
     """Each rollout's image patches [N_r, C] on the host: its prompt's own tensor, shared by the prompt's rollouts
     (not a copy per rollout)."""
+    cu_seqlens: torch.Tensor | None = None
+    """Packed micro-batches only: int32 [segments + 1], each rollout's start in the one row, then the padding's
+    (a segment of its own when there is any), then the row's length. None: one rollout per row."""
+
+    @property
+    def packed(self) -> bool:
+        return self.cu_seqlens is not None
+
+    def _segments(self) -> list[tuple[int, int]]:
+        """(row, first position) of each rollout."""
+        if self.cu_seqlens is None:
+            return [(b, 0) for b in range(len(self.prompt_lengths))]
+        starts = self.cu_seqlens.tolist()
+        return [(0, starts[b]) for b in range(len(self.prompt_lengths))]
+
+    def response_aligned(self, values_BS: torch.Tensor, num_positions: int) -> torch.Tensor:
+        """[rows, S] label-position values -> [B, T] response-aligned, one row per rollout (zero past each
+        response)."""
+        out = torch.zeros((len(self.prompt_lengths), num_positions), dtype=values_BS.dtype)
+        for b, (row, start) in enumerate(self._segments()):
+            first = start + self.prompt_lengths[b] - 1
+            width = min(num_positions, self.response_lengths[b])
+            out[b, :width] = values_BS[row, first : first + width]
+        return out
+
+    def label_positions(self, values_BT: torch.Tensor) -> torch.Tensor:
+        """[B, T] response-aligned -> [rows, S] label positions of this micro-batch (inverse of
+        `response_aligned`; zero outside the responses)."""
+        out = torch.zeros(self.input_ids_BS.shape, dtype=values_BT.dtype)
+        for b, (row, start) in enumerate(self._segments()):
+            first = start + self.prompt_lengths[b] - 1
+            width = min(values_BT.shape[1], self.response_lengths[b])
+            out[row, first : first + width] = values_BT[b, :width]
+        return out
 
     def materialize(self, device: torch.device | None = None, with_pixels: bool = True) -> MicroBatch:
         """What a schedule runs: every tensor on `device` (None: stays on the host) and the rollouts' pixel parts
@@ -119,10 +158,14 @@ class StepBatch:
         with_pixels=False (no vision tower on this chunk): the perturbed images are not made."""
         mb = self.views[i]
         perturbed = self.perturb(self.samples[self.micro_rows[i]]) if with_pixels else []
+        along = 1 if mb.packed else 0  # a packed micro-batch's two views are one row twice as long
         twice = {
-            name: torch.cat([getattr(mb, name)] * 2, dim=1 if name == "position_ids_3BS" else 0)
+            name: torch.cat([getattr(mb, name)] * 2, dim=along + 1 if name == "position_ids_3BS" else along)
             for name in ("input_ids_BS", "position_ids_3BS", "labels_BS", "response_mask_BS", "image_mask_BS")
         }
+        cu_seqlens = None
+        if mb.packed:
+            cu_seqlens = torch.cat([mb.cu_seqlens, mb.cu_seqlens[1:] + mb.cu_seqlens[-1]])
         grids = [t for t in [mb.image_grid_thw] + [g for _, g in perturbed] if t is not None]
         return MicroBatch(
             **twice,
@@ -132,6 +175,7 @@ class StepBatch:
             response_lengths=mb.response_lengths * 2,
             extras_BS={},
             pixel_parts=mb.pixel_parts + [p for p, _ in perturbed if p is not None],
+            cu_seqlens=cu_seqlens,
         )
 
     def pixel_bytes(self) -> int:
@@ -141,24 +185,32 @@ class StepBatch:
 
 
 def micro_batch_rows(
-    lengths: list[int], mini_batches: list[slice], size: int, max_tokens: int = 0, multiple: int = 1
+    lengths: list[int],
+    mini_batches: list[slice],
+    size: int,
+    max_tokens: int = 0,
+    multiple: int = 1,
+    packed: bool = False,
 ) -> list[slice]:
     """The one micro-batching rule: consecutive rows inside each mini-batch, `size` rows each, or (max_tokens > 0)
-    as many rows as fit rows x padded length <= max_tokens (one row at least: a longer sequence runs alone)."""
+    as many rows as fit max_tokens (one row at least: a longer sequence runs alone) counted as rows x padded
+    length, or packed as the padded sum of their lengths."""
     out = []
     for mini in mini_batches:
         start = mini.start
         while start < mini.stop:
-            stop, longest = start + 1, lengths[start]
+            stop, longest, total = start + 1, lengths[start], lengths[start]
             while stop < mini.stop:
-                longest_next = max(longest, lengths[stop])
-                if max_tokens:
+                longest_next, total_next = max(longest, lengths[stop]), total + lengths[stop]
+                if max_tokens and packed:
+                    fits = padded_length(total_next, multiple) <= max_tokens
+                elif max_tokens:
                     fits = (stop + 1 - start) * padded_length(longest_next, multiple) <= max_tokens
                 else:
                     fits = stop - start < size
                 if not fits:
                     break
-                stop, longest = stop + 1, longest_next
+                stop, longest, total = stop + 1, longest_next, total_next
             out.append(slice(start, stop))
             start = stop
     return out
@@ -225,26 +277,37 @@ def collate(
     image_grid_thw: list[torch.Tensor | None],
     pad_id: int,
     length_multiple: int = 1,
+    packed: bool = False,
 ) -> MicroBatch:
-    """Pads a list of rollouts into one micro-batch; pixel values are given per rollout (original or perturbed) and
-    kept as given (`pixel_parts`: a prompt's tensor shared by its rollouts stays one tensor until `materialize`)."""
+    """Pads a list of rollouts into one micro-batch (packed: into one row, `MicroBatch.cu_seqlens`); pixel values
+    are given per rollout (original or perturbed) and kept as given (`pixel_parts`: a prompt's tensor shared by
+    its rollouts stays one tensor until `materialize`)."""
     sequences = [torch.tensor(s.prompt_ids + s.response_ids, dtype=torch.long) for s in samples]
-    seq_len = padded_length(max(len(s) for s in sequences), length_multiple)
-    batch = len(samples)
-    input_ids = torch.full((batch, seq_len), pad_id, dtype=torch.long)
-    positions = torch.zeros((3, batch, seq_len), dtype=torch.long)
-    labels = torch.full((batch, seq_len), pad_id, dtype=torch.long)
-    response_mask = torch.zeros((batch, seq_len), dtype=torch.float32)
-    image_mask = torch.zeros((batch, seq_len), dtype=torch.bool)
-    for b, (sample, seq, grid) in enumerate(zip(samples, sequences, image_grid_thw)):
+    lengths = [len(s) for s in sequences]
+    if packed:
+        starts = np.cumsum([0] + lengths).tolist()
+        rows, seq_len = [0] * len(samples), padded_length(starts[-1], length_multiple)
+        cu_seqlens = torch.tensor(starts + ([seq_len] if seq_len > starts[-1] else []), dtype=torch.int32)
+    else:
+        starts, rows, cu_seqlens = [0] * len(samples), list(range(len(samples))), None
+        seq_len = padded_length(max(lengths), length_multiple)
+    height = 1 if packed else len(samples)
+    input_ids = torch.full((height, seq_len), pad_id, dtype=torch.long)
+    positions = torch.zeros((3, height, seq_len), dtype=torch.long)
+    labels = torch.full((height, seq_len), pad_id, dtype=torch.long)
+    response_mask = torch.zeros((height, seq_len), dtype=torch.float32)
+    image_mask = torch.zeros((height, seq_len), dtype=torch.bool)
+    for sample, seq, grid, b, start in zip(samples, sequences, image_grid_thw, rows, starts):
         length, prompt_len = len(seq), len(sample.prompt_ids)
-        input_ids[b, :length] = seq
-        positions[:, b, :length] = mrope_positions(hf_config, seq, grid, prompt_len)
-        image_mask[b, :length] = image_token_mask(hf_config, seq, prompt_len)
-        # padding continues the text positions so every position id stays in range
-        positions[:, b, length:] = positions[:, b, length - 1 : length].amax() + 1
-        labels[b, : length - 1] = seq[1:]
-        response_mask[b, prompt_len - 1 : length - 1] = 1.0
+        span = slice(start, start + length)
+        input_ids[b, span] = seq
+        positions[:, b, span] = mrope_positions(hf_config, seq, grid, prompt_len)
+        image_mask[b, span] = image_token_mask(hf_config, seq, prompt_len)
+        labels[b, start : start + length - 1] = seq[1:]
+        response_mask[b, start + prompt_len - 1 : start + length - 1] = 1.0
+    for b in range(height):  # padding continues the text positions so every position id stays in range
+        end = starts[-1] if packed else lengths[b]
+        positions[:, b, end:] = positions[:, b, end - 1 : end].amax() + 1
     present_grids = [g for g in image_grid_thw if g is not None]
     return MicroBatch(
         input_ids_BS=input_ids,
@@ -258,22 +321,5 @@ def collate(
         response_lengths=[len(s.response_ids) for s in samples],
         extras_BS={},
         pixel_parts=[p for p in pixel_values if p is not None],
+        cu_seqlens=cu_seqlens,
     )
-
-
-def to_response_aligned(values_BS: torch.Tensor, prompt_lengths: list[int], num_positions: int) -> torch.Tensor:
-    """[B, S] label-position values -> [B, T] response-aligned (zero past each response)."""
-    out = torch.zeros((values_BS.shape[0], num_positions), dtype=values_BS.dtype)
-    for b, prompt_len in enumerate(prompt_lengths):
-        width = min(num_positions, values_BS.shape[1] - (prompt_len - 1))
-        out[b, :width] = values_BS[b, prompt_len - 1 : prompt_len - 1 + width]
-    return out
-
-
-def to_label_positions(values_BT: torch.Tensor, prompt_lengths: list[int], seq_len: int) -> torch.Tensor:
-    """[B, T] response-aligned -> [B, S] label positions (inverse of `to_response_aligned`)."""
-    out = torch.zeros((values_BT.shape[0], seq_len), dtype=values_BT.dtype)
-    for b, prompt_len in enumerate(prompt_lengths):
-        width = min(values_BT.shape[1], seq_len - (prompt_len - 1))
-        out[b, prompt_len - 1 : prompt_len - 1 + width] = values_BT[b, :width]
-    return out

@@ -1,11 +1,14 @@
-"""Context-parallel core attention for hosts without Transformer Engine (CPU tests of the CP path).
+"""Context-parallel and packed-sequence core attention for hosts without Transformer Engine (CPU tests of the CP
+and THD paths).
 
 megatron-core's local DotProductAttention refuses context parallelism; TE's attention implements it with ring
 (p2p) communication on GPU. This module is a drop-in `core_attention` for the local layer spec that makes the
 whole CP path real on CPU: each rank holds the zigzag chunks (r, 2cp-1-r) of every sequence; K and V are
 all-gathered over the CP group (autograd-aware: the backward all-reduces the gradient and keeps the local
 slice), put back into global order, and the local queries attend causally by *global* position.
-It is used only where Transformer Engine is absent; on GPU the TE spec's attention does CP.
+Packed sequences (megatron-core's THD format, cp = 1): one row of several sequences bounded by cu_seqlens; each
+query attends causally within its own sequence. It is used only where Transformer Engine is absent; on GPU the TE
+spec's attention does CP and THD.
 
 Legend: S_l local sequence length (S / cp), S global length, b batch, n query heads, g KV groups, d head dim.
 """
@@ -47,7 +50,8 @@ def zigzag_positions(seq_len: int, cp_size: int, cp_rank: int) -> torch.Tensor:
 
 
 class ContextParallelAttention(MegatronModule):
-    """Causal softmax attention over the CP-gathered sequence (local spec only; no dropout, no packing)."""
+    """Causal softmax attention over the CP-gathered sequence, or within each packed sequence (local spec only; no
+    dropout)."""
 
     def __init__(
         self,
@@ -71,7 +75,9 @@ class ContextParallelAttention(MegatronModule):
     def forward(
         self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
     ):
-        assert packed_seq_params is None and attention_bias is None, "packing/bias need Transformer Engine"
+        assert attention_bias is None, "attention bias needs Transformer Engine"
+        if packed_seq_params is not None:
+            return self._packed(query, key, value, packed_seq_params)
         local_len = query.shape[0]
         seq_len = local_len * self.cp_size
         if self.cp_size > 1:
@@ -94,3 +100,24 @@ class ContextParallelAttention(MegatronModule):
         probs = torch.softmax(scores, dim=-1).to(query.dtype)
         context = torch.einsum("bnqk,kbnd->qbnd", probs, value_all)  # [S_l, b, n, d]
         return context.reshape(local_len, query.shape[1], -1)
+
+    def _packed(self, query, key, value, packed_seq_params) -> torch.Tensor:
+        """THD: query [T, n, d], key / value [T, g, d] of one packed row -> [T, n * d]. Each sequence attends to
+        itself alone, as flash attention's varlen kernels do: the scores are [n, s_i, s_i] per sequence, never
+        [n, T, T] (no more work or memory than the padded rows)."""
+        assert self.cp_size == 1, "packed sequences are not split for context parallelism here"
+        assert packed_seq_params.qkv_format == "thd", packed_seq_params.qkv_format
+        bounds = packed_seq_params.cu_seqlens_q_padded
+        bounds = (bounds if bounds is not None else packed_seq_params.cu_seqlens_q).tolist()
+        total = query.shape[0]
+        assert bounds[-1] == total, f"cu_seqlens end at {bounds[-1]}, the packed row has {total} tokens"
+        repeat = query.shape[1] // key.shape[1]  # GQA: each KV group serves `repeat` query heads
+        parts = []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            q, k, v = query[start:end], key[start:end], value[start:end]
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+            scores = torch.einsum("qnd,knd->nqk", q.float(), k.float()) * self.softmax_scale
+            future = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).triu(1)
+            probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1).to(q.dtype)
+            parts.append(torch.einsum("nqk,knd->qnd", probs, v))
+        return torch.cat(parts).reshape(total, -1)

@@ -237,6 +237,7 @@ class MegatronActor:
             t.micro_batch_size,
             t.max_tokens_per_micro_batch,
             multiple,
+            t.pack_sequences,
         )
         by_images: dict[int, tuple] = {}  # rollouts of one prompt share its image list
         for s in samples:
@@ -251,6 +252,7 @@ class MegatronActor:
                 [e[1] for e in original[r]],
                 self.pad_id,
                 multiple,
+                t.pack_sequences,
             )
             for r in rows
         ]
@@ -315,8 +317,16 @@ class MegatronActor:
 
     def _forward(self, model, mb: batching.MicroBatch):
         assert not mb.pixel_parts, "a micro-batch runs materialized (MicroBatch.materialize): its pixels in one tensor"
-        attention_mask = None
-        if self.groups.layout.cp == 1 and self.spec_name == "local":
+        attention_mask, packed = None, None
+        if mb.packed:  # one row of rollouts: attention within each (THD); no mask tensor
+            from megatron.core.packed_seq_params import PackedSeqParams
+
+            bounds = mb.cu_seqlens.to(mb.input_ids_BS.device)
+            longest = int(mb.cu_seqlens.diff().max())
+            packed = PackedSeqParams(
+                qkv_format="thd", cu_seqlens_q=bounds, cu_seqlens_kv=bounds, max_seqlen_q=longest, max_seqlen_kv=longest
+            )
+        elif self.groups.layout.cp == 1 and self.spec_name == "local":
             seq_len = mb.input_ids_BS.shape[1]
             ones = torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=mb.input_ids_BS.device)
             attention_mask = torch.triu(ones, diagonal=1)
@@ -327,6 +337,7 @@ class MegatronActor:
             mb.pixel_values_NC,
             mb.image_grid_thw,
             mb.image_mask_BS,
+            packed_seq_params=packed,
         )
 
     def _schedule(self, step_func, build, host: list[batching.MicroBatch], forward_only: bool, views: int = 1):
@@ -347,8 +358,9 @@ class MegatronActor:
             data_iterator=iterators,
             model=self.model,
             num_microbatches=count,
-            seq_length=max(mb.input_ids_BS.shape[1] for mb in host),
-            micro_batch_size=views * host[0].input_ids_BS.shape[0],  # rows fed (p2p shapes go at run time)
+            # rows and length fed (p2p shapes go at run time); a packed micro-batch's views share one row
+            seq_length=max(mb.input_ids_BS.shape[1] * (views if mb.packed else 1) for mb in host),
+            micro_batch_size=(1 if host[0].packed else views) * host[0].input_ids_BS.shape[0],
             forward_only=forward_only,
         )
 
@@ -380,9 +392,11 @@ class MegatronActor:
             # scaled in place: Float16Module's output is already fp32 (.float() is the same tensor), and nothing reads
             # it after this; a copy would be one more [2B, S, V_tp] fp32 tensor than the memory plan counts
             logits = logits_BSV.float().div_(self.cfg.rollout.temperature)
-            batch = logits.shape[0] // 2 if paired else logits.shape[0]
             vocab_tp = logits.shape[-1]
-            logp_BS = self._token_log_probs(logits, self._local(mb.labels_BS))
+            if mb.packed and paired:  # one row holding both views back to back: a row per view
+                logits = logits.view(2, -1, vocab_tp)
+            batch = logits.shape[0] // 2 if paired else logits.shape[0]
+            logp_BS = self._token_log_probs(logits, self._local(mb.labels_BS).view(logits.shape[:2]))
             original_NV = logits[:batch].reshape(-1, vocab_tp)
             results = {"old_logp": logp_BS[:batch]}
             if with_entropy:  # a second pass over the vocabulary: only the entropy TGF signal reads it
@@ -450,12 +464,11 @@ class MegatronActor:
         if self.groups.is_last_stage:
             row = 0
             for out, mb in zip(outputs, batch.views):
-                prompt_lengths = mb.prompt_lengths
+                rollouts = len(mb.prompt_lengths)
                 for i, name in enumerate(names):
                     if name in out:
-                        values = batching.to_response_aligned(out[name], prompt_lengths, num_positions)
-                        stacked[i, row : row + len(prompt_lengths)] = values
-                row += len(prompt_lengths)
+                        stacked[i, row : row + rollouts] = mb.response_aligned(out[name], num_positions)
+                row += rollouts
         if self.groups.layout.pp > 1:
             on_device = stacked.to(self.device) if self.device is not None else stacked  # NCCL needs device memory
             dist.broadcast(on_device, src=self.groups.pp_last_rank, group=self.groups.pp)
@@ -479,7 +492,7 @@ class MegatronActor:
         out = algo_loss.policy_loss(
             logp_BS,
             e["old_logp"],
-            mb.extras_BS["advantage"],
+            e.get("advantage", mb.extras_BS["advantage"]),  # per token when packed, per rollout otherwise
             response_mask,
             e["gradient_mask"],
             num_global_tokens=1,  # a sum: megatron-core divides by the global token count
@@ -557,14 +570,16 @@ class MegatronActor:
             if r.start < rows.start or r.stop > rows.stop:
                 continue
             covered += r.stop - r.start
-            seq_len = mb.input_ids_BS.shape[1]
+            advantage = advantage_B[r].float()
+            if mb.packed:  # rollouts share the row: each token carries its rollout's advantage
+                advantage = mb.label_positions(advantage[:, None].expand(-1, old_logp_BT.shape[1]))
             mb.extras_BS = {
-                "old_logp": batching.to_label_positions(old_logp_BT[r], mb.prompt_lengths, seq_len),
-                "gradient_mask": batching.to_label_positions(gradient_mask_BT[r], mb.prompt_lengths, seq_len),
-                "advantage": advantage_B[r].float(),
+                "old_logp": mb.label_positions(old_logp_BT[r]),
+                "gradient_mask": mb.label_positions(gradient_mask_BT[r]),
+                "advantage": advantage,
             }
             if dependency_BT is not None:
-                mb.extras_BS["dependency"] = batching.to_label_positions(dependency_BT[r], mb.prompt_lengths, seq_len)
+                mb.extras_BS["dependency"] = mb.label_positions(dependency_BT[r])
             micro_batches.append(mb)
         if covered != rows.stop - rows.start:
             raise ValueError(f"rows {rows} are not whole micro-batches of this batch (a mini-batch boundary)")

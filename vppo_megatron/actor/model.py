@@ -136,7 +136,7 @@ def layer_spec(cfg: Config, config: TransformerConfig, family: families.Family):
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=family.qk_layernorm)
     else:
         spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=family.qk_layernorm)
-        if config.context_parallel_size > 1:
+        if config.context_parallel_size > 1 or cfg.trainer.pack_sequences:  # local attention does neither
             spec.submodules.self_attention.submodules.core_attention = ContextParallelAttention
         if config.sequence_parallel:
             layer, attention = spec.submodules, spec.submodules.self_attention.submodules
@@ -353,9 +353,11 @@ class VLModel(MegatronModule):
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
         image_mask: torch.Tensor | None = None,
+        packed_seq_params=None,
     ):
         """input_ids [B, S] and position_ids [3, B, S] are full sequences; with CP each rank keeps its zigzag
-        chunks. Returns logits [B, S_local, V / tp] on the last stage, hidden states otherwise."""
+        chunks; packed_seq_params: one row of packed sequences (THD). Returns logits [B, S_local, V / tp] on the
+        last stage, hidden states otherwise."""
         decoder_input, block_kwargs = None, None
         if self.pre_process:
             decoder_input, deepstack_SBKH = self.embed(input_ids, image_mask, pixel_values, image_grid_thw)
@@ -368,6 +370,7 @@ class VLModel(MegatronModule):
             attention_mask=attention_mask,
             decoder_input=decoder_input,
             extra_block_kwargs=block_kwargs,
+            packed_seq_params=packed_seq_params,
         )
 
 

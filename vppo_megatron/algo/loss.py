@@ -63,7 +63,8 @@ def policy_loss(
     valid_BT = response_mask_BT.to(logp_BT.dtype)
     weight_BT = gradient_mask_BT.to(logp_BT.dtype) * valid_BT
     log_ratio_BT = (logp_BT - old_logp_BT).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    advantage_BT = advantage_B.to(logp_BT.dtype).unsqueeze(-1).expand_as(logp_BT)
+    advantage_BT = advantage_B.to(logp_BT.dtype)  # per rollout [B], or already per token [B, T]
+    advantage_BT = advantage_BT.unsqueeze(-1).expand_as(logp_BT) if advantage_BT.dim() == 1 else advantage_BT
     pg_BT, clipped_BT, dual_BT = clipped_policy_gradient(
         torch.exp(log_ratio_BT), advantage_BT, clip_low, clip_high, clip_dual
     )

@@ -9,7 +9,7 @@ import socket
 def rendezvous_address() -> tuple[str, int, socket.socket]:
     """This host's address and a port held open for the group's store (a port probed and released could be
     taken by the next feeder on the node, or be the same one where VLLM_PORT is set)."""
-    from vllm.distributed.utils import get_ip
+    from vllm.utils.network_utils import get_ip
 
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
