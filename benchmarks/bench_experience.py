@@ -95,9 +95,7 @@ def _run(rank, world_size, args):
     timings["padded"] = median_s(fused_with(False))
     timings["packed"] = median_s(fused_with(True))
     cfg.trainer.pack_sequences = False
-    views = actor.prepare(samples, 0).views
-    tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in samples)
-    timings["padding_share"] = 1 - tokens / sum(v.input_ids_BS.numel() for v in views)
+    timings["padding_share"] = actor.prepare(samples, 0).padding_share()
     destroy()
     return timings
 

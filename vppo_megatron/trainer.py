@@ -246,6 +246,7 @@ class Trainer:
         """Stage 3: the experience pass; the dual pass (both views in one schedule) when TAS or TGF reads token
         dependency, a plain log-prob pass otherwise. Engines sleep and the actor's state comes back first."""
         metrics = self.lifecycle.enter("experience")
+        metrics["actor/padding_share"] = data.prepared.padding_share()  # this rank's micro-batches
         a = self.cfg.algorithm
         experience = self.actor.experience(
             data.prepared, with_perception=a.needs_perception, with_entropy=a.token_filter == "entropy"

@@ -90,6 +90,7 @@ def test_transformer_config_carries_fp8_settings(tiny_model_dir, monkeypatch):
     assert config.cp_comm_type == "p2p"  # TE ring attention; a2a would need heads % cp == 0
     assert config.mrope_section == [4, 6, 6] and config.num_query_groups == 2 and config.add_qkv_bias
     assert config.calculate_per_token_loss and config.variable_seq_lengths
+    assert not config.apply_rope_fusion  # TE's fused THD rope would restart M-RoPE per packed rollout
     assert torch.equal(torch.tensor(config.kv_channels), torch.tensor(32))
 
 

@@ -59,6 +59,10 @@ def test_a_packed_micro_batch_is_the_padded_rows_back_to_back(tiny_model_dir):
         assert torch.equal(at_labels != 0, (mb.response_mask_BS != 0) & (at_labels != 0))  # only response tokens
         assert torch.equal(mb.response_aligned(at_labels, width), values * inside)
 
+    share = [batching.StepBatch(samples, [slice(0, 4)], [mb], perturb=None).padding_share() for mb in (padded, packed)]
+    assert share[0] == 1 - total / padded.input_ids_BS.numel() > 0.1  # the lengths differ: the rows pad
+    assert share[1] == 1 - total / packed.input_ids_BS.numel() < 8 / total  # only the pack's tail
+
     # the dual pass: both views in one row twice as long, the second view's bounds shifted by the row
     batch = batching.StepBatch(samples, [slice(0, 4)], [packed], perturb=lambda rows: [(None, None)] * len(rows))
     twice = batch.paired(0, with_pixels=False)

@@ -181,6 +181,7 @@ def test_vppo_steps_end_to_end_with_torchrun_tp2(fleet, trainer_runs):
         assert r["actor/grad_norm"] > 0 and r["actor/update_ok"] == 1.0  # the weights changed
         assert 0 < r["vppo/selected_fraction"] < 1  # TGF kept ~40% of the tokens
         assert r["time/perception_fraction"] > 0
+        assert 0 <= r["actor/padding_share"] < 0.9  # logged each step (what trainer.pack_sequences would save)
     # one initial sync, then one per step: the engine serves version STEPS + 1 (the offloaded run ran last)
     assert [r["sync/version"] for r in steps] == [float(v) for v in range(2, STEPS + 2)]
     assert trainer_runs.versions == [STEPS + 1]

@@ -178,6 +178,12 @@ class StepBatch:
             cu_seqlens=cu_seqlens,
         )
 
+    def padding_share(self) -> float:
+        """The share of the micro-batches' token positions that are padding (compute spent on no rollout): what
+        trainer.pack_sequences removes, down to each pack's last few positions."""
+        tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in self.samples)
+        return 1.0 - tokens / max(1, sum(view.input_ids_BS.numel() for view in self.views))
+
     def pixel_bytes(self) -> int:
         """Bytes of the image patches this step batch stores (each distinct tensor once)."""
         parts = {id(p): p for mb in self.views for p in mb.pixel_parts}

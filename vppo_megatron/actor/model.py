@@ -103,6 +103,8 @@ def transformer_config(hf_config, cfg: Config, layout: ParallelLayout) -> Transf
         hidden_dropout=0.0,
         attention_dropout=0.0,
         bias_dropout_fusion=False,
+        # unfused rope also for packed rows (trainer.pack_sequences): it reads each position's M-RoPE frequency,
+        # where TE's fused THD rope restarts every sequence of the row at frequency row 0 (wrong for M-RoPE)
         apply_rope_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
