@@ -78,6 +78,9 @@ class ContextParallelAttention(MegatronModule):
         assert attention_bias is None, "attention bias needs Transformer Engine"
         if packed_seq_params is not None:
             return self._packed(query, key, value, packed_seq_params)
+        if self.cp_size == 1:  # padded rows (pack_sequences built this module): each row as one sequence
+            rows = [self._causal(query[:, b], key[:, b], value[:, b]) for b in range(query.shape[1])]
+            return torch.stack(rows, dim=1)
         local_len = query.shape[0]
         seq_len = local_len * self.cp_size
         if self.cp_size > 1:
@@ -111,13 +114,14 @@ class ContextParallelAttention(MegatronModule):
         bounds = (bounds if bounds is not None else packed_seq_params.cu_seqlens_q).tolist()
         total = query.shape[0]
         assert bounds[-1] == total, f"cu_seqlens end at {bounds[-1]}, the packed row has {total} tokens"
+        parts = [self._causal(query[a:b], key[a:b], value[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        return torch.cat(parts)
+
+    def _causal(self, query, key, value) -> torch.Tensor:
+        """One sequence: query [s, n, d], key / value [s, g, d] -> causal attention output [s, n * d]."""
         repeat = query.shape[1] // key.shape[1]  # GQA: each KV group serves `repeat` query heads
-        parts = []
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            q, k, v = query[start:end], key[start:end], value[start:end]
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-            scores = torch.einsum("qnd,knd->nqk", q.float(), k.float()) * self.softmax_scale
-            future = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).triu(1)
-            probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1).to(q.dtype)
-            parts.append(torch.einsum("nqk,knd->qnd", probs, v))
-        return torch.cat(parts).reshape(total, -1)
+        key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
+        scores = torch.einsum("qnd,knd->nqk", query.float(), key.float()) * self.softmax_scale
+        future = torch.ones(len(query), len(query), dtype=torch.bool, device=query.device).triu(1)
+        probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1).to(query.dtype)
+        return torch.einsum("nqk,knd->qnd", probs, value).reshape(len(query), -1)
