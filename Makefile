@@ -18,9 +18,10 @@ format: setup
 	.venv/bin/ruff check --fix .
 
 # Two workers, one test file each at a time (module fixtures such as the vLLM engine stay in one process);
-# tests/conftest.py starts the slow files first. `pytest tests` alone runs the same tests in one process.
+# tests/conftest.py orders the files heaviest first and --no-loadscope-reorder keeps that order (xdist would sort
+# them by test count). `pytest tests` alone runs the same tests in one process.
 test: setup lint
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 # Every shipped recipe run end to end in miniature (`vppo miniature`), tiny models cached in runs/miniature:
 # 20-30 minutes on 2 cores, so not part of `make test`.

@@ -113,7 +113,13 @@ def layout_of(args, hf_config: dict, world_size: int):
     from vppo_megatron.parallel.layout import ParallelLayout
 
     if world_size % (args.tp * args.pp):
-        raise ValueError(f"--tp {args.tp} x --pp {args.pp} does not divide the {world_size} launched ranks")
+        hint = ""
+        if "TORCHELASTIC_RUN_ID" not in os.environ:  # not torchrun: WORLD_SIZE came from the shell or a launcher
+            hint = (
+                f" (WORLD_SIZE={os.environ.get('WORLD_SIZE')} is set in this environment, so the converter took the "
+                "command for one launched rank of a job: unset WORLD_SIZE to let it start its own ranks)"
+            )
+        raise ValueError(f"--tp {args.tp} x --pp {args.pp} does not divide the {world_size} launched ranks{hint}")
     layout = ParallelLayout(
         tp=args.tp,
         pp=args.pp,

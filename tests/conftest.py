@@ -1,6 +1,7 @@
 """Shared fixtures: the tiny model is built once per test session (offline, seeded)."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -115,8 +116,32 @@ def tiny_processor(tiny_model_dir):
     return AutoProcessor.from_pretrained(tiny_model_dir)
 
 
+# Seconds each of the longest files takes (warm, 2 workers; `--durations=0`): the scheduler starts them heaviest
+# first and the quick files fill the gaps. A slow-marked file missing here counts as SLOW_FILE_S.
+FILE_SECONDS = {
+    "rollout/test_fleet.py": 390,
+    "test_checkpoint_convert.py": 180,
+    "test_compare.py": 150,
+    "rollout/test_launch_multinode.py": 130,
+    "actor/test_parallel_parity.py": 100,
+    "test_gpu_acceptance.py": 95,
+    "test_eval.py": 50,
+    "rollout/test_qwen3_vl.py": 45,
+    "test_rehearsal.py": 40,
+}
+SLOW_FILE_S = 20
+
+
 def pytest_collection_modifyitems(config, items):
-    """Files with slow tests first, the rest in their usual order: with two workers (`make test`) the longest
-    files start at once and the quick ones fill the gaps, instead of one long file ending the run alone."""
+    """Files heaviest first (FILE_SECONDS; other files with slow tests next), the rest in their usual order: with
+    two workers (`make test`, which keeps this order with --no-loadscope-reorder: xdist would otherwise sort files
+    by their number of tests) the longest files start at once and the quick ones fill the gaps, instead of one long
+    file ending the run alone."""
+    here = Path(__file__).parent
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)
+
+    def weight(item) -> float:
+        known = FILE_SECONDS.get(item.path.relative_to(here).as_posix())
+        return known if known is not None else SLOW_FILE_S if item.path in slow_files else 0
+
+    items.sort(key=lambda item: -weight(item))

@@ -204,20 +204,35 @@ def step_te_tp2_sp(work: Path, figures: dict) -> None:
 def step_te_packed(work: Path, figures: dict) -> None:
     # CPU: tests/actor/test_actor.py::test_packed_experience_equals_padded_on_one_actor (the local spec's own THD
     # attention) and tests/actor/test_parallel_parity.py::test_packed_sequences_equal_padded_serial (TP2 + SP, PP2,
-    # the update); here Transformer Engine's THD attention (cu_seqlens) on the packed row, in bf16
+    # the update); here Transformer Engine's THD attention (cu_seqlens) on the packed row: bf16 on one GPU (both
+    # families), the experience pass in FP8 (delayed scaling; compute capability >= 8.9), and TP2 + sequence
+    # parallelism in bf16 (2 GPUs)
+    import torch
     from parity_worker import packed_vs_padded
 
     from vppo_megatron.testing import run_distributed
 
     _require_te()
+    runs = [(family, 1, (), BF16_LOGP_GAP) for family in FAMILIES]
+    if torch.cuda.get_device_capability() >= (8, 9):
+        # current scaling (no amax history carried from one layout's pass to the other's); FP8 rounding of two
+        # token layouts: within the fp8 step's relative logit tolerance of the largest log-prob
+        fp8 = ("model.fp8=hybrid", "model.fp8_recipe=tensorwise", "model.fp8_experience=true")
+        runs.append(("qwen2_5_vl", 1, fp8, FP8_LOGIT_RTOL))
+    if torch.cuda.device_count() >= 2:
+        runs.append(("qwen2_5_vl", 2, (), BF16_LOGP_GAP))
     failures = []
-    for family in FAMILIES:
-        ((gaps, shapes, scale),) = run_distributed(
-            packed_vs_padded, 1, str(_model(work, family)), "transformer_engine", "bfloat16"
+    for family, ranks, overrides, limit in runs:
+        name = f"{family} tp{ranks}" + (" fp8" if overrides else "")
+        results = run_distributed(
+            packed_vs_padded, ranks, str(_model(work, family)), "transformer_engine", "bfloat16", overrides
         )
-        figures[family] = {"max_abs_gap": gaps, "packed_shapes": shapes, "max_abs_logp": scale}
-        if shapes != [(1, shapes[0][1])] or max(gaps.values()) > BF16_LOGP_GAP:
-            failures.append(f"{family}: packed vs padded {gaps} (<= {BF16_LOGP_GAP}), micro-batches {shapes}")
+        gaps, shapes, scale = results[0]
+        limit = limit * max(1.0, scale) if overrides else limit
+        figures[name] = {"max_abs_gap": gaps, "packed_shapes": shapes, "max_abs_logp": scale, "limit": limit}
+        finite = all(math.isfinite(g) for g in gaps.values())
+        if not finite or shapes != [(1, shapes[0][1])] or max(gaps.values()) > limit:
+            failures.append(f"{name}: packed vs padded {gaps} (<= {limit}), micro-batches {shapes}")
     assert not failures, "; ".join(failures)
 
 

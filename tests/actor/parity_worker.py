@@ -236,10 +236,11 @@ def te_vs_local(rank, world_size, model_dir, fp8):
     return (logits["local"] - logits["transformer_engine"]).abs().max().item(), logits["local"].abs().max().item()
 
 
-def packed_vs_padded(rank, world_size, model_dir, impl, dtype):
+def packed_vs_padded(rank, world_size, model_dir, impl, dtype, overrides=()):
     """The dual-pass experience of the same rollouts on one actor, padded and then packed (trainer.pack_sequences,
     all four in one row): max |gap| per result over the response tokens, and the packed micro-batches' shapes.
-    The local spec is built for packing (its own attention), which also runs the padded rows."""
+    The local spec is built for packing (its own attention), which also runs the padded rows. world_size 2: TP2
+    with sequence parallelism."""
     from vppo_megatron.actor.engine import MegatronActor
     from vppo_megatron.config import load
     from vppo_megatron.parallel.layout import ParallelLayout, destroy, initialize
@@ -252,9 +253,11 @@ def packed_vs_padded(rank, world_size, model_dir, impl, dtype):
             f"model.transformer_impl={impl}",
             "trainer.micro_batch_size=4",
             "trainer.pack_sequences=true",
+            *([f"parallel.tp={world_size}", "parallel.sequence_parallel=true"] if world_size > 1 else []),
+            *overrides,
         ],
     )
-    actor = MegatronActor(cfg, initialize(ParallelLayout(), seed=1), model_dir, training=False)
+    actor = MegatronActor(cfg, initialize(ParallelLayout(tp=world_size), seed=1), model_dir, training=False)
     samples = make_samples(model_dir)
     cfg.trainer.pack_sequences = False
     padded = actor.experience(samples, step=3)

@@ -110,11 +110,14 @@ def test_transformer_engine_actor_matches_local_spec_on_gpu(tiny_model_dir, fp8)
     assert gap <= (0.05 if fp8 == "none" else 0.25) * max(1.0, norm)
 
 
-def test_packed_experience_equals_padded_on_one_actor(tiny_model_dir):
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_packed_experience_equals_padded_on_one_actor(tiny_model_dir, ranks):
     """trainer.pack_sequences: the four rollouts in one row (THD: attention within each rollout, each with its own
-    M-RoPE positions) give the padded micro-batch's per-token results (gpu_acceptance.sh te_packed: the same on
-    Transformer Engine's THD attention)."""
-    ((gaps, shapes, scale),) = run_distributed(packed_vs_padded, 1, str(tiny_model_dir), "local", "float32")
+    M-RoPE positions) give the padded micro-batch's per-token results, alone and at TP2 with sequence parallelism
+    (gpu_acceptance.sh te_packed: the same on Transformer Engine's THD attention)."""
+    results = run_distributed(packed_vs_padded, ranks, str(tiny_model_dir), "local", "float32")
+    gaps, shapes, scale = results[0]
+    assert all(r[0] == gaps for r in results)  # every TP rank has the whole results
     assert shapes == [(1, shapes[0][1])]  # one micro-batch, one row
     assert scale > 1.0  # the comparison is of real log-probs, not zeros
     assert max(gaps.values()) <= 1e-5, gaps

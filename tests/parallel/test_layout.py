@@ -1,5 +1,7 @@
 """ParallelLayout.validate: every impossible split is a ConfigError naming the field that breaks it."""
 
+import os
+
 import pytest
 
 from vppo_megatron.config import ConfigError
@@ -144,6 +146,8 @@ def test_gpu_ranks_reduce_host_tensors_over_gloo_and_device_tensors_over_nccl(mo
     from vppo_megatron.parallel import layout
 
     calls = []
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):  # init_distributed sets them: not for later
+        monkeypatch.delenv(name, raising=False)  # tests (a leaked WORLD_SIZE makes the converters skip torchrun)
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout=None: calls.append(backend))
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
@@ -151,3 +155,4 @@ def test_gpu_ranks_reduce_host_tensors_over_gloo_and_device_tensors_over_nccl(mo
         monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
         layout.init_distributed()
         assert calls.pop() == backend
+    assert os.environ["WORLD_SIZE"] == "1"  # set here, removed again when the test ends
