@@ -10,6 +10,35 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# torchrun's variables: a test that leaves one in its worker's environment changes what later tests' subprocesses
+# do there (a converter that finds WORLD_SIZE takes itself for a launched rank), far from the cause
+LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_LAUNCH_BEFORE = pytest.StashKey[dict]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    item.stash[_LAUNCH_BEFORE] = {name: os.environ.get(name) for name in LAUNCH_VARIABLES}
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """After every fixture (monkeypatch included) is torn down: a test that changed torchrun's variables in this
+    process errors here, and they are put back."""
+    result = yield
+    before = item.stash.get(_LAUNCH_BEFORE, {})
+    changed = {name: os.environ.get(name) for name in before if os.environ.get(name) != before[name]}
+    for name in changed:
+        if before[name] is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before[name]
+    if changed:
+        pytest.fail(f"the test left {changed} in the environment of its pytest worker (use monkeypatch.setenv)")
+    return result
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from vppo_megatron.tiny_model import build_tiny_model

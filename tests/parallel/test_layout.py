@@ -147,7 +147,8 @@ def test_gpu_ranks_reduce_host_tensors_over_gloo_and_device_tensors_over_nccl(mo
 
     calls = []
     for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):  # init_distributed sets them: not for later
-        monkeypatch.delenv(name, raising=False)  # tests (a leaked WORLD_SIZE makes the converters skip torchrun)
+        monkeypatch.setenv(name, "")  # tests (a leaked WORLD_SIZE makes the converters skip torchrun); setenv first:
+        monkeypatch.delenv(name)  # delenv alone records nothing to undo for a variable that is not set
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout=None: calls.append(backend))
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
