@@ -147,6 +147,8 @@ def trainer_stages(rank, world_size, model_dir, out_dir):
     results["fixed"] = run_step(fixed, groups, inputs=True)
     budget = ["trainer.max_tokens_per_micro_batch=130", *common]
     results["budget"] = run_step(_trainer(model_dir, f"{out_dir}/budget", budget), groups)
+    packed = ["trainer.pack_sequences=true", "trainer.max_tokens_per_micro_batch=160", *common]
+    results["packed"] = run_step(_trainer(model_dir, f"{out_dir}/packed", packed), groups)
 
     # checkpoint the fixed-count actor after its update, then resume with and without the optimizer
     save(fixed.cfg, fixed.actor, step=0, version=1, loader_state=None)

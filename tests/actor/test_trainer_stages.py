@@ -49,6 +49,20 @@ def test_token_budget_micro_batches_equal_fixed_count_ones(stages):
     assert budget["metrics"]["actor/loss"] == pytest.approx(fixed["metrics"]["actor/loss"], abs=1e-6)
 
 
+def test_packed_micro_batches_give_the_fixed_count_step(stages):
+    """trainer.pack_sequences through the trainer's stages (micro-batches per mini-batch, experience, TAS, TGF,
+    update): the budget counts the rollouts' own lengths (36 + 42 + 40 + 37 = 155 <= 160 packs a whole mini-batch)
+    and the step equals the padded one."""
+    fixed, packed = stages["fixed"], stages["packed"]
+    assert packed["micro_rows"] == [(0, 4), (4, 7), (7, 8)]
+    assert torch.allclose(packed["old_logp"], fixed["old_logp"], atol=1e-6)
+    assert torch.allclose(packed["dependency"], fixed["dependency"], atol=1e-6)
+    assert packed["metrics"]["actor/grad_norm"] == pytest.approx(fixed["metrics"]["actor/grad_norm"], rel=1e-6)
+    assert packed["metrics"]["actor/loss"] == pytest.approx(fixed["metrics"]["actor/loss"], abs=1e-6)
+    for name, value in fixed["params"].items():
+        assert torch.allclose(packed["params"][name], value, atol=1e-5, rtol=0), name
+
+
 def test_resume_without_the_optimizer_restores_weights_and_fresh_adam_state(stages):
     with_opt, weights_only = stages["resumed_True"], stages["resumed_False"]
     assert (with_opt["step"], with_opt["optimizer"], weights_only["optimizer"]) == (1, True, False)
