@@ -40,6 +40,7 @@ def test_a_packed_micro_batch_is_the_padded_rows_back_to_back(tiny_model_dir):
     ends = torch.tensor(lengths).cumsum(0).tolist()
     assert packed.cu_seqlens.tolist() == [0, *ends] + ([packed.input_ids_BS.shape[1]] if ends[-1] % 8 else [])
     assert packed.cu_seqlens.dtype == torch.int32 and padded.cu_seqlens is None
+    assert packed.longest_segment() >= int(packed.cu_seqlens.diff().max()) == max(lengths)  # TE's max_seqlen bound
     for b, (start, length) in enumerate(zip([0, *ends], lengths)):
         for name in ("input_ids_BS", "labels_BS", "response_mask_BS", "image_mask_BS"):
             assert torch.equal(getattr(packed, name)[0, start : start + length], getattr(padded, name)[b, :length])

@@ -55,20 +55,23 @@ class MicroBatch:
     def packed(self) -> bool:
         return self.cu_seqlens is not None
 
-    def _segments(self) -> list[tuple[int, int]]:
-        """(row, first position) of each rollout."""
-        if self.cu_seqlens is None:
-            return [(b, 0) for b in range(len(self.prompt_lengths))]
-        starts = self.cu_seqlens.tolist()
-        return [(0, starts[b]) for b in range(len(self.prompt_lengths))]
+    def _responses(self) -> list[tuple[int, int, int]]:
+        """(row, first label position, length) of each rollout's response (of a view: a paired micro-batch's results
+        are split per view first)."""
+        n = len(self.prompt_lengths)
+        starts = self.cu_seqlens.tolist()[:n] if self.packed else [0] * n
+        rows = [0] * n if self.packed else range(n)
+        return [
+            (row, start + p - 1, r)
+            for row, start, p, r in zip(rows, starts, self.prompt_lengths, self.response_lengths)
+        ]
 
     def response_aligned(self, values_BS: torch.Tensor, num_positions: int) -> torch.Tensor:
         """[rows, S] label-position values -> [B, T] response-aligned, one row per rollout (zero past each
         response)."""
         out = torch.zeros((len(self.prompt_lengths), num_positions), dtype=values_BS.dtype)
-        for b, (row, start) in enumerate(self._segments()):
-            first = start + self.prompt_lengths[b] - 1
-            width = min(num_positions, self.response_lengths[b])
+        for b, (row, first, length) in enumerate(self._responses()):
+            width = min(num_positions, length)
             out[b, :width] = values_BS[row, first : first + width]
         return out
 
@@ -76,11 +79,16 @@ class MicroBatch:
         """[B, T] response-aligned -> [rows, S] label positions of this micro-batch (inverse of
         `response_aligned`; zero outside the responses)."""
         out = torch.zeros(self.input_ids_BS.shape, dtype=values_BT.dtype)
-        for b, (row, start) in enumerate(self._segments()):
-            first = start + self.prompt_lengths[b] - 1
-            width = min(values_BT.shape[1], self.response_lengths[b])
+        for b, (row, first, length) in enumerate(self._responses()):
+            width = min(values_BT.shape[1], length)
             out[row, first : first + width] = values_BT[b, :width]
         return out
+
+    def longest_segment(self) -> int:
+        """An upper bound of the longest cu_seqlens segment, from host values (no device read): the longest rollout
+        or all of the row's padding."""
+        lengths = [p + r for p, r in zip(self.prompt_lengths, self.response_lengths)]
+        return max(*lengths, self.input_ids_BS.shape[1] - sum(lengths))
 
     def materialize(self, device: torch.device | None = None, with_pixels: bool = True) -> MicroBatch:
         """What a schedule runs: every tensor on `device` (None: stays on the host) and the rollouts' pixel parts

@@ -321,8 +321,7 @@ class MegatronActor:
         if mb.packed:  # one row of rollouts: attention within each (THD); no mask tensor
             from megatron.core.packed_seq_params import PackedSeqParams
 
-            bounds = mb.cu_seqlens.to(mb.input_ids_BS.device)
-            longest = int(mb.cu_seqlens.diff().max())
+            bounds, longest = mb.cu_seqlens, mb.longest_segment()  # on the inputs' device (materialize)
             packed = PackedSeqParams(
                 qkv_format="thd", cu_seqlens_q=bounds, cu_seqlens_kv=bounds, max_seqlen_q=longest, max_seqlen_kv=longest
             )
