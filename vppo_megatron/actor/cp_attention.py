@@ -79,30 +79,18 @@ class ContextParallelAttention(MegatronModule):
         if packed_seq_params is not None:
             return self._packed(query, key, value, packed_seq_params)
         if self.cp_size == 1:  # padded rows (pack_sequences built this module): each row as one sequence
-            rows = [self._causal(query[:, b], key[:, b], value[:, b]) for b in range(query.shape[1])]
-            return torch.stack(rows, dim=1)
+            return torch.stack([self._causal(query[:, b], key[:, b], value[:, b]) for b in range(query.shape[1])], 1)
         local_len = query.shape[0]
         seq_len = local_len * self.cp_size
-        if self.cp_size > 1:
-            key_all = _AllGatherSeq.apply(key, self.cp_group)  # [S, b, g, d], rank-major chunk order
-            value_all = _AllGatherSeq.apply(value, self.cp_group)
-            held = torch.cat([zigzag_positions(seq_len, self.cp_size, r) for r in range(self.cp_size)])
-            order = torch.argsort(held)  # rank-major -> global position order
-            key_all, value_all = key_all[order], value_all[order]
-            query_positions = zigzag_positions(seq_len, self.cp_size, self.cp_rank)
-        else:
-            key_all, value_all = key, value
-            query_positions = torch.arange(seq_len)
-        repeat = query.shape[2] // key_all.shape[2]  # GQA: each KV group serves `repeat` query heads
-        key_all = key_all.repeat_interleave(repeat, dim=2)
-        value_all = value_all.repeat_interleave(repeat, dim=2)
-        # [b, n, S_l, S]
-        scores = torch.einsum("qbnd,kbnd->bnqk", query.float(), key_all.float()) * self.softmax_scale
-        future = torch.arange(seq_len)[None, :] > query_positions[:, None]  # [S_l, S]
-        scores = scores.masked_fill(future, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(query.dtype)
-        context = torch.einsum("bnqk,kbnd->qbnd", probs, value_all)  # [S_l, b, n, d]
-        return context.reshape(local_len, query.shape[1], -1)
+        key_all = _AllGatherSeq.apply(key, self.cp_group)  # [S, b, g, d], rank-major chunk order
+        value_all = _AllGatherSeq.apply(value, self.cp_group)
+        held = torch.cat([zigzag_positions(seq_len, self.cp_size, r) for r in range(self.cp_size)])
+        order = torch.argsort(held)  # rank-major -> global position order
+        key_all, value_all = key_all[order], value_all[order]
+        query_positions = zigzag_positions(seq_len, self.cp_size, self.cp_rank)
+        future = torch.arange(seq_len)[None, :] > query_positions[:, None]  # [S_l, S]: causal by global position
+        rows = [self._attend(query[:, b], key_all[:, b], value_all[:, b], future) for b in range(query.shape[1])]
+        return torch.stack(rows, dim=1)  # [S_l, b, n * d]
 
     def _packed(self, query, key, value, packed_seq_params) -> torch.Tensor:
         """THD: query [T, n, d], key / value [T, g, d] of one packed row -> [T, n * d]. Each sequence attends to
@@ -119,9 +107,13 @@ class ContextParallelAttention(MegatronModule):
 
     def _causal(self, query, key, value) -> torch.Tensor:
         """One sequence: query [s, n, d], key / value [s, g, d] -> causal attention output [s, n * d]."""
+        future = torch.ones(len(query), len(query), dtype=torch.bool, device=query.device).triu(1)
+        return self._attend(query, key, value, future)
+
+    def _attend(self, query, key, value, hidden) -> torch.Tensor:
+        """query [s_q, n, d] over key / value [s_k, g, d], `hidden` [s_q, s_k] masked out -> [s_q, n * d]."""
         repeat = query.shape[1] // key.shape[1]  # GQA: each KV group serves `repeat` query heads
         key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
         scores = torch.einsum("qnd,knd->nqk", query.float(), key.float()) * self.softmax_scale
-        future = torch.ones(len(query), len(query), dtype=torch.bool, device=query.device).triu(1)
-        probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1).to(query.dtype)
+        probs = torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1).to(query.dtype)
         return torch.einsum("nqk,knd->qnd", probs, value).reshape(len(query), -1)
